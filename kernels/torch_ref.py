@@ -1,0 +1,114 @@
+"""Chunked pure-PyTorch path: the same four primitives as triton_kernels.py, for CPU (and any device).
+
+Each primitive walks the rows in chunks so that at most one fp32 (rows_per_chunk, V) block, plus a few
+temporaries of that size, exist at a time: 16 MB each at any V. Backward recomputes the softmax of
+each chunk from the saved log-sum-exp instead of keeping the (N, V) probabilities from forward.
+
+All inputs are 2-D row-major (N, V) with rows contiguous; kernels/__init__.py validates and reshapes.
+Accumulation is in fp32 (fp64 when the logits are fp64, so gradcheck can run).
+"""
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # fp32 elements in one (rows, V) working block: 16 MB, about 32 rows at V = 128256
+
+
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(n_rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n_rows, step):
+        yield start, min(start + step, n_rows)
+
+
+def _scaled(rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(R, V) logits -> fresh (R, V) fp32 tensor z = logits / T (never aliases the input)."""
+    return rows.to(_acc_dtype(rows)) / temperature
+
+
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """In place z -> log softmax(z) over the last dim; returns lse (R,). The max is subtracted first (exact
+    for the top logits), so log p keeps its digits even when all logits sit far from 0 (e.g. +1000)."""
+    m = z.amax(-1, keepdim=True).clamp_min_(-1e30)      # clamp: an all -inf row gives nan, not -inf - -inf
+    lse_shifted = torch.logsumexp(z.sub_(m), dim=-1, keepdim=True)
+    z.sub_(lse_shifted)
+    return (m + lse_shifted).squeeze(-1)
+
+
+def _entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """H = -sum p log p over the last dim; p = 0 terms (logp = -inf) contribute 0, not nan."""
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, 0.0).sum(-1)
+
+
+def logprobs_forward(logits, targets, temperature: float, with_entropy: bool):
+    """logits (N, V), targets (N,) long -> logprobs (N,), entropy (N,) or None, lse (N,) of logits / T."""
+    n, vocab = logits.shape
+    acc = _acc_dtype(logits)
+    logprobs = torch.empty(n, dtype=acc, device=logits.device)
+    lse = torch.empty(n, dtype=acc, device=logits.device)
+    entropy = torch.empty(n, dtype=acc, device=logits.device) if with_entropy else None
+    for s, e in _row_chunks(n, vocab):
+        logp = _scaled(logits[s:e], temperature)                  # (R, V) z = logits / T
+        lse[s:e] = _log_softmax_(logp)                             # now log p
+        logprobs[s:e] = logp.gather(1, targets[s:e, None]).squeeze(1)
+        if with_entropy:
+            entropy[s:e] = _entropy_from_logp(logp)
+    return logprobs, entropy, lse
+
+
+def logprobs_backward(logits, targets, temperature, lse, entropy, grad_logprobs, grad_entropy, out=None):
+    """Gradient w.r.t. the logits, written into `out` (N, V) in the logits dtype (may be `logits` itself).
+
+    With z = logits / T, p = softmax(z), lp_t = log p_t and H = -sum p log p:
+      d lp_t / d z_i = onehot_i - p_i
+      d H / d z_i    = -p_i (log p_i + H)
+    and d/d logits = (1/T) d/d z. The target element g (1 - p_t) is formed in fp32 as -g expm1(lp_t), which
+    keeps its digits when p_t -> 1 (1 - p_t would cancel), and only then rounded to the logits dtype.
+    """
+    n, vocab = logits.shape
+    out = torch.empty_like(logits) if out is None else out
+    for s, e in _row_chunks(n, vocab):
+        logp = _scaled(logits[s:e], temperature).sub_(lse[s:e, None])   # (R, V) log p
+        p = logp.exp()
+        g = grad_logprobs[s:e, None].to(p.dtype)
+        t = targets[s:e, None]
+        grad = p * -g                                                    # (R, V): -g p off target
+        grad.scatter_(1, t, -g * torch.expm1(logp.gather(1, t)))         # g (1 - p_t) on target
+        if entropy is not None:
+            gh = grad_entropy[s:e, None].to(p.dtype)
+            grad -= gh * torch.where(p > 0, p * (logp + entropy[s:e, None]), 0.0)
+        out[s:e] = grad.div_(temperature)
+    return out
+
+
+def full_kl_forward(policy_logits, ref_logits, temperature: float):
+    """Exact KL(pi || pi_ref) per row, both at temperature T -> kl (N,), lse_p (N,), lse_q (N,)."""
+    n, vocab = policy_logits.shape
+    acc = _acc_dtype(policy_logits)
+    kl = torch.empty(n, dtype=acc, device=policy_logits.device)
+    lse_p = torch.empty_like(kl)
+    lse_q = torch.empty_like(kl)
+    for s, e in _row_chunks(n, vocab):
+        logp = _scaled(policy_logits[s:e], temperature)
+        logq = ref_logits[s:e].to(acc) / temperature
+        lse_p[s:e] = _log_softmax_(logp)
+        lse_q[s:e] = _log_softmax_(logq)
+        p = logp.exp()
+        kl[s:e] = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
+    return kl, lse_p, lse_q
+
+
+def full_kl_backward(policy_logits, ref_logits, temperature, lse_p, lse_q, kl, grad_kl):
+    """d KL / d z_p,i = p_i (log p_i - log q_i - KL); d/d logits = (1/T) d/d z. Returns (N, V) logits dtype."""
+    n, vocab = policy_logits.shape
+    acc = _acc_dtype(policy_logits)
+    out = torch.empty_like(policy_logits)
+    for s, e in _row_chunks(n, vocab):
+        logp = _scaled(policy_logits[s:e], temperature).sub_(lse_p[s:e, None])
+        logq = (ref_logits[s:e].to(acc) / temperature).sub_(lse_q[s:e, None])
+        p = logp.exp()
+        grad = torch.where(p > 0, p * (logp - logq - kl[s:e, None]), 0.0)
+        out[s:e] = grad.mul_(grad_kl[s:e, None].to(acc) / temperature)
+    return out

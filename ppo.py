@@ -1,0 +1,510 @@
+"""PPO / GRPO for RLEF as pure tensor functions: KL penalties, rewards, advantages, losses, KL control.
+
+Nothing here touches the sandbox, the model or the data: every function takes tensors and returns tensors,
+so each one is tested by hand in tests/test_ppo.py.
+
+Tensor layout. A batch of B episodes is right-padded to (B, T) token tensors:
+  action_mask      (B, T) bool   True on tokens the policy sampled; prompt, feedback and padding are False
+  logprobs, old_logprobs, ref_logprobs
+                   (B, T) float32 per-token logprobs at the sampling temperature (0 where not an action)
+  values           (B, T) float32 token-level critic outputs
+  turn_ids         (B, T) long   turn index of each action token, -1 for non-actions
+  turn_value_index (B, K) long   position of the last prompt token of each turn (turn-level critic, RLEF)
+  turn_mask        (B, K) bool   True for turns that exist; turns are a prefix: turn k exists => k-1 exists
+  scores           (B,)   float32 the episode's scalar reward, credited on its last action token (last turn)
+  turn_rewards     (B, K) float32 optional extra per-turn rewards, credited on each turn's last action token
+
+Averaging. Losses and statistics only ever see action tokens (or existing turns). The default loss
+aggregation is "token_mean": the mean over all action tokens of the minibatch, so long responses weigh more
+(as in CleanRL, TRL and DAPO). "seq_mean" averages each sequence's tokens first (the original GRPO, eq. 3).
+With gradient accumulation, pass the minibatch's token (or sequence) count as `normalizer` to every
+micro-batch loss: the summed micro-batch gradients then equal the gradient of the minibatch mean.
+
+References.
+  PPO:   Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7 (clip) and eq. 9 (total loss).
+  GAE:   Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+         eq. 16: A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t).
+  RLEF:  Gehring et al. 2024, "RLEF: Grounding Code LLMs in Execution Feedback with Reinforcement Learning":
+         a turn (a whole response) is one action; the value is predicted at the last prompt token of the
+         turn; the KL penalty is the per-turn mean log ratio (the log of the geometric mean of the token
+         ratios) times beta; every token of a turn shares the turn's advantage.
+  GRPO:  Shao et al. 2024, "DeepSeekMath", section 4.1.2: A_i = (r_i - mean(r)) / std(r) over a task's group.
+  Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training": do not divide by the group std.
+  KL:    Schulman 2020, "Approximating KL Divergence" (k1, k3); Ziegler et al. 2019, "Fine-Tuning Language
+         Models from Human Preferences", section 2.2 (adaptive KL coefficient).
+
+Typical use (token-level PPO, KL in the reward):
+  kl = kl_k1(old_logprobs, ref_logprobs)
+  rewards = token_level_rewards(apply_truncation_penalty(scores, truncated, 0.5), mask, kl, kl_ctl.value)
+  adv, ret = gae(rewards, values, mask, gamma, lam); adv = masked_whiten(adv, mask)
+Turn-level (RLEF):
+  turn_kl = per_turn_mean(kl_k1(old_logprobs, ref_logprobs), turn_ids, K)
+  r = turn_level_rewards(scores, turn_mask, turn_kl, kl_ctl.value)
+  v = gather_turn_values(values, turn_value_index, turn_mask)
+  adv, turn_adv, turn_ret = turn_level_advantages(r, v, turn_mask, turn_ids, gamma, lam)
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+KL_PLACEMENTS = ("reward", "loss")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masked statistics
+
+
+def _check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> None:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
+    if mask.shape != like.shape:
+        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match {tuple(like.shape)}")
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    # torch.where, not x * mask: a NaN/inf at a padding position must not leak into the sum (0 * inf = nan).
+    _check_mask(mask, x)
+    masked = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over mask (all of it, or along dim). An empty mask gives 0, not NaN."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor) -> Tensor:
+    """Population variance of x over mask (no Bessel correction: a single element has variance 0)."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Advantage whitening over the mask only: (x - mean) / std, statistics from masked entries. Zero outside.
+
+    shift_mean=False keeps the original mean (only rescales), as TRL's `whiten(shift_mean=False)`.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def masked_aggregate(x: Tensor, mask: Tensor, loss_agg: str = "token_mean",
+                     normalizer: float | Tensor | None = None) -> Tensor:
+    """Reduce a per-token (B, T) loss to a scalar over the mask.
+
+    token_mean: sum over all masked tokens / normalizer (default: this batch's masked token count).
+    seq_mean:   per-row mean over its masked tokens, summed over rows / normalizer (default: rows with >= 1
+                masked token). Rows with no masked token contribute nothing.
+    """
+    if loss_agg == "token_mean":
+        total, count = masked_sum(x, mask), mask.sum()
+    elif loss_agg == "seq_mean":
+        per_row = masked_mean(x, mask, dim=-1)
+        total, count = per_row.sum(), (mask.sum(-1) > 0).sum()
+    else:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
+    if normalizer is None:
+        normalizer = count.clamp(min=1)
+    return total / normalizer
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the mask (CleanRL's diagnostic). 1 is a perfect critic,
+    0 is no better than a constant; NaN when the returns have zero variance (undefined, as in CleanRL)."""
+    values, returns = values.detach().float(), returns.detach().float()
+    var_returns = masked_var(returns, mask)
+    if var_returns.item() == 0.0:
+        return float("nan")
+    return (1.0 - masked_var(returns - values, mask) / var_returns).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL estimators and controllers (Schulman 2020, "Approximating KL Divergence")
+# Kept local, not imported from kernels/: they are one-liners and ppo.py then imports nothing but torch.
+
+
+def kl_k1(logp: Tensor, logq: Tensor) -> Tensor:
+    """k1 = log p(x) - log q(x), x ~ p: unbiased estimate of KL(p || q), can be negative per sample."""
+    return logp - logq
+
+
+def kl_k3(logp: Tensor, logq: Tensor, max_log_ratio: float = 20.0, max_value: float = 10.0) -> Tensor:
+    """k3 = (r - 1) - log r with r = q(x) / p(x), x ~ p: unbiased for KL(p || q) and always >= 0.
+
+    The log ratio is clamped before exp so exp cannot overflow, and the result is clamped at max_value
+    (as verl does) so one extreme token cannot dominate the loss.
+    """
+    log_r = (logq - logp).clamp(-max_log_ratio, max_log_ratio)
+    return (torch.exp(log_r) - 1.0 - log_r).clamp(max=max_value)
+
+
+def per_turn_mean(x: Tensor, turn_ids: Tensor, num_turns: int) -> Tensor:
+    """(B, T) per-token values -> (B, K) mean over the tokens of each turn (0 for turns without tokens).
+
+    With x = kl_k1(logprobs, ref_logprobs) this is RLEF's per-turn KL: the mean log ratio of the turn, i.e. the
+    log of the geometric mean of the per-token ratios, independent of the response length.
+    """
+    if turn_ids.shape != x.shape:
+        raise ValueError(f"turn_ids shape {tuple(turn_ids.shape)} does not match {tuple(x.shape)}")
+    if turn_ids.numel() and turn_ids.max().item() >= num_turns:
+        raise ValueError(f"turn_ids holds turn {turn_ids.max().item()} but num_turns is {num_turns}")
+    is_action = turn_ids >= 0
+    index = turn_ids.clamp(min=0)
+    zeros = torch.zeros(x.shape[0], num_turns, dtype=torch.float32, device=x.device)
+    sums = zeros.scatter_add(1, index, torch.where(is_action, x.float(), 0.0))
+    counts = zeros.scatter_add(1, index, is_action.float())
+    return sums / counts.clamp(min=1)
+
+
+def split_kl_coef(placement: str, kl_coef: float) -> tuple[float, float]:
+    """Return (coefficient in the reward, coefficient in the loss). The KL term goes in exactly one place:
+    "reward" (k1 subtracted from the reward, PPO-RLHF) or "loss" (k3 added to the loss, GRPO); never both."""
+    if placement not in KL_PLACEMENTS:
+        raise ValueError(f"kl_placement must be one of {KL_PLACEMENTS}, got {placement!r}")
+    reward_coef, loss_coef = (kl_coef, 0.0) if placement == "reward" else (0.0, kl_coef)
+    assert reward_coef == 0.0 or loss_coef == 0.0, "KL penalty in both the reward and the loss"
+    return reward_coef, loss_coef
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: steer the observed KL towards a target.
+
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
+    n_steps is the number of samples (episodes) seen since the last update.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), int(state["horizon"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rewards
+
+
+def apply_truncation_penalty(scores: Tensor, truncated: Tensor, penalty: float) -> Tensor:
+    """Subtract a fixed penalty from episodes that hit the length limit without an end token.
+
+    scores (B,) or (B, K); truncated: bool of the same shape (per episode, or per turn)."""
+    if truncated.dtype != torch.bool or truncated.shape != scores.shape:
+        raise ValueError(f"truncated must be a bool tensor shaped like scores {tuple(scores.shape)}, "
+                         f"got {truncated.dtype} {tuple(truncated.shape)}")
+    return scores - penalty * truncated.to(scores.dtype)
+
+
+def last_true_index(mask: Tensor) -> Tensor:
+    """(B, L) bool -> (B,) long: position of the last True of each row. Every row must have one."""
+    if not bool(mask.any(-1).all()):
+        rows = (~mask.any(-1)).nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} have no True entry in the mask (no action token / no turn)")
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, -1).max(-1).values
+
+
+def token_level_rewards(scores: Tensor, action_mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0,
+                        turn_ids: Tensor | None = None, turn_rewards: Tensor | None = None) -> Tensor:
+    """(B, T) per-token rewards for token-level GAE (Ziegler et al. 2019; InstructGPT):
+
+    r_t = -kl_coef * kl_t on every action token, plus scores[b] on the episode's last action token, plus
+    turn_rewards[b, k] on the last action token of turn k (needs turn_ids). Zero outside the action mask.
+    kl: (B, T) per-token k1 = logprobs - ref_logprobs.
+    """
+    if action_mask.dtype != torch.bool or action_mask.dim() != 2:
+        raise ValueError(f"action_mask must be a (B, T) bool tensor, got {action_mask.dtype} {tuple(action_mask.shape)}")
+    B, T = action_mask.shape
+    if scores.shape != (B,):
+        raise ValueError(f"scores must have shape ({B},), got {tuple(scores.shape)}")
+    rewards = torch.zeros(B, T, dtype=torch.float32, device=action_mask.device)
+    if kl is not None and kl_coef != 0.0:
+        rewards -= kl_coef * torch.where(action_mask, kl.float(), 0.0)
+    rows = torch.arange(B, device=action_mask.device)
+    rewards[rows, last_true_index(action_mask)] += scores.float()
+    if turn_rewards is not None:
+        if turn_ids is None:
+            raise ValueError("turn_rewards needs turn_ids to find each turn's last action token")
+        K = turn_rewards.shape[1]
+        for k in range(K):  # K is small (a few turns): a loop reads better than a scatter
+            in_turn = turn_ids == k
+            has_turn = in_turn.any(-1)
+            if has_turn.any():
+                last = torch.where(in_turn, torch.arange(T, device=in_turn.device), -1).max(-1).values
+                rewards[rows[has_turn], last[has_turn]] += turn_rewards[has_turn, k].float()
+    return rewards
+
+
+def _check_turn_mask(turn_mask: Tensor) -> None:
+    if turn_mask.dtype != torch.bool or turn_mask.dim() != 2:
+        raise ValueError(f"turn_mask must be a (B, K) bool tensor, got {turn_mask.dtype} {tuple(turn_mask.shape)}")
+    if bool((turn_mask[:, 1:] & ~turn_mask[:, :-1]).any()):
+        raise ValueError("turn_mask must be a prefix per row: turn k exists only if turn k-1 exists")
+
+
+def turn_level_rewards(scores: Tensor, turn_mask: Tensor, turn_kl: Tensor | None = None, kl_coef: float = 0.0,
+                       turn_rewards: Tensor | None = None) -> Tensor:
+    """(B, K) per-turn rewards for RLEF's turn-level GAE: the episode score on the last existing turn,
+    minus kl_coef * turn_kl (per_turn_mean of k1) on every turn, plus optional turn_rewards. Zero on
+    missing turns."""
+    _check_turn_mask(turn_mask)
+    B, K = turn_mask.shape
+    if scores.shape != (B,):
+        raise ValueError(f"scores must have shape ({B},), got {tuple(scores.shape)}")
+    rewards = torch.zeros(B, K, dtype=torch.float32, device=turn_mask.device)
+    rewards[torch.arange(B, device=turn_mask.device), last_true_index(turn_mask)] += scores.float()
+    if turn_kl is not None and kl_coef != 0.0:
+        rewards -= kl_coef * turn_kl.float()
+    if turn_rewards is not None:
+        rewards += turn_rewards.float()
+    return torch.where(turn_mask, rewards, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# advantages
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16) over the masked steps of each row.
+
+    rewards, values: (B, L); mask (B, L) bool marks the steps (action tokens, or turns). Unmasked positions are
+    skipped, not treated as steps: the recursion runs over the sequence of masked steps, so in a multi-turn
+    episode the first action token after the feedback bootstraps the last action token before it. The step
+    after the last masked one is terminal (value 0).
+      delta_t = r_t + gamma * V_next - V_t;  A_t = delta_t + gamma * lam * A_next;  return_t = A_t + V_t
+    Returns (advantages, returns), both (B, L) float32 and zero outside the mask. Values are detached.
+    """
+    _check_mask(mask, rewards)
+    if values.shape != rewards.shape:
+        raise ValueError(f"values shape {tuple(values.shape)} does not match rewards {tuple(rewards.shape)}")
+    if bool((torch.where(mask, 0.0, rewards.float()) != 0).any()):
+        raise ValueError("rewards are non-zero outside the mask: they would be silently dropped")
+    rewards, values = rewards.float(), values.detach().float()
+    B, L = rewards.shape
+    advantages = torch.zeros(B, L, dtype=torch.float32, device=rewards.device)
+    next_value = torch.zeros(B, dtype=torch.float32, device=rewards.device)  # V of the next masked step
+    next_adv = torch.zeros(B, dtype=torch.float32, device=rewards.device)    # A of the next masked step
+    for t in reversed(range(L)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(m, adv, 0.0)
+        next_value = torch.where(m, values[:, t], next_value)  # unmasked steps carry the bootstrap through
+        next_adv = torch.where(m, adv, next_adv)
+    returns = torch.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def gather_turn_values(values: Tensor, turn_value_index: Tensor, turn_mask: Tensor) -> Tensor:
+    """(B, T) critic outputs -> (B, K) turn values read at the last prompt token of each turn (RLEF)."""
+    _check_turn_mask(turn_mask)
+    if turn_value_index.shape != turn_mask.shape:
+        raise ValueError(f"turn_value_index shape {tuple(turn_value_index.shape)} does not match turn_mask "
+                         f"{tuple(turn_mask.shape)}")
+    bad = turn_mask & ((turn_value_index < 0) | (turn_value_index >= values.shape[1]))
+    if bool(bad.any()):
+        raise ValueError(f"turn_value_index out of range [0, {values.shape[1]}) on existing turns")
+    picked = values.gather(1, turn_value_index.clamp(0, values.shape[1] - 1))
+    return torch.where(turn_mask, picked, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def turn_to_tokens(x: Tensor, turn_ids: Tensor) -> Tensor:
+    """(B, K) per-turn values -> (B, T): each action token gets its turn's value, non-actions get 0."""
+    if turn_ids.numel() and turn_ids.max().item() >= x.shape[1]:
+        raise ValueError(f"turn_ids holds turn {turn_ids.max().item()} but only {x.shape[1]} turns were given")
+    picked = x.gather(1, turn_ids.clamp(min=0))
+    return torch.where(turn_ids >= 0, picked, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def turn_level_advantages(turn_rewards: Tensor, turn_values: Tensor, turn_mask: Tensor, turn_ids: Tensor,
+                          gamma: float, lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    """RLEF: GAE over turns (a turn is one action), then every token of a turn shares the turn's advantage.
+
+    turn_rewards, turn_values, turn_mask: (B, K); turn_ids: (B, T).
+    Returns (token_advantages (B, T), turn_advantages (B, K), turn_returns (B, K)); the turn returns are the
+    targets of the turn-level value loss.
+    """
+    _check_turn_mask(turn_mask)
+    turn_adv, turn_ret = gae(turn_rewards, turn_values, turn_mask, gamma, lam)
+    return turn_to_tokens(turn_adv, turn_ids), turn_adv, turn_ret
+
+
+def grpo_advantages(scores: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, section 4.1.2): (r - mean_group) / (std_group + eps).
+
+    scores (B,); group_ids (B,) long: episodes with the same id are the n samples of one task (any order).
+    std is the unbiased sample std, as torch.std (TRL, verl); a group whose scores are all equal (or a group
+    of one) has advantage exactly 0.
+    scale_by_std=False gives Dr. GRPO (Liu et al. 2025): r - mean_group only.
+    Broadcast to tokens with `scores_to_tokens(adv, action_mask)`.
+    """
+    if scores.dim() != 1 or group_ids.shape != scores.shape:
+        raise ValueError(f"scores and group_ids must both be (B,), got {tuple(scores.shape)}, {tuple(group_ids.shape)}")
+    scores = scores.float()
+    _, group = torch.unique(group_ids, return_inverse=True)  # dense 0..G-1 ids
+    G = int(group.max().item()) + 1
+    zeros = torch.zeros(G, dtype=torch.float32, device=scores.device)
+    count = zeros.scatter_add(0, group, torch.ones_like(scores))
+    mean = zeros.scatter_add(0, group, scores) / count
+    sq_dev = zeros.scatter_add(0, group, (scores - mean[group]) ** 2)
+    std = torch.sqrt(sq_dev / (count - 1).clamp(min=1))
+    centred = scores - mean[group]
+    advantages = centred / (std[group] + eps) if scale_by_std else centred
+    # a group whose samples all scored the same carries no signal: exactly 0 (no rounding noise / eps, no NaN)
+    group_max = torch.full((G,), -math.inf, device=scores.device).scatter_reduce(0, group, scores, "amax")
+    group_min = torch.full((G,), math.inf, device=scores.device).scatter_reduce(0, group, scores, "amin")
+    return torch.where((group_max == group_min)[group], 0.0, advantages)
+
+
+def scores_to_tokens(x: Tensor, action_mask: Tensor) -> Tensor:
+    """(B,) per-episode values -> (B, T) on action tokens, 0 elsewhere."""
+    return torch.where(action_mask, x[:, None].float(), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# losses
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2,
+                loss_agg: str = "token_mean", normalizer: float | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
+
+    ratio = exp(logp - old_logp);  loss_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))
+    Returns (loss, clipfrac, approx_kl); the last two are detached statistics over the mask:
+    clipfrac = fraction of tokens where the clipped term is the active one,
+    approx_kl = mean((ratio - 1) - log ratio), the k3 estimate of KL(old || new) (CleanRL).
+    """
+    _check_mask(mask, logprobs)
+    # where before exp: garbage at padding must neither overflow nor send NaN gradients through exp.
+    log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), 0.0)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_aggregate(torch.maximum(unclipped, clipped), mask, loss_agg, normalizer)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None = 0.2,
+               loss_agg: str = "token_mean", normalizer: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Clipped value loss (PPO2 / CleanRL): 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
+
+    Works on tokens (mask = action_mask) or turns (mask = turn_mask). clip_range=None disables clipping.
+    Returns (loss, clipfrac): clipfrac = fraction where the clipped error is the larger one (detached).
+    """
+    _check_mask(mask, values)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(mask, values, zero)  # padding garbage must not reach the squares or their gradients
+    old_values = torch.where(mask, old_values.detach(), zero)
+    returns = torch.where(mask, returns.detach(), zero)
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        return masked_aggregate(0.5 * unclipped, mask, loss_agg, normalizer), torch.zeros((), device=values.device)
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    clipped = (clipped_values - returns) ** 2
+    loss = masked_aggregate(0.5 * torch.maximum(unclipped, clipped), mask, loss_agg, normalizer)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def entropy_bonus(entropy: Tensor, mask: Tensor, loss_agg: str = "token_mean",
+                  normalizer: float | Tensor | None = None) -> Tensor:
+    """Mean policy entropy over action tokens; subtracted from the loss times ent_coef (PPO eq. 9)."""
+    return masked_aggregate(entropy, mask, loss_agg, normalizer)
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_agg: str = "token_mean",
+            normalizer: float | Tensor | None = None) -> Tensor:
+    """KL-in-the-loss (GRPO, Shao et al. 2024 eq. 4): the k3 estimate of KL(pi || pi_ref) over action tokens."""
+    _check_mask(mask, logprobs)
+    # mask the inputs, not only the output: exp() of garbage at padding would send NaN gradients back.
+    logp = torch.where(mask, logprobs, 0.0)
+    logq = torch.where(mask, ref_logprobs.detach(), 0.0)
+    return masked_aggregate(kl_k3(logp, logq), mask, loss_agg, normalizer)
+
+
+def total_loss(pg_loss: Tensor, vf_loss: Tensor | None = None, entropy: Tensor | None = None,
+               kl: Tensor | None = None, *, vf_coef: float = 0.5, ent_coef: float = 0.0,
+               kl_coef: float = 0.0) -> Tensor:
+    """PPO eq. 9 plus an optional KL term: pg + vf_coef * vf - ent_coef * entropy + kl_coef * kl."""
+    loss = pg_loss
+    if vf_loss is not None:
+        loss = loss + vf_coef * vf_loss
+    if entropy is not None and ent_coef != 0.0:
+        loss = loss - ent_coef * entropy
+    if kl is not None and kl_coef != 0.0:
+        loss = loss + kl_coef * kl
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# minibatches and guards
+
+
+def minibatches(n: int, minibatch_size: int, micro_batch_size: int, epochs: int,
+                generator: torch.Generator | None = None) -> Iterator[list[Tensor]]:
+    """Several epochs of shuffled minibatches over n episodes (PPO's optimisation phase).
+
+    Yields, per optimizer step, the list of micro-batch index tensors (long) whose gradients are accumulated.
+    Each epoch is a fresh permutation from `generator` (deterministic given its seed); the last minibatch of
+    an epoch and the last micro-batch of a minibatch may be smaller, so no episode is dropped.
+    """
+    if n <= 0 or minibatch_size <= 0 or micro_batch_size <= 0 or epochs <= 0:
+        raise ValueError(f"minibatches needs positive n, minibatch_size, micro_batch_size, epochs; got "
+                         f"{n}, {minibatch_size}, {micro_batch_size}, {epochs}")
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, minibatch_size):
+            minibatch = order[start:start + minibatch_size]
+            yield list(minibatch.split(micro_batch_size))
+
+
+def is_finite(x: Tensor) -> bool:
+    """True if every element of x is finite (train.py skips the update otherwise)."""
+    return bool(torch.isfinite(x).all())
+
+
+def grads_are_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """True if every existing .grad is finite. One host sync for all parameters.
+
+    Local check: right after DDP's all-reduce every rank sees the same grads, so ranks agree. With FSDP2 the
+    grads are sharded; use is_finite(clip_grad_norm_(...)) there, whose total norm is reduced across ranks."""
+    flags = [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True

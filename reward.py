@@ -1,0 +1,256 @@
+"""Rewards from execution: correctness, CPU time against the reference solution, a lint penalty, and the
+feedback text the model reads in the next turn (RLEF, Gehring et al. 2024).
+
+Rewards are pure functions of sandbox verdicts; the only code this file runs goes through sandbox.py
+(TimeReward). lint_penalty only parses and compiles, it never executes. Never imports torch.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import re
+import statistics
+import symtable
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from data import Task, Test
+
+if TYPE_CHECKING:  # sandbox imports data.Test; reward needs its types only for annotations
+    from sandbox import RunResult, SandboxPool
+
+# ----------------------------------------------------------------------------------------------------------------
+# Code extraction
+
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+.-]*)[ \t]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE)
+_PYTHON_LANGS = {"python", "py", "python3", "py3"}
+
+
+def extract_code(text: str) -> str | None:
+    """The last ```python fenced block (else the last unlabelled ``` block); None = no valid code.
+
+    None when there is no such block or it holds only whitespace: that turn gets RewardConfig.invalid.
+    A block with a syntax error is still returned: it is an attempt, it fails its tests as a runtime error,
+    and the model gets the SyntaxError as feedback. A block left open at the end of the text (generation
+    stopped before the closing fence) counts: its code runs to the end of the text.
+    """
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
+    python = [body for lang, body in blocks if lang in _PYTHON_LANGS]
+    bare = [body for lang, body in blocks if lang == ""]
+    code = (python or bare or [""])[-1]
+    if not code.strip():
+        return None
+    return code if code.endswith("\n") else code + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Correctness
+
+
+@dataclass
+class RewardConfig:
+    correct: float = 1.0           # every private test passes (RLEF)
+    incorrect: float = -1.0        # any private test fails
+    invalid: float = -0.2          # the turn has no code block
+    partial_credit: bool = False   # incorrect + fraction passed * (correct - incorrect) instead of incorrect
+    time_weight: float = 0.0       # weight of TimeReward (only for passing programs); 0 = off
+    time_clip: float = 1.0         # TimeReward is clipped to [-time_clip, time_clip] before the weight
+    time_repeats: int = 3          # interleaved repeats per timing, the median is used
+    time_floor_s: float = 0.005    # CPU times under this (after the baseline) count as this: below it is noise
+    lint_weight: float = 0.0       # weight of lint_penalty; 0 = off
+
+
+def correctness_reward(result: RunResult | None, cfg: RewardConfig = RewardConfig()) -> float:
+    """+1 all tests pass, -1 otherwise, -0.2 with no code (result None). With partial credit the failing case
+    is mapped linearly from `incorrect` (no test passed) towards `correct` by the fraction passed."""
+    if result is None:
+        return cfg.invalid
+    if result.passed:
+        return cfg.correct
+    if cfg.partial_credit and result.tests:
+        fraction = sum(t.status == "pass" for t in result.tests) / len(result.tests)
+        return cfg.incorrect + fraction * (cfg.correct - cfg.incorrect)
+    return cfg.incorrect
+
+
+def combined_reward(result: RunResult | None, cfg: RewardConfig, time: float = 0.0, lint: float = 0.0) -> float:
+    """correctness + time_weight * time (passing programs only) - lint_weight * lint (programs with code)."""
+    reward = correctness_reward(result, cfg)
+    if result is not None and result.passed:
+        reward += cfg.time_weight * time
+    if result is not None:
+        reward -= cfg.lint_weight * lint
+    return reward
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time reward
+
+
+class TimeReward:
+    """Reward for running faster than the task's reference solution, on the private tests.
+
+    r = clip(ln(t_ref / t_cand), -clip, clip), with t = max(median CPU time - baseline, floor).
+    - CPU time of the child (read by the parent), not wall time: other workers' load barely moves it.
+    - ln of the speed ratio is symmetric (2x faster = +0.69, 2x slower = -0.69) and scale-free across tasks;
+      the clip keeps time_weight * r from ever outweighing correctness (cf. Shypula et al. 2024 "Learning
+      performance-improving code edits", which scores speedup ratios against a reference).
+    - baseline: the median CPU time of a program that defines nothing, run with one trivial test. It is the
+      interpreter start-up and harness cost that every run pays, which would otherwise swamp a difference of
+      a few ms. It is measured once per TimeReward.
+    - floor: both times below it (most short programs) give r = 0 instead of a ratio of noise.
+    - Repeats are interleaved (ref, cand, baseline, ref, cand, ...) so drift hits all alike; the median drops
+      outliers. The reference's time is cached per task_id; later calls time only the candidate.
+    Returns 0.0 when the task has no reference solution, the reference fails its own tests, or the
+    candidate fails any run (time is only rewarded for correct programs).
+    """
+
+    def __init__(self, pool: SandboxPool, repeats: int = 3, clip: float = 1.0, floor_s: float = 0.005):
+        if repeats < 1:
+            raise ValueError(f"TimeReward: repeats must be >= 1, got {repeats}")
+        self.pool, self.repeats, self.clip, self.floor_s = pool, repeats, clip, floor_s
+        self.reference_cpu: dict[str, float | None] = {}   # task_id -> median CPU s (None: reference fails)
+        self.baseline_cpu: float | None = None
+
+    @classmethod
+    def from_config(cls, pool: SandboxPool, cfg: RewardConfig) -> "TimeReward":
+        return cls(pool, repeats=cfg.time_repeats, clip=cfg.time_clip, floor_s=cfg.time_floor_s)
+
+    def __call__(self, task: Task, program: str) -> float:
+        if task.reference_solution is None:
+            return 0.0
+        jobs = {"cand": (program, task.private_tests, task.setup_code)}
+        if task.task_id not in self.reference_cpu:
+            jobs["ref"] = (task.reference_solution, task.private_tests, task.setup_code)
+        if self.baseline_cpu is None:
+            jobs["base"] = ("pass\n", [Test(kind="assert", code="pass")], "")
+        times = self._median_cpu(jobs)
+        if "base" in times:
+            if times["base"] is None:
+                raise RuntimeError("TimeReward: the sandbox failed the empty baseline program")
+            self.baseline_cpu = times["base"]
+        if "ref" in jobs:
+            self.reference_cpu[task.task_id] = times["ref"]
+        t_ref, t_cand = self.reference_cpu[task.task_id], times["cand"]
+        if t_ref is None or t_cand is None:
+            return 0.0
+        t_ref, t_cand = (max(t - self.baseline_cpu, self.floor_s) for t in (t_ref, t_cand))
+        return max(-self.clip, min(self.clip, math.log(t_ref / t_cand)))
+
+    def _median_cpu(self, jobs: dict[str, tuple]) -> dict[str, float | None]:
+        """Median CPU seconds per job name over interleaved repeats; None when any run did not pass."""
+        names = list(jobs) * self.repeats
+        results = self.pool.map([jobs[n] for n in names])
+        out = {}
+        for name in jobs:
+            runs = [r for n, r in zip(names, results) if n == name]
+            out[name] = statistics.median(r.cpu_time for r in runs) if all(r.passed for r in runs) else None
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lint penalty: undefined names, unused imports, syntax warnings (ast / symtable / compile only, no execution)
+
+_BUILTINS = frozenset(dir(__import__("builtins"))) | {"__file__", "__builtins__", "__annotations__"}
+
+
+def _tables(table: symtable.SymbolTable):
+    yield table
+    for child in table.get_children():
+        yield from _tables(child)
+
+
+def lint_issues(program: str) -> list[str]:
+    """Human-readable issues: a syntax error, syntax warnings, names never defined, imports never used."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compile(program, "<program>", "exec")
+        with warnings.catch_warnings():   # symtable would repeat compile's warnings
+            warnings.simplefilter("ignore")
+            tables = list(_tables(symtable.symtable(program, "<program>", "exec")))
+    except (SyntaxError, ValueError) as e:   # ValueError: source with null bytes
+        return [f"syntax error: {e}"]
+    issues = [f"{w.category.__name__}: {w.message}" for w in caught
+              if issubclass(w.category, SyntaxWarning | DeprecationWarning)]
+    module = tables[0]
+    bound = {s.get_name() for s in module.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    bound |= {s.get_name() for t in tables for s in t.get_symbols() if s.is_declared_global() and s.is_assigned()}
+    future = {a.asname or a.name for n in ast.walk(ast.parse(program))
+              if isinstance(n, ast.ImportFrom) and n.module == "__future__" for a in n.names}
+    referenced, undefined, imported = set(), set(), []
+    for t in tables:
+        for s in t.get_symbols():
+            name = s.get_name()
+            if s.is_referenced():
+                referenced.add(name)
+                globally = t.get_type() == "module" or s.is_global()
+                if globally and name not in bound and name not in _BUILTINS:
+                    undefined.add(name)
+            if s.is_imported() and name not in future:
+                imported.append(name)
+    issues += [f"undefined name '{n}'" for n in sorted(undefined)]
+    issues += [f"unused import '{n}'" for n in sorted(set(imported) - referenced)]
+    return issues
+
+
+def lint_penalty(program: str) -> float:
+    """0 for clean code, 0.25 per issue, at most 1 (a syntax error is 1)."""
+    issues = lint_issues(program)
+    if issues and issues[0].startswith("syntax error"):
+        return 1.0
+    return min(1.0, 0.25 * len(issues))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feedback for the next turn (RLEF form)
+
+NO_CODE_FEEDBACK = "Your answer contained no ```python code block. Give it another try."
+_STATUS_TEXT = {"timeout": "Execution took too long.", "out_of_memory": "Out of memory.",
+                "output_limit": "The program printed too much output."}
+
+
+def _truncate(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _test_input(test: Test) -> str:
+    raw = {"call": test.call, "stdio": test.stdin, "assert": test.code}[test.kind]
+    return _truncate(raw.strip().replace("\n", "\\n"))
+
+
+def _short_traceback(detail: str, lines: int = 4, limit: int = 400) -> str:
+    kept = [line for line in detail.strip().splitlines() if line.strip()][-lines:]
+    return _truncate("\n".join("  " + line for line in kept), limit)
+
+
+def _failure_text(test: Test, result) -> str:
+    head = f"- input '{_test_input(test)}' failed:"
+    if result is None:
+        return f"{head} No result: the program stopped before this test."
+    if result.status == "wrong_answer":
+        expected = result.expected if result.expected is not None else test.expected
+        got = result.got if result.got is not None else ""
+        return f"{head} Expected output '{_truncate(expected)}' but got '{_truncate(got)}'"
+    if result.status == "runtime_error":
+        return f"{head}\n{_short_traceback(result.detail)}"
+    if result.status == "crash":
+        return f"{head} The program crashed ({_truncate(result.detail.strip(), 80) or 'killed by a signal'})."
+    return f"{head} {_STATUS_TEXT.get(result.status, result.status)}"
+
+
+def feedback_text(result: RunResult, tests: list[Test]) -> str:
+    """"Your code failed the following tests:" + one line per failing test + "Give it another try."
+
+    `tests` are the tests `result` ran (the public tests during a rollout); a test with no result (the
+    program killed the run before it) counts as failed. Returns "" when every test passed.
+    """
+    lines = []
+    for i, test in enumerate(tests):
+        test_result = result.tests[i] if i < len(result.tests) else None
+        if test_result is None or test_result.status != "pass":
+            lines.append(_failure_text(test, test_result))
+    if not lines:
+        return ""
+    return "Your code failed the following tests:\n\n" + "\n".join(lines) + "\n\nGive it another try."

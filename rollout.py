@@ -1,0 +1,236 @@
+"""Multi-turn episodes with execution feedback, as in RLEF (Gehring et al. 2024, Sec. 3).
+
+One episode of a task:
+    user: problem statement
+    assistant: response 1 ──► extract the code ──► run the PUBLIC tests in the sandbox
+    user: "Your code failed the following tests: ... Give it another try."     (only if a test failed)
+    assistant: response 2 ──► ...
+The episode ends when the public tests pass or the turn limit is reached. Only then is the final code scored
+on the PRIVATE tests (reward.py), so the policy never sees what it is scored on.
+
+All episodes of a batch advance together, turn by turn; finished ones drop out of the generation batch. The
+sandbox works in a thread pool while the model generates: each micro-batch's programs are submitted as soon as
+they are sampled, and final private-test runs are submitted as soon as an episode ends.
+
+This file computes no loss. Its output is token ids, the mask of tokens the policy sampled, the turn
+boundaries and the rewards; `collate` pads them into tensors for ppo.py.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from data import Task
+from reward import RewardConfig, TimeReward, combined_reward, extract_code, feedback_text, lint_penalty
+from sandbox import RunResult, SandboxPool
+
+# A sampler maps prompts (token id lists) to (response ids, stopped) pairs. `stopped` is False when the
+# response hit the length limit without a stop token. The response includes the stop token when stopped.
+Sampler = Callable[[list[list[int]]], list[tuple[list[int], bool]]]
+
+INSTRUCTION = "Write a Python solution. Put the complete program in one ```python code block."
+NO_CODE_FEEDBACK = "Your response did not contain a ```python code block.\n\nGive it another try."
+
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 3             # RLEF uses 3 turns
+    max_new_tokens: int = 256      # per turn
+    max_episode_tokens: int = 2048  # prompt + all turns; an episode that would exceed it ends early
+    gen_batch_size: int = 16       # episodes per generate() call (micro-batch)
+
+
+@dataclass
+class Turn:
+    start: int                  # index in Episode.tokens of the first sampled token of this turn
+    end: int                    # one past the last sampled token
+    stopped: bool               # ended with a stop token (False: hit max_new_tokens)
+    code: str | None            # extracted code, None when the response had no code block
+    public: RunResult | None = None   # verdicts on the public tests (None without code)
+    reward: float = 0.0         # per-turn reward: the invalid-code penalty, and the final reward on the last turn
+
+
+@dataclass
+class Episode:
+    task: Task
+    tokens: list[int]                       # prompt + responses + feedback messages
+    action_mask: list[bool]                 # True where the policy sampled the token
+    turns: list[Turn] = field(default_factory=list)
+    private: RunResult | None = None        # verdicts of the final code on the private tests
+    done: bool = False
+    _private_future: Future | None = None
+
+    @property
+    def reward(self) -> float:
+        return sum(turn.reward for turn in self.turns)
+
+    @property
+    def passed(self) -> bool:
+        return self.private is not None and self.private.passed
+
+    @property
+    def truncated(self) -> bool:
+        """The last response ran out of tokens before its stop token (gets the length penalty in ppo.py)."""
+        return bool(self.turns) and not self.turns[-1].stopped
+
+    def text(self, tokenizer) -> str:
+        return tokenizer.decode(self.tokens)
+
+
+def task_message(task: Task) -> str:
+    return f"{task.prompt.rstrip()}\n\n{INSTRUCTION}"
+
+
+def model_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> Sampler:
+    """A Sampler backed by model.generate (KV cache, per-row stop ids)."""
+    from model import generate
+
+    def sample(prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
+        out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=generator)
+        rows = []
+        for tokens, mask, stopped in zip(out.tokens.tolist(), out.mask.tolist(), out.stopped.tolist()):
+            rows.append(([t for t, m in zip(tokens, mask) if m], bool(stopped)))
+        return rows
+    return sample
+
+
+class RolloutWorker:
+    """Runs batches of multi-turn episodes. Holds the sandbox pool and the time-reward cache."""
+
+    def __init__(self, tokenizer, pool: SandboxPool, cfg: RolloutConfig, reward_cfg: RewardConfig):
+        self.tokenizer, self.pool, self.cfg, self.reward_cfg = tokenizer, pool, cfg, reward_cfg
+        self.time_reward = TimeReward.from_config(pool, reward_cfg) if reward_cfg.time_weight else None
+        self.seconds = {"generate": 0.0, "sandbox_wait": 0.0}  # where rollout time goes (bench/bench_train.py)
+
+    def run(self, sampler: Sampler, tasks: list[Task], max_turns: int | None = None) -> list[Episode]:
+        """One episode per task (repeat a task n times in `tasks` for n samples), in the order given."""
+        max_turns = self.cfg.max_turns if max_turns is None else max_turns
+        tok = self.tokenizer
+        episodes = []
+        for task in tasks:
+            prompt = tok.encode_dialog_prompt([{"role": "user", "content": task_message(task)}])
+            episodes.append(Episode(task, list(prompt), [False] * len(prompt)))
+        for turn_index in range(max_turns):
+            active = [ep for ep in episodes if not ep.done]
+            if not active:
+                break
+            last_turn = turn_index == max_turns - 1
+            pending = self._generate_and_submit(sampler, active)
+            for ep, future in pending:
+                self._finish_turn(ep, future, last_turn)
+        for ep in episodes:
+            self._score(ep)
+        return episodes
+
+    def _generate_and_submit(self, sampler: Sampler, active: list[Episode]) -> list[tuple[Episode, Future | None]]:
+        """Sample one response per active episode, micro-batch by micro-batch; each program goes to the
+        sandbox as soon as it is sampled, so the sandbox runs while the next micro-batch generates."""
+        pending = []
+        size = self.cfg.gen_batch_size
+        for i in range(0, len(active), size):
+            chunk = active[i:i + size]
+            t0 = time.perf_counter()
+            responses = sampler([ep.tokens for ep in chunk])
+            self.seconds["generate"] += time.perf_counter() - t0
+            for ep, (response, stopped) in zip(chunk, responses):
+                start = len(ep.tokens)
+                ep.tokens += response
+                ep.action_mask += [True] * len(response)
+                text = self.tokenizer.decode(response[:-1] if stopped else response)  # without the stop token
+                code = extract_code(text)
+                ep.turns.append(Turn(start, len(ep.tokens), stopped, code))
+                future = None
+                if code is not None and ep.task.public_tests:
+                    future = self.pool.submit(code, ep.task.public_tests, ep.task.setup_code)
+                pending.append((ep, future))
+        return pending
+
+    def _finish_turn(self, ep: Episode, future: Future | None, last_turn: bool) -> None:
+        """Read the public verdicts; end the episode or append the feedback as the next user turn."""
+        turn, tok = ep.turns[-1], self.tokenizer
+        turn.public = self._wait(future)
+        public_passed = turn.code is not None and (turn.public is None or turn.public.passed)
+        out_of_room = len(ep.tokens) + self.cfg.max_new_tokens > self.cfg.max_episode_tokens
+        if public_passed or last_turn or out_of_room:
+            ep.done = True
+            if turn.code is not None:  # score the final code now; it runs while other episodes generate
+                ep._private_future = self.pool.submit(turn.code, ep.task.private_tests, ep.task.setup_code)
+            return
+        if turn.code is None:
+            turn.reward = self.reward_cfg.invalid  # RLEF: a turn without code is penalised, the episode goes on
+            feedback = NO_CODE_FEEDBACK
+        else:
+            feedback = feedback_text(turn.public, ep.task.public_tests)
+        # A response cut off by the length limit has no end-of-turn token: close it so the chat stays well formed.
+        closing = [] if turn.stopped else [tok.eot_id]
+        message = closing + tok.encode_message("user", feedback) + tok.encode_header("assistant")
+        ep.tokens += message
+        ep.action_mask += [False] * len(message)
+
+    def _score(self, ep: Episode) -> None:
+        """Final reward on the last turn: correctness on the private tests (+ time, - lint)."""
+        final = ep.turns[-1]
+        ep.private, ep._private_future = self._wait(ep._private_future), None
+        speed = 0.0
+        if self.time_reward is not None and ep.passed:
+            t0 = time.perf_counter()
+            speed = self.time_reward(ep.task, final.code)
+            self.seconds["sandbox_wait"] += time.perf_counter() - t0
+        lint = lint_penalty(final.code) if self.reward_cfg.lint_weight and final.code is not None else 0.0
+        final.reward += combined_reward(ep.private, self.reward_cfg, time=speed, lint=lint)
+
+    def _wait(self, future: Future | None) -> RunResult | None:
+        if future is None:
+            return None
+        t0 = time.perf_counter()
+        result = future.result()
+        self.seconds["sandbox_wait"] += time.perf_counter() - t0
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Episodes -> padded tensors for ppo.py
+
+
+def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad episodes into (B, T) tensors. Turn-level fields are (B, K) with K the most turns in the batch.
+
+    tokens        (B, T) long   token ids, pad_id after the end
+    action_mask   (B, T) bool   True where the policy sampled the token
+    turn_ids      (B, T) long   index of the turn an action token belongs to, -1 elsewhere
+    turn_starts   (B, K) long   index of each turn's first sampled token; the last prompt token is start - 1,
+                                where RLEF's turn-level critic predicts the value of the turn
+    turn_mask     (B, K) bool   which turns exist
+    turn_rewards  (B, K) float  per-turn rewards (the final reward sits on the last turn)
+    rewards       (B,)   float  episode reward (sum of turn rewards)
+    truncated     (B,)   bool   the final response hit the length limit without a stop token
+    """
+    B = len(episodes)
+    T = max(len(ep.tokens) for ep in episodes)
+    K = max(len(ep.turns) for ep in episodes)
+    batch = {
+        "tokens": torch.full((B, T), pad_id, dtype=torch.long),
+        "action_mask": torch.zeros(B, T, dtype=torch.bool),
+        "turn_ids": torch.full((B, T), -1, dtype=torch.long),
+        "turn_starts": torch.zeros(B, K, dtype=torch.long),
+        "turn_mask": torch.zeros(B, K, dtype=torch.bool),
+        "turn_rewards": torch.zeros(B, K),
+        "rewards": torch.tensor([ep.reward for ep in episodes], dtype=torch.float32),
+        "truncated": torch.tensor([ep.truncated for ep in episodes]),
+    }
+    for b, ep in enumerate(episodes):
+        n = len(ep.tokens)
+        batch["tokens"][b, :n] = torch.tensor(ep.tokens)
+        batch["action_mask"][b, :n] = torch.tensor(ep.action_mask)
+        for k, turn in enumerate(ep.turns):
+            batch["turn_ids"][b, turn.start:turn.end] = k
+            batch["turn_starts"][b, k] = turn.start
+            batch["turn_mask"][b, k] = True
+            batch["turn_rewards"][b, k] = turn.reward
+    return batch

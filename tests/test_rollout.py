@@ -1,0 +1,127 @@
+"""Multi-turn episodes on a scripted fake policy: exact token masks, feedback text and rewards."""
+import pytest
+import torch
+
+from data import Task
+from data import Test as T_  # aliased: pytest would try to collect a class named Test
+from reward import RewardConfig, feedback_text
+from rollout import NO_CODE_FEEDBACK, RolloutConfig, RolloutWorker, collate, task_message
+from sandbox import SandboxPool
+from tokenizer import Tokenizer
+
+TASK = Task(task_id="add", prompt="Write add(a, b) that returns a + b.",
+            public_tests=[T_(kind="call", call="add(1, 2)", expected="3")],
+            private_tests=[T_(kind="call", call="add(1, 2)", expected="3"),
+                           T_(kind="call", call="add(-5, 5)", expected="0")],
+            entry_point="add", reference_solution="def add(a, b):\n    return a + b\n")
+
+WRONG = "```python\ndef add(a, b):\n    return a - b\n```"
+NO_CODE = "I am not sure."
+RIGHT = "Here:\n```python\ndef add(a, b):\n    return a + b\n```"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(workers=2) as p:
+        yield p
+
+
+def scripted(tok, script):
+    """A Sampler that answers turn k of every episode with script[k] (+ the end-of-turn token)."""
+    calls = []
+
+    def sample(prompts):
+        calls.append(len(prompts))
+        turn = len(calls) - 1
+        return [(tok.encode(script[turn]) + [tok.eot_id], True) for _ in prompts]
+    return sample, calls
+
+
+def test_three_turn_episode_exact_tokens_masks_feedback_rewards(pool):
+    tok = Tokenizer.byte_level()
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=3, max_new_tokens=64), RewardConfig())
+    sampler, calls = scripted(tok, [WRONG, NO_CODE, RIGHT])
+    [ep] = worker.run(sampler, [TASK])
+    assert calls == [1, 1, 1]
+
+    # The expected token stream, assembled independently from the tokenizer's primitives.
+    prompt = tok.encode_dialog_prompt([{"role": "user", "content": task_message(TASK)}])
+    r1 = tok.encode(WRONG) + [tok.eot_id]
+    fb1_text = ("Your code failed the following tests:\n\n"
+                "- input 'add(1, 2)' failed: Expected output '3' but got '-1'\n\nGive it another try.")
+    assert feedback_text(ep.turns[0].public, TASK.public_tests) == fb1_text
+    fb1 = tok.encode_message("user", fb1_text) + tok.encode_header("assistant")
+    r2 = tok.encode(NO_CODE) + [tok.eot_id]
+    fb2 = tok.encode_message("user", NO_CODE_FEEDBACK) + tok.encode_header("assistant")
+    r3 = tok.encode(RIGHT) + [tok.eot_id]
+    expected = prompt + r1 + fb1 + r2 + fb2 + r3
+    assert ep.tokens == expected
+    mask = [False] * len(prompt) + [True] * len(r1) + [False] * len(fb1) + [True] * len(r2) + \
+        [False] * len(fb2) + [True] * len(r3)
+    assert ep.action_mask == mask
+
+    # Turn boundaries, codes, verdicts and rewards (RLEF: -0.2 for the turn without code, +1 at the end).
+    starts = [len(prompt), len(prompt + r1 + fb1), len(prompt + r1 + fb1 + r2 + fb2)]
+    assert [(t.start, t.end) for t in ep.turns] == [(s, s + len(r)) for s, r in zip(starts, (r1, r2, r3))]
+    assert ep.turns[0].code == "def add(a, b):\n    return a - b\n" and not ep.turns[0].public.passed
+    assert ep.turns[1].code is None and ep.turns[1].public is None
+    assert ep.turns[2].public.passed and ep.private.passed
+    assert [t.reward for t in ep.turns] == [0.0, pytest.approx(-0.2), 1.0]
+    assert ep.reward == pytest.approx(0.8) and not ep.truncated
+
+    batch = collate([ep], pad_id=tok.pad_id)
+    assert batch["tokens"][0].tolist() == expected
+    assert batch["action_mask"][0].tolist() == mask
+    assert batch["turn_starts"][0].tolist() == starts
+    turn_ids = batch["turn_ids"][0].tolist()
+    assert [turn_ids[i] for i in range(len(mask)) if mask[i]] == [0] * len(r1) + [1] * len(r2) + [2] * len(r3)
+    assert all(t == -1 for t, m in zip(turn_ids, mask) if not m)
+    assert batch["turn_rewards"][0].tolist() == pytest.approx([0.0, -0.2, 1.0])
+
+
+def test_episode_ends_when_public_tests_pass_and_private_tests_decide(pool):
+    """A program that passes the public test but fails a private one: one turn, reward -1."""
+    tok = Tokenizer.byte_level()
+    overfit = "```python\ndef add(a, b):\n    return 3\n```"
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=3), RewardConfig())
+    sampler, calls = scripted(tok, [overfit, RIGHT, RIGHT])
+    eps = worker.run(sampler, [TASK, TASK])
+    assert calls == [2]  # both episodes ended after turn 1: the public test passed
+    for ep in eps:
+        assert len(ep.turns) == 1 and ep.turns[0].public.passed
+        assert not ep.private.passed and ep.reward == -1.0
+        assert [r.status for r in ep.private.tests] == ["pass", "wrong_answer"]
+
+
+def test_finished_episodes_leave_the_generation_batch(pool):
+    """Episode A passes in turn 1, B needs a second turn: the second generate() call holds only B."""
+    tok = Tokenizer.byte_level()
+    answers = iter([RIGHT, WRONG, RIGHT])  # call 1: A turn 1, call 2: B turn 1, call 3: B turn 2
+    seen = []
+
+    def sample(prompts):
+        seen.append(len(prompts))
+        return [(tok.encode(next(answers)) + [tok.eot_id], True) for _ in prompts]
+
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=3, gen_batch_size=1), RewardConfig())
+    a, b = worker.run(sample, [TASK, TASK])
+    assert seen == [1, 1, 1]  # gen_batch_size=1: turn 1 is two calls of one, turn 2 one call (B only)
+    assert len(a.turns) == 1 and a.passed and a.reward == 1.0
+    assert len(b.turns) == 2 and b.passed and b.reward == 1.0
+
+
+def test_truncated_response_is_closed_and_flagged(pool):
+    """A response that hits max_new_tokens without a stop token: an end-of-turn token (not an action) closes
+    it before the feedback, and a final truncated turn is flagged for the length penalty."""
+    tok = Tokenizer.byte_level()
+    cut = tok.encode("```python\ndef add(a, b):\n    return a -")
+
+    def sample(prompts):
+        return [(cut, False) for _ in prompts]
+
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=2, max_new_tokens=len(cut)), RewardConfig())
+    [ep] = worker.run(sample, [TASK])
+    first = ep.turns[0]
+    assert ep.tokens[first.end] == tok.eot_id and ep.action_mask[first.end] is False
+    assert ep.truncated and collate([ep], tok.pad_id)["truncated"].tolist() == [True]
+    assert ep.reward == -1.0  # the cut-off code is a syntax error: it fails

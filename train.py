@@ -1,0 +1,705 @@
+"""nanoRLEF: reinforcement learning from execution feedback, in one script.
+
+    python train.py                                      # CPU demo: warm start, eval, multi-turn PPO, eval
+    torchrun --standalone --nproc_per_node=8 train.py --preset llama-3.1-8b --model_dir /models/Llama-3.1-8B-Instruct
+
+One iteration (DESIGN.md): sample tasks -> multi-turn episodes with public-test feedback (rollout.py) -> score the
+final code on the private tests (reward.py) -> recompute old, reference logprobs and values with a training
+forward -> KL penalty and advantages (ppo.py) -> several epochs of clipped PPO updates. `--algo grpo` drops the
+critic for group-normalised advantages; `--algo expert_iteration` fine-tunes on the programs that passed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ppo
+from data import load_humaneval, load_mbpp, load_stdio_jsonl, load_tasks_jsonl, synthetic_tasks
+from evaluate import summarize, task_results
+from kernels import fused_linear_logprobs, kl_k1
+from model import ModelConfig, Transformer
+from reward import RewardConfig
+from rollout import RolloutConfig, RolloutWorker, collate, model_sampler
+from sandbox import Limits, SandboxPool
+from sft import train_sft, warm_start
+from tokenizer import Tokenizer
+
+
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # model and data
+    preset: str = arg("tiny", "tiny | llama-3.2-1b | llama-3.1-8b | qwen3-0.6b: defaults that later flags override")
+    model_dir: str = arg("", "HF checkpoint folder (config.json, *.safetensors, tokenizer); '' = tiny warm start")
+    tokenizer: str = arg("", "tokenizer.model / tokenizer.json path; '' = look in model_dir; 'bytes' = tiny")
+    dtype: str = arg("float32", "float32 | bfloat16: weights and activations")
+    dataset: str = arg("synthetic", "synthetic | mbpp | humaneval | stdio | tasks")
+    data_path: str = arg("", "jsonl file for mbpp / stdio / tasks (one Task.to_dict() record per line)")
+    eval_split: str = arg("test", "split of held-out tasks for evaluation (synthetic: validation | test)")
+    # algorithm
+    algo: str = arg("ppo", "ppo | grpo | expert_iteration")
+    critic: str = arg("separate", "separate (a copy of the policy with a fresh value head, as RLEF) | head")
+    advantage: str = arg("turn", "turn (RLEF turn-level value) | token (token-level GAE)")
+    gamma: float = arg(1.0, "discount")
+    lam: float = arg(0.95, "GAE lambda")
+    kl_placement: str = arg("reward", "reward (k1, RLEF) | loss (k3, GRPO); never both")
+    kl_coef: float = arg(0.05, "initial KL coefficient beta")
+    kl_target: float = arg(0.0, "> 0: adaptive KL controller towards this KL (Ziegler et al. 2019)")
+    kl_horizon: int = arg(10000, "adaptive KL controller horizon, in episodes")
+    clip_eps: float = arg(0.2, "PPO ratio clip")
+    value_clip: float = arg(0.2, "value clip range (0 = off)")
+    vf_coef: float = arg(0.5, "value loss weight (critic=head)")
+    ent_coef: float = arg(0.0, "entropy bonus weight")
+    whiten: bool = arg(True, "whiten advantages over the batch's action tokens")
+    truncation_penalty: float = arg(0.5, "subtracted from episodes whose last response hit max_new_tokens")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    lr: float = arg(1e-6, "policy learning rate")
+    critic_lr: float = arg(1e-5, "critic learning rate (critic=separate)")
+    ppo_epochs: int = arg(2, "passes over each batch of episodes")
+    minibatch_size: int = arg(32, "episodes per optimizer step (per rank)")
+    micro_batch_size: int = arg(8, "episodes per forward/backward (gradient accumulation)")
+    logprob_chunk: int = arg(1024, "tokens per chunk of the fused lm_head + logprob kernel (bounds memory)")
+    # rollouts
+    steps: int = arg(100, "training iterations")
+    tasks_per_step: int = arg(16, "tasks per iteration (all ranks together)")
+    samples_per_task: int = arg(4, "episodes per task per iteration (the GRPO group size)")
+    max_turns: int = arg(3, "turns per episode (RLEF: 3)")
+    max_new_tokens: int = arg(384, "tokens per turn")
+    temperature: float = arg(1.0, "sampling temperature (the logprobs used in training are at the same T)")
+    top_p: float = arg(1.0, "nucleus sampling")
+    gen_batch_size: int = arg(32, "episodes per generate() call")
+    # rewards and sandbox
+    time_weight: float = arg(0.0, "weight of the time reward (CPU time against the reference solution)")
+    partial_credit: bool = arg(False, "failing programs earn the fraction of tests passed")
+    lint_weight: float = arg(0.0, "weight of the static-analysis penalty")
+    sandbox_workers: int = arg(0, "sandbox processes (0 = one per core)")
+    test_timeout: float = arg(5.0, "seconds per test")
+    # LoRA and distribution
+    lora_rank: int = arg(0, "> 0: train LoRA adapters (the reference is the base with adapters off)")
+    lora_alpha: float = arg(32.0, "LoRA alpha")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated module names")
+    fsdp: bool = arg(False, "shard the model with FSDP2 fully_shard instead of DDP")
+    # evaluation, logging, checkpoints
+    eval_every: int = arg(0, "evaluate every k steps (0 = only before and after training)")
+    eval_tasks: int = arg(0, "held-out tasks to evaluate on (0 = all)")
+    eval_samples: int = arg(5, "single-turn samples per task for pass@k")
+    eval_temperature: float = arg(0.2, "sampling temperature for evaluation")
+    out_dir: str = arg("out", "metrics.jsonl, checkpoint/, samples.txt, plot.png")
+    save_every: int = arg(0, "checkpoint every k steps (0 = only at the end)")
+    resume: bool = arg(False, "continue from out_dir/checkpoint exactly (same data order and metrics)")
+    seed: int = arg(0, "seed for data order, sampling and initialisation")
+    # tiny preset: warm start on reference solutions (issue 6)
+    warmstart_steps: int = arg(0, "SFT steps of the tiny warm start (0 = no warm start)")
+    tiny_layers: int = arg(4, "layers of the tiny model")
+    tiny_hidden: int = arg(256, "hidden size of the tiny model")
+    cache_dir: str = arg(".cache", "where the tiny warm-start checkpoint is cached between runs")
+
+
+PRESETS = {
+    # A few million parameters, byte-level tokens, synthetic tasks: runs on a laptop CPU in minutes.
+    "tiny": dict(tokenizer="bytes", dataset="synthetic", critic="head", lr=3e-4, critic_lr=1e-3, kl_coef=0.02,
+                 max_new_tokens=160, tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16,
+                 steps=30, warmstart_steps=600, eval_samples=4, eval_temperature=0.2, test_timeout=2.0),
+    # Real checkpoints: put the HF folder at --model_dir. bf16 weights; see README for memory notes.
+    "llama-3.2-1b": dict(dtype="bfloat16", dataset="mbpp", lr=1e-6, critic_lr=1e-5, micro_batch_size=4),
+    "qwen3-0.6b": dict(dtype="bfloat16", dataset="mbpp", lr=1e-6, critic_lr=1e-5, micro_batch_size=4),
+    "llama-3.1-8b": dict(dtype="bfloat16", dataset="mbpp", critic="head", lora_rank=64, lr=2e-5, fsdp=True,
+                         micro_batch_size=2, logprob_chunk=512),
+}
+
+
+def parse_config(argv=None) -> Config:
+    """Dataclass fields become flags; a preset fills the defaults, explicit flags win."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
+                                const=True, default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = args.get("preset", Config.preset)
+    if preset not in PRESETS:
+        parser.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    return Config(**{**PRESETS[preset], **args})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup: distributed, tasks, models
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE; nccl on GPU, gloo on CPU (so tests can run two ranks)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    return rank, world, torch.device("cpu")
+
+
+def load_tokenizer(cfg: Config) -> Tokenizer:
+    if cfg.tokenizer == "bytes":
+        return Tokenizer.byte_level()
+    path = Path(cfg.tokenizer) if cfg.tokenizer else None
+    if path is None:
+        for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+            if (Path(cfg.model_dir) / name).exists():
+                path = Path(cfg.model_dir) / name
+                break
+        else:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {cfg.model_dir}: pass --tokenizer")
+    return Tokenizer.llama3(path) if path.suffix == ".model" else Tokenizer.from_tokenizer_json(path)
+
+
+def load_tasks(cfg: Config):
+    """(training tasks, held-out evaluation tasks)."""
+    if cfg.dataset == "synthetic":
+        return synthetic_tasks("train", cfg.seed), synthetic_tasks(cfg.eval_split, cfg.seed)
+    if cfg.dataset == "mbpp":  # the customary split: 511-1000 train, 11-510 test
+        path = cfg.data_path or Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+        return load_mbpp(path, split="train"), load_mbpp(path, split="test")
+    if cfg.dataset == "humaneval":  # no training split exists: train and evaluate on disjoint halves
+        tasks = load_humaneval()
+        return tasks[: len(tasks) // 2], tasks[len(tasks) // 2:]
+    if cfg.dataset == "stdio":
+        tasks = load_stdio_jsonl(cfg.data_path)
+        cut = max(1, len(tasks) // 10)
+        return tasks[cut:], tasks[:cut]
+    if cfg.dataset == "tasks":  # the project's own format; the same tasks train and evaluate
+        tasks = load_tasks_jsonl(cfg.data_path)
+        return tasks, tasks
+    raise ValueError(f"--dataset must be synthetic | mbpp | humaneval | stdio | tasks, got {cfg.dataset!r}")
+
+
+def tiny_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
+    return ModelConfig(vocab_size=tokenizer.n_words, hidden_size=cfg.tiny_hidden, intermediate_size=cfg.tiny_hidden * 3,
+                       num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
+                       rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eot_id)
+
+
+class Scorer(nn.Module):
+    """The training forward in one module (so DDP/FSDP see a single forward): per-token logprobs of `targets`
+    at the sampling temperature, their entropy, and values from the value head when the model has one.
+    The fused lm_head kernel means the (tokens, vocab) logits never exist in full."""
+
+    def __init__(self, model: Transformer, temperature: float, chunk: int):
+        super().__init__()
+        self.model, self.temperature, self.chunk = model, temperature, chunk
+
+    def forward(self, inputs, targets, want_logprobs: bool = True):
+        h = self.model.hidden_states(inputs)                                          # (B, T, D)
+        values = self.model.values(h) if self.model.value_head is not None else None  # (B, T)
+        if not want_logprobs:
+            return None, None, values
+        logp, entropy = fused_linear_logprobs(h, self.model.lm_head.weight, targets, self.temperature,
+                                              with_entropy=True, chunk_size=self.chunk)  # (B, T) each
+        return logp, entropy, values
+
+
+@dataclass
+class Models:
+    policy: Transformer
+    critic: Transformer | None       # separate critic, or None (value head on the policy, or GRPO/EI)
+    reference: Transformer | None    # frozen copy, or None with LoRA (adapters off = reference)
+    scorer: nn.Module                # Scorer(policy), wrapped for DDP/FSDP
+    critic_scorer: nn.Module | None
+
+
+def build_models(cfg: Config, tokenizer: Tokenizer, model_dir: Path, device, world: int) -> Models:
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    uses_critic = cfg.algo == "ppo"
+    policy = Transformer.from_pretrained(model_dir, dtype=dtype, device=device,
+                                         value_head=uses_critic and cfg.critic == "head")
+    if cfg.lora_rank:
+        policy.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
+    reference = None
+    if cfg.kl_coef > 0 and not cfg.lora_rank:
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    critic = None
+    if uses_critic and cfg.critic == "separate":  # RLEF: the critic starts from the policy, with a fresh head
+        critic = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, value_head=True)
+    scorer = wrap(Scorer(policy, cfg.temperature, cfg.logprob_chunk), cfg, world)
+    critic_scorer = wrap(Scorer(critic, cfg.temperature, cfg.logprob_chunk), cfg, world) if critic else None
+    return Models(policy, critic, reference, scorer, critic_scorer)
+
+
+def wrap(module: Scorer, cfg: Config, world: int) -> nn.Module:
+    """Single process: as is. torchrun: DDP (gradients all-reduced in backward), or FSDP2 for big models
+    (each block's parameters sharded across ranks and gathered just in time)."""
+    if world == 1:
+        return module
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in module.model.layers:
+            fully_shard(block)
+        return fully_shard(module)
+    return nn.parallel.DistributedDataParallel(module)
+
+
+def unwrap(module: nn.Module) -> Scorer:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one PPO / GRPO iteration
+
+
+def shifted(batch: dict) -> dict:
+    """Position t predicts token t+1: inputs drop the last token; targets and every per-token mask drop the
+    first. A turn's value is read at its last prompt token, start - 1."""
+    return {"inputs": batch["tokens"][:, :-1], "targets": batch["tokens"][:, 1:],
+            "mask": batch["action_mask"][:, 1:], "turn_ids": batch["turn_ids"][:, 1:],
+            "turn_value_index": batch["turn_starts"] - 1, "turn_mask": batch["turn_mask"],
+            "turn_rewards": batch["turn_rewards"], "rewards": batch["rewards"], "truncated": batch["truncated"]}
+
+
+@torch.no_grad()
+def forward_in_chunks(scorer: nn.Module, b: dict, micro: int, want_logprobs=True):
+    """Old logprobs and values with the training forward (DESIGN: not the sampler's numbers)."""
+    logps, values = [], []
+    for i in range(0, b["inputs"].shape[0], micro):
+        logp, _, v = unwrap(scorer)(b["inputs"][i:i + micro], b["targets"][i:i + micro], want_logprobs)
+        logps.append(logp)
+        values.append(v)
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)
+    return cat(logps), cat(values)
+
+
+def advantages(cfg: Config, b: dict, kl_coef: float, group_ids: torch.Tensor):
+    """Rewards -> (token advantages, value targets, value mask, old values) for the chosen estimator."""
+    mask = b["mask"]
+    reward_kl = kl_coef if cfg.kl_placement == "reward" else 0.0
+    kl = kl_k1(b["old_logprobs"], b["ref_logprobs"]) if b["ref_logprobs"] is not None else None
+    penalty = ppo.apply_truncation_penalty(torch.zeros_like(b["rewards"]), b["truncated"], cfg.truncation_penalty)
+    if cfg.algo == "grpo":
+        scores = b["rewards"] + penalty
+        return ppo.scores_to_tokens(ppo.grpo_advantages(scores, group_ids), mask), None, None, None
+    if cfg.advantage == "turn":  # RLEF: GAE over turns, the turn's advantage on all its tokens
+        K = b["turn_mask"].shape[1]
+        turn_kl = ppo.per_turn_mean(kl, b["turn_ids"], K) if kl is not None else None
+        r = ppo.turn_level_rewards(penalty, b["turn_mask"], turn_kl, reward_kl, b["turn_rewards"])
+        v = ppo.gather_turn_values(b["values"], b["turn_value_index"], b["turn_mask"])
+        adv, _, turn_returns = ppo.turn_level_advantages(r, v, b["turn_mask"], b["turn_ids"], cfg.gamma, cfg.lam)
+        return adv, turn_returns, b["turn_mask"], v
+    r = ppo.token_level_rewards(penalty, mask, kl, reward_kl, b["turn_ids"], b["turn_rewards"])
+    adv, returns = ppo.gae(r, b["values"], mask, cfg.gamma, cfg.lam)
+    return adv, returns, mask, b["values"]
+
+
+def ppo_update(cfg: Config, models: Models, optimizers: list, b: dict, kl_coef: float, generator) -> dict:
+    """Several epochs of shuffled minibatches; micro-batches accumulate gradients; a NaN/inf loss or gradient
+    skips the optimizer step (the weights are untouched)."""
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "grad_norm")}
+    skipped = 0
+    loss_kl = kl_coef if cfg.kl_placement == "loss" else 0.0
+    n = b["inputs"].shape[0]
+    for micro_batches in ppo.minibatches(n, cfg.minibatch_size, cfg.micro_batch_size, cfg.ppo_epochs, generator):
+        tokens_in_step = sum(int(b["mask"][idx].sum()) for idx in micro_batches)
+        turns_in_step = sum(int(b["value_mask"][idx].sum()) for idx in micro_batches) if b["returns"] is not None else 0
+        finite = True
+        for j, idx in enumerate(micro_batches):
+            sync = j == len(micro_batches) - 1
+            with maybe_no_sync(models.scorer, sync), maybe_no_sync(models.critic_scorer, sync):
+                loss, mb = micro_batch_loss(cfg, models, b, idx, loss_kl, tokens_in_step, turns_in_step)
+                finite &= ppo.is_finite(loss)
+                if finite:
+                    loss.backward()
+            for k, v in mb.items():
+                stats[k].append(v)
+        if not clip_and_step(optimizers, cfg.max_grad_norm, stats["grad_norm"], finite):
+            skipped += 1
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["skipped_updates"] = skipped
+    return out
+
+
+def clip_and_step(optimizers: list, max_norm: float, norms: list, loss_finite: bool = True) -> bool:
+    """Clip, then step only if the gradient is finite. The total norm is NaN/inf when any gradient is, and
+    under FSDP it is reduced across ranks, so every rank takes the same decision. Gradients are cleared
+    either way, so a bad batch leaves the weights untouched."""
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    ok = loss_finite and ppo.is_finite(norm)
+    if ok:
+        norms.append(float(norm))
+        for opt in optimizers:
+            opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return ok
+
+
+def micro_batch_loss(cfg, models, b, idx, loss_kl, tokens_in_step, turns_in_step):
+    T = int(b["mask"][idx].any(0).nonzero().max()) + 1  # trim right padding shared by the micro-batch
+    mask = b["mask"][idx, :T]
+    logp, entropy, values = models.scorer(b["inputs"][idx, :T], b["targets"][idx, :T])
+    pg, clipfrac, approx_kl = ppo.policy_loss(logp, b["old_logprobs"][idx, :T], b["advantages"][idx, :T], mask,
+                                              cfg.clip_eps, normalizer=tokens_in_step)
+    ent = ppo.entropy_bonus(entropy, mask, normalizer=tokens_in_step)
+    kl = ppo.kl_loss(logp, b["ref_logprobs"][idx, :T], mask, normalizer=tokens_in_step) if loss_kl else None
+    vf = None
+    if b["returns"] is not None:
+        if models.critic_scorer is not None:
+            _, _, values = models.critic_scorer(b["inputs"][idx, :T], b["targets"][idx, :T], False)
+        new_v, old_v, returns, vmask = value_views(cfg, b, idx, values, T)
+        vf, _ = ppo.value_loss(new_v, old_v, returns, vmask, cfg.value_clip or None,
+                               normalizer=max(turns_in_step, 1) if cfg.advantage == "turn" else tokens_in_step)
+    loss = ppo.total_loss(pg, vf, ent, kl, vf_coef=cfg.vf_coef if models.critic is None else 1.0,
+                          ent_coef=cfg.ent_coef, kl_coef=loss_kl)
+    stats = {"pg_loss": pg.item(), "clipfrac": clipfrac.item(), "approx_kl": approx_kl.item(),
+             "entropy": ent.item() * tokens_in_step / max(int(mask.sum()), 1)}
+    if vf is not None:
+        stats["vf_loss"] = vf.item()
+    return loss, stats
+
+
+def value_views(cfg, b, idx, values, T):
+    """(new values, old values, returns, mask) at the critic's steps: turns (RLEF) or action tokens."""
+    if cfg.advantage == "turn":
+        tm = b["turn_mask"][idx]
+        new = ppo.gather_turn_values(values, b["turn_value_index"][idx], tm)
+        return new, b["old_values"][idx], b["returns"][idx], tm
+    return values, b["old_values"][idx, :T], b["returns"][idx, :T], b["mask"][idx, :T]
+
+
+def maybe_no_sync(module, sync: bool):
+    if module is None or sync or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return module.no_sync()
+
+
+def expert_iteration_update(cfg: Config, models: Models, optimizers: list, b: dict, passed: torch.Tensor,
+                            generator) -> dict:
+    """ReST-EM (Singh et al. 2023): maximise the likelihood of the final turn of every passing episode.
+    Failing episodes get weight 0 instead of being dropped, so every rank runs the same number of backward
+    passes (DDP needs that)."""
+    last_turn = b["turn_ids"] == (b["turn_mask"].sum(1, keepdim=True) - 1)
+    keep = b["mask"] & last_turn & passed[:, None]
+    losses = []
+    for micro_batches in ppo.minibatches(b["inputs"].shape[0], cfg.minibatch_size, cfg.micro_batch_size,
+                                         cfg.ppo_epochs, generator):
+        kept = max(sum(int(keep[idx].sum()) for idx in micro_batches), 1)
+        for j, idx in enumerate(micro_batches):
+            with maybe_no_sync(models.scorer, j == len(micro_batches) - 1):
+                logp, _, _ = models.scorer(b["inputs"][idx], b["targets"][idx])
+                loss = -(logp * keep[idx]).sum() / kept
+                loss.backward()
+            losses.append(loss.item())
+        clip_and_step(optimizers, cfg.max_grad_norm, [])
+    return {"sft_loss": sum(losses) / len(losses)}
+
+
+class Trainer:
+    """Holds what lives across iterations: models, optimizers, sandbox pool, KL controller, metrics file."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed()
+        if cfg.tasks_per_step % self.world:
+            raise ValueError(f"--tasks_per_step {cfg.tasks_per_step} must be a multiple of the {self.world} ranks")
+        if cfg.algo == "grpo" and cfg.kl_placement == "reward" and cfg.kl_coef > 0:
+            raise ValueError("--algo grpo puts the KL in the loss (k3): use --kl_placement loss or --kl_coef 0")
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = load_tokenizer(cfg)
+        self.train_tasks, self.eval_tasks = load_tasks(cfg)
+        if cfg.eval_tasks:
+            self.eval_tasks = self.eval_tasks[:cfg.eval_tasks]
+        self.model_dir = Path(cfg.model_dir) if cfg.model_dir else self._tiny_warm_start()
+        self.models = build_models(cfg, self.tokenizer, self.model_dir, self.device, self.world)
+        self.ref_scorer = Scorer(self.models.reference, cfg.temperature, cfg.logprob_chunk) \
+            if self.models.reference is not None else None
+        trainable = [p for p in self.models.scorer.parameters() if p.requires_grad]
+        self.optimizers = [torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)]
+        if self.models.critic_scorer is not None:
+            self.optimizers.append(torch.optim.AdamW(self.models.critic_scorer.parameters(), lr=cfg.critic_lr,
+                                                     weight_decay=0.0))
+        self.kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
+                       else ppo.FixedKLController(cfg.kl_coef))
+        self.pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
+        reward_cfg = RewardConfig(time_weight=cfg.time_weight, partial_credit=cfg.partial_credit,
+                                  lint_weight=cfg.lint_weight)
+        rollout_cfg = RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                                    gen_batch_size=cfg.gen_batch_size,
+                                    max_episode_tokens=self.models.policy.config.max_position_embeddings)
+        self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
+        self.start_step = self._load_checkpoint() if cfg.resume else 0
+
+    # -- setup helpers -------------------------------------------------------------------------------------------
+    def _tiny_warm_start(self) -> Path:
+        """The CPU demo has no checkpoint to start from: rank 0 trains one (cached), the others wait."""
+        cfg = self.cfg
+        if not cfg.warmstart_steps:
+            raise ValueError("--model_dir is empty and --warmstart_steps is 0: nothing to start from")
+        config = tiny_model_config(cfg, self.tokenizer)
+        path = None
+        if self.rank == 0:
+            path = warm_start(Path(cfg.cache_dir), self.tokenizer, self.train_tasks, config,
+                              steps=cfg.warmstart_steps, batch_size=32, lr=1e-3, seed=cfg.seed, log=self.log)
+        return Path(broadcast_object(path, self.world))
+
+    def log(self, message: str):
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def write_metrics(self, record: dict):
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                # NaN (e.g. explained variance of constant returns) is written as null: strict JSON has no NaN
+                clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+                f.write(json.dumps(clean) + "\n")
+
+    # -- one iteration -------------------------------------------------------------------------------------------
+    def step_tasks(self, step: int):
+        """This rank's tasks for `step`, each repeated samples_per_task times, and their group ids. A function
+        of (seed, step) only, so a resumed run sees exactly the same data."""
+        cfg = self.cfg
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        k = cfg.tasks_per_step
+        chosen = rng.sample(range(len(self.train_tasks)), k) if k <= len(self.train_tasks) else \
+            [rng.randrange(len(self.train_tasks)) for _ in range(k)]
+        mine = list(range(self.rank, k, self.world))
+        tasks = [self.train_tasks[chosen[g]] for g in mine for _ in range(cfg.samples_per_task)]
+        groups = torch.tensor([g for g in mine for _ in range(cfg.samples_per_task)])
+        return tasks, groups
+
+    def generator(self, step: int, salt: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(hash((self.cfg.seed, step, self.rank, salt)) % 2**62)
+
+    def train_step(self, step: int) -> dict:
+        cfg, m = self.cfg, self.models
+        tasks, groups = self.step_tasks(step)
+        times = {}
+        t0 = time.perf_counter()
+        sampler = model_sampler(m.policy, self.tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                self.generator(step, 0))
+        episodes = self.worker.run(sampler, tasks)
+        times["rollout"] = time.perf_counter() - t0
+        b = {k: v.to(self.device) for k, v in shifted(collate(episodes, self.tokenizer.pad_id)).items()}
+        passed = torch.tensor([ep.passed for ep in episodes], device=self.device)
+        t0 = time.perf_counter()
+        if cfg.algo == "expert_iteration":
+            stats = expert_iteration_update(cfg, m, self.optimizers, b, passed, self.generator(step, 1))
+            times["update"] = time.perf_counter() - t0
+            return self.step_metrics(step, episodes, b, stats, times)
+        b["old_logprobs"], b["values"] = forward_in_chunks(m.scorer, b, cfg.micro_batch_size)
+        b["ref_logprobs"] = self.reference_logprobs(b)
+        if m.critic_scorer is not None:
+            _, b["values"] = forward_in_chunks(m.critic_scorer, b, cfg.micro_batch_size, want_logprobs=False)
+        adv, b["returns"], b["value_mask"], b["old_values"] = advantages(cfg, b, self.kl_ctl.value, groups)
+        b["advantages"] = ppo.masked_whiten(adv, b["mask"]) if cfg.whiten else adv
+        times["score"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = ppo_update(cfg, m, self.optimizers, b, self.kl_ctl.value, self.generator(step, 1))
+        times["update"] = time.perf_counter() - t0
+        if b["returns"] is not None:
+            stats["explained_variance"] = ppo.explained_variance(b["old_values"], b["returns"], b["value_mask"])
+        return self.step_metrics(step, episodes, b, stats, times)
+
+    @torch.no_grad()
+    def reference_logprobs(self, b: dict):
+        if self.ref_scorer is not None:
+            return forward_in_chunks(self.ref_scorer, b, self.cfg.micro_batch_size)[0]
+        if self.cfg.lora_rank:  # the reference is the base model: the same weights with the adapters off
+            with self.models.policy.adapters_disabled():
+                return forward_in_chunks(self.models.scorer, b, self.cfg.micro_batch_size)[0]
+        return None
+
+    def step_metrics(self, step, episodes, b, stats, times) -> dict:
+        mask = b["mask"]
+        local = {"reward": float(b["rewards"].mean()), "pass_rate": sum(e.passed for e in episodes) / len(episodes),
+                 "response_len": float(mask.sum(1).float().mean()),
+                 "turns": sum(len(e.turns) for e in episodes) / len(episodes), **stats,
+                 **{f"time_{k}": v for k, v in times.items()}}
+        if b.get("ref_logprobs") is not None:
+            local["kl_ref"] = float(ppo.masked_mean(kl_k1(b["old_logprobs"], b["ref_logprobs"]), mask))
+            self.kl_ctl.update(all_reduce_mean({"kl": local["kl_ref"]}, self.world)["kl"], len(episodes) * self.world)
+        metrics = {"kind": "train", "step": step, **all_reduce_mean(local, self.world), "kl_coef": self.kl_ctl.value}
+        return metrics
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self, step: int, label: str) -> dict:
+        cfg = self.cfg
+        mine = self.eval_tasks[self.rank::self.world]
+        sampler = model_sampler(self.models.policy, self.tokenizer, cfg.max_new_tokens, cfg.eval_temperature,
+                                1.0, torch.Generator(self.device).manual_seed(cfg.seed + 12345))
+        t0 = time.perf_counter()
+        records, episodes = task_results(self.worker, sampler, mine, cfg.eval_samples, cfg.max_turns)
+        records = gather_objects(records, self.world)
+        metrics = {"kind": "eval", "label": label, "step": step, **summarize(records, (1, cfg.eval_samples)),
+                   "time_eval": time.perf_counter() - t0}
+        if self.rank == 0:
+            with open(self.out / f"samples-{label}.txt", "w") as f:
+                for ep in episodes[:4]:
+                    f.write(f"=== task {ep.task.task_id}  reward {ep.reward:+.2f}  passed {ep.passed}\n")
+                    f.write(ep.text(self.tokenizer) + "\n\n")
+        return metrics
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self, next_step: int):
+        """checkpoint/policy (HF layout: loads in transformers), checkpoint/critic, checkpoint/trainer.pt
+        (optimizer, KL controller, RNG, step). Written to a temporary folder, then renamed: a run killed
+        mid-save keeps the previous checkpoint."""
+        if self.rank != 0:
+            return barrier(self.world)
+        m, final = self.models, self.out / "checkpoint"
+        tmp = self.out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        m.policy.save_pretrained(tmp / "policy")
+        if m.critic is not None:
+            m.critic.save_pretrained(tmp / "critic")
+        trainable = {n: p.detach().cpu() for n, p in m.policy.named_parameters() if p.requires_grad}
+        torch.save({"step": next_step, "optimizers": [o.state_dict() for o in self.optimizers],
+                    "kl_ctl": self.kl_ctl.state_dict(), "lora_and_head": trainable if self.cfg.lora_rank else None,
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        barrier(self.world)
+
+    def _load_checkpoint(self) -> int:
+        path = self.out / "checkpoint"
+        if not (path / "trainer.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (expected {path / 'trainer.pt'})")
+        state = torch.load(path / "trainer.pt", weights_only=False)
+        m, dtype = self.models, self.models.policy.embed_tokens.weight.dtype
+        if self.cfg.lora_rank:  # the base stays as loaded; the adapters (and value head) come from the state
+            m.policy.load_state_dict(state["lora_and_head"], strict=False)
+        else:
+            saved = Transformer.from_pretrained(path / "policy", dtype=dtype, device=self.device,
+                                                value_head=m.policy.value_head is not None)
+            m.policy.load_state_dict(saved.state_dict())
+        if m.critic is not None:
+            m.critic.load_state_dict(Transformer.from_pretrained(path / "critic", dtype=dtype, device=self.device,
+                                                                 value_head=True).state_dict())
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if self.rank == 0:  # drop metrics written after the checkpoint, so the log matches an unbroken run
+            keep = [line for line in (self.out / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["step"] < state["step"] or json.loads(line).get("label") == "before"]
+            (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
+        self.log(f"resumed from {path} at step {state['step']}")
+        return state["step"]
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def fit(self) -> tuple[dict | None, dict]:
+        cfg = self.cfg
+        before = None
+        if self.start_step == 0:
+            if self.rank == 0:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            before = self.evaluate(0, "before")
+            self.write_metrics(before)
+            self.log(format_eval(before))
+        for step in range(self.start_step, cfg.steps):
+            metrics = self.train_step(step)
+            self.write_metrics(metrics)
+            self.log(format_step(metrics, cfg.steps))
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                ev = self.evaluate(step + 1, f"step{step + 1}")
+                self.write_metrics(ev)
+                self.log(format_eval(ev))
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                self.save_checkpoint(step + 1)
+        self.save_checkpoint(cfg.steps)
+        after = self.evaluate(cfg.steps, "after")
+        self.write_metrics(after)
+        self.log(format_eval(after))
+        return before, after
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small distributed and logging helpers
+
+
+def all_reduce_mean(values: dict, world: int) -> dict:
+    if world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def gather_objects(items: list, world: int) -> list:
+    if world == 1:
+        return items
+    out = [None] * world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def broadcast_object(obj, world: int):
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def format_step(m: dict, steps: int) -> str:
+    parts = [f"step {m['step'] + 1:4d}/{steps}", f"reward {m['reward']:+.3f}", f"pass {m['pass_rate']:.2f}",
+             f"len {m['response_len']:.0f}"]
+    for key, fmt in (("kl_ref", "kl {:.4f}"), ("approx_kl", "akl {:.4f}"), ("clipfrac", "clip {:.2f}"),
+                     ("entropy", "ent {:.2f}"), ("explained_variance", "ev {:.2f}"), ("sft_loss", "sft {:.3f}")):
+        if key in m:
+            parts.append(fmt.format(m[key]))
+    parts.append(f"{sum(v for k, v in m.items() if k.startswith('time_')):.1f}s")
+    if m.get("skipped_updates"):
+        parts.append(f"SKIPPED {m['skipped_updates']} non-finite updates")
+    return " | ".join(parts)
+
+
+def format_eval(m: dict) -> str:
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("pass@", "1@", "turn1")))
+    return f"eval[{m['label']}] {m['tasks']} tasks  {scores}  ({m['time_eval']:.0f}s)"
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    trainer = Trainer(cfg)
+    try:
+        before, after = trainer.fit()
+        if before is not None:
+            trainer.log("\n" + "\n".join(f"{k:>12}: {before[k]:.3f} -> {after[k]:.3f}" for k in after
+                                         if k.startswith(("pass@", "1@", "turn1"))))
+    finally:
+        trainer.pool.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
