@@ -13,7 +13,7 @@ import gzip
 import json
 import random
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 TEST_KINDS = ("call", "stdio", "assert")
@@ -542,3 +542,129 @@ def load_task_file(path: str | Path) -> Task:
     raise ValueError(f"{path}: unknown task format, keys {sorted(record)}; expected the project's format "
                      f"('private_tests' with 'kind'), an MBPP record ('test_list') or a HumanEval record "
                      f"('test', 'entry_point', 'canonical_solution')")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic tasks for the CPU demo (issue 6): compositions filter x map x reduction over a list of ints.
+# Held-out tasks are new compositions of primitives that training has seen. References share one canonical
+# style (`def f(xs):\n    return <one expression>\n`) so a tiny byte-level model can learn them.
+
+# name -> (English, condition source or None); "{k}" is a constant drawn per task.
+SYNTH_FILTERS = {"all": ("the numbers in xs", None), "even": ("the even numbers in xs", "x % 2 == 0"),
+                 "odd": ("the odd numbers in xs", "x % 2 == 1"), "pos": ("the positive numbers in xs", "x > 0"),
+                 "neg": ("the negative numbers in xs", "x < 0"),
+                 "gt": ("the numbers in xs greater than {k}", "x > {k}"),
+                 "div": ("the numbers in xs divisible by {k}", "x % {k} == 0")}
+# name -> (English wrapper of the filter phrase, expression source)
+SYNTH_MAPS = {"id": ("{F}", "x"), "square": ("the squares of {F}", "x * x"), "double": ("the doubles of {F}", "2 * x"),
+              "neg": ("the negatives of {F}", "-x"), "abs": ("the absolute values of {F}", "abs(x)"),
+              "plus": ("{F}, each plus {k}", "x + {k}"), "times": ("{F}, each times {k}", "{k} * x")}
+# name -> (sentence, return expression over the generator `G`); count takes no map.
+SYNTH_REDUCTIONS = {"sum": ("the sum of {M}", "sum({G})"),
+                    "max": ("the largest of {M}, or 0 if there are none", "max(({G}), default=0)"),
+                    "min": ("the smallest of {M}, or 0 if there are none", "min(({G}), default=0)"),
+                    "list": ("a list of {M}, in order", "[{G}]"),
+                    "count": ("how many of {F} there are", "len([x for x in xs if {C}])")}
+_FILTER_K = {"gt": range(1, 6), "div": range(2, 6)}
+_MAP_K = {"plus": range(1, 10), "times": range(2, 10)}
+_SPLIT_SEED = 1234           # fixes which compositions are held out, whatever the seed of the instances
+_SPLIT_FRACTIONS = {"test": 0.2, "validation": 0.1}
+
+
+def synthetic_compositions() -> dict[str, list[tuple[str, str, str]]]:
+    """(filter, map, reduction) triples per split. The held-out splits only use primitives train has."""
+    triples = [(f, m, r) for r in SYNTH_REDUCTIONS for f in SYNTH_FILTERS for m in SYNTH_MAPS
+               if r != "count" or m == "id"]
+    rng = random.Random(_SPLIT_SEED)
+    while True:
+        rng.shuffle(triples)
+        n_test, n_val = (round(_SPLIT_FRACTIONS[s] * len(triples)) for s in ("test", "validation"))
+        splits = {"test": triples[:n_test], "validation": triples[n_test:n_test + n_val],
+                  "train": triples[n_test + n_val:]}
+        seen = [set(column) for column in zip(*splits["train"])]
+        if all(p in seen[i] for t in triples for i, p in enumerate(t)):
+            return {s: sorted(ts) for s, ts in splits.items()}
+
+
+def _composition_task(filt: str, mapping: str, reduction: str, rng: random.Random, split: str) -> Task:
+    fk = rng.choice(_FILTER_K[filt]) if filt in _FILTER_K else None
+    mk = rng.choice(_MAP_K[mapping]) if mapping in _MAP_K else None
+    f_text, cond = (s.format(k=fk) if s else s for s in SYNTH_FILTERS[filt])
+    m_text, expr = (s.format(F=f_text, k=mk) for s in SYNTH_MAPS[mapping])
+    sentence, body = SYNTH_REDUCTIONS[reduction]
+    generator = f"{expr} for x in xs" + (f" if {cond}" if cond else "")
+    if reduction == "count":
+        body = "len(xs)" if cond is None else body.format(C=cond)
+    else:
+        body = body.format(G=generator)
+    reference = f"def f(xs):\n    return {body}\n"
+    namespace = {}
+    exec(reference, namespace)   # our own reference, to compute expected values; checked in the sandbox by tests
+    inputs = [[rng.randint(-9, 9) for _ in range(rng.randint(3, 8))] for _ in range(4)] + [[]]
+    tests = [Test(kind="call", call=f"f({xs!r})", expected=repr(namespace["f"](xs))) for xs in inputs]
+    task_id = f"synth/{split}/{reduction}-{mapping}{mk or ''}-{filt}{fk or ''}"   # e.g. sum-plus3-gt2
+    prompt = f"Write f(xs) that returns {sentence.format(M=m_text, F=f_text)}."
+    return Task(task_id=task_id, prompt=prompt, public_tests=tests[:1], private_tests=tests, entry_point="f",
+                reference_solution=reference, tags=("composition",))
+
+
+# Slow/fast pairs: both correct; the large private test makes the slow one cost tens of ms of CPU more.
+def _multiples_task(k: int, split: str) -> Task:
+    n = 1_000_000
+    what = "the integers from 1 to n" if k == 1 else f"the multiples of {k} from 1 to n"
+    fast = f"def f(n):\n    return {k} * (n // {k}) * (n // {k} + 1) // 2\n" if k > 1 else \
+        "def f(n):\n    return n * (n + 1) // 2\n"
+    slow = f"def f(n):\n    return sum(x for x in range(1, n + 1) if x % {k} == 0)\n"
+    tests = [Test(kind="call", call=f"f({m})", expected=str(sum(x for x in range(1, m + 1) if x % k == 0)))
+             for m in (10, 1, 37)]
+    tests.append(Test(kind="call", call=f"f({n})", expected=str(k * (n // k) * (n // k + 1) // 2)))
+    return Task(task_id=f"synth/{split}/multiples-{k}", prompt=f"Write f(n) that returns the sum of {what}.",
+                public_tests=tests[:1], private_tests=tests, entry_point="f", reference_solution=fast,
+                tags=("slow_fast",), slow_solution=slow)
+
+
+def _lookup_task(k: int, split: str) -> Task:
+    what = "are also in xs" if k == 0 else f"are {k} more than a number in xs"
+    shifted = "y" if k == 0 else f"y - {k}"
+    fast = f"def f(xs, ys):\n    s = set(xs)\n    return sum(1 for y in ys if {shifted} in s)\n"
+    slow = f"def f(xs, ys):\n    return sum(1 for y in ys if {shifted} in xs)\n"
+    cases = [([1, 2, 3], [3, 4, 5, 6]), ([], [1]), ([5, 5, 0], [0, 5, 7, 10, 12])]
+    cases.append((list(range(0, 6000, 3)), list(range(3000))))
+    tests = [Test(kind="call", call=f"f({xs!r}, {ys!r})", expected=str(len([y for y in ys if y - k in set(xs)])))
+             for xs, ys in cases[:3]]
+    big = set(cases[3][0])
+    tests.append(Test(kind="call", call="f(list(range(0, 6000, 3)), list(range(3000)))",
+                      expected=str(len([y for y in cases[3][1] if y - k in big]))))
+    return Task(task_id=f"synth/{split}/lookup-{k}", prompt=f"Write f(xs, ys) that returns how many numbers in ys "
+                f"{what}.", public_tests=tests[:1], private_tests=tests, entry_point="f", reference_solution=fast,
+                tags=("slow_fast",), slow_solution=slow)
+
+
+def _slow_fast_tasks(split: str) -> list[Task]:
+    """The slow/fast family split by its constant k, with the same fixed seed as the compositions."""
+    pairs = [(_multiples_task, k) for k in range(1, 10)] + [(_lookup_task, k) for k in range(0, 10)]
+    random.Random(_SPLIT_SEED).shuffle(pairs)
+    n_test, n_val = round(0.2 * len(pairs)), round(0.1 * len(pairs))
+    chosen = {"test": pairs[:n_test], "validation": pairs[n_test:n_test + n_val], "train": pairs[n_test + n_val:]}
+    return [make(k, split) for make, k in chosen[split]]
+
+
+def synthetic_tasks(split: str, seed: int = 0, instances: int = 2) -> list[Task]:
+    """Synthetic tasks of one split ("train", "validation", "test"), deterministic given the seed.
+
+    Which compositions (and slow/fast constants) belong to which split is fixed, independent of `seed`;
+    `seed` draws the constants k and the test inputs. A composition with a constant gets `instances` tasks
+    (different k where possible); without one it gets one task. Tags: "composition" or "slow_fast".
+    """
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"synthetic_tasks: split must be 'train', 'validation' or 'test', got {split!r}")
+    rng = random.Random(f"{split}-{seed}")
+    tasks, ids = [], set()
+    for filt, mapping, reduction in synthetic_compositions()[split]:
+        has_k = filt in _FILTER_K or mapping in _MAP_K
+        for _ in range(instances if has_k else 1):
+            task = _composition_task(filt, mapping, reduction, rng, split)
+            if task.task_id not in ids:   # the same k drawn twice: one task
+                ids.add(task.task_id)
+                tasks.append(task)
+    return tasks + _slow_fast_tasks(split)

@@ -177,9 +177,15 @@ def lint_issues(program: str) -> list[str]:
     module = tables[0]
     bound = {s.get_name() for s in module.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
     bound |= {s.get_name() for t in tables for s in t.get_symbols() if s.is_declared_global() and s.is_assigned()}
-    future = {a.asname or a.name for n in ast.walk(ast.parse(program))
+    tree = ast.parse(program)
+    future = {a.asname or a.name for n in ast.walk(tree)
               if isinstance(n, ast.ImportFrom) and n.module == "__future__" for a in n.names}
-    referenced, undefined, imported = set(), set(), []
+    # Under `from __future__ import annotations` symtable skips annotations; a name used there is still used.
+    annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, ast.arg | ast.AnnAssign) and n.annotation]
+    annotations += [n.returns for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and n.returns]
+    referenced = {n.id for a in annotations for n in ast.walk(a) if isinstance(n, ast.Name)}
+    undefined, imported = set(), []
     for t in tables:
         for s in t.get_symbols():
             name = s.get_name()
@@ -220,7 +226,8 @@ def _test_input(test: Test) -> str:
     return _truncate(raw.strip().replace("\n", "\\n"))
 
 
-def _short_traceback(detail: str, lines: int = 4, limit: int = 400) -> str:
+def _short_traceback(detail: str, lines: int = 6, limit: int = 500) -> str:
+    """The last lines of the sandbox's traceback (it keeps only frames of the program), indented."""
     kept = [line for line in detail.strip().splitlines() if line.strip()][-lines:]
     return _truncate("\n".join("  " + line for line in kept), limit)
 

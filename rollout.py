@@ -51,7 +51,7 @@ class Turn:
     stopped: bool               # ended with a stop token (False: hit max_new_tokens)
     code: str | None            # extracted code, None when the response had no code block
     public: RunResult | None = None   # verdicts on the public tests (None without code)
-    reward: float = 0.0         # per-turn reward: the invalid-code penalty, and the final reward on the last turn
+    reward: float = 0.0         # per-turn reward: -0.2 without code (RLEF), plus the final reward on the last turn
 
 
 @dataclass
@@ -182,7 +182,10 @@ class RolloutWorker:
             t0 = time.perf_counter()
             speed = self.time_reward(ep.task, final.code)
             self.seconds["sandbox_wait"] += time.perf_counter() - t0
-        lint = lint_penalty(final.code) if self.reward_cfg.lint_weight and final.code is not None else 0.0
+        if final.code is None:  # no code at the end: the episode failed (-1) AND the turn had no code (-0.2),
+            final.reward += self.reward_cfg.incorrect + self.reward_cfg.invalid  # so silence never beats trying
+            return
+        lint = lint_penalty(final.code) if self.reward_cfg.lint_weight else 0.0
         final.reward += combined_reward(ep.private, self.reward_cfg, time=speed, lint=lint)
 
     def _wait(self, future: Future | None) -> RunResult | None:

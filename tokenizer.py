@@ -27,7 +27,8 @@ LLAMA3_PATTERN = (
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # Meta's layout of the 256 Llama 3 specials (llama-models, models/llama3/tokenizer.py): 12 named tokens, then
-# reserved tokens numbered from 2 (0 and 1 are among the named ones) up to 256 in all.
+# reserved tokens numbered from 2 (0 and 1 are among the named ones) up to 256 in all. Older releases name some
+# reserved slots differently (e.g. 128005, 128011); every functional token has the same id in all of them.
 _LLAMA3_NAMED = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -99,7 +100,13 @@ class Tokenizer:
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "Tokenizer":
-        """A Hugging Face byte-level BPE `tokenizer.json` (a file, or a directory that holds one)."""
+        """A Hugging Face byte-level BPE `tokenizer.json` (a file, or a directory that holds one).
+
+        Every entry of added_tokens becomes a tiktoken special (so encode() never produces it from text).
+        The post_processor is ignored: BOS/EOS are added only through encode(bos=, eos=).
+        Chat format: Llama 3 when its header/eot specials exist, else ChatML when <|im_start|>/<|im_end|> exist
+        (Qwen2/3, SmolLM2-Instruct), else none.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -230,25 +237,15 @@ def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 #   (1) ids grow along the merge list (merge i creates a token whose id is >= those of merges before it), which
 #       holds for trained BPE (a token's id is its merge's position) and for files derived from tiktoken ranks; and
 #   (2) tiktoken never merges a pair the merge list lacks: for each multi-byte token t, running tiktoken's BPE on
-#       t's bytes with only ranks < rank(t) must not end in two parts that form an unlisted merge. This is the
-#       test Hugging Face's tiktoken -> tokenizer.json converters use to derive merges from ranks.
+#       t's bytes with only ranks < rank(t) must not end in two parts that form an unlisted merge. This is how
+#       merges are recovered from tiktoken ranks (the `bpe(ranks, token, max_rank=rank)` recipe used to publish
+#       cl100k/Qwen ranks as tokenizer.json), so files made that way pass. Files that list every split of every
+#       token (transformers' TikTokenConverter, e.g. Llama 3's tokenizer.json) pass without running BPE.
 #   (3) tiktoken first looks a whole piece up in the vocab and emits it without merging. Some real tokens cannot
 #       be built by BPE from their own bytes (Llama 3 has ".:.:", BPE stops at "." ":." ":"), so tiktoken's
 #       shortcut matters; Hugging Face does the same lookup only with `ignore_merges: true` (as the Llama 3 file
 #       has). Such tokens are therefore refused when ignore_merges is false.
 # We check all three and refuse the file otherwise; tests/test_tokenizer.py checks id parity on real text.
-
-def _unicode_to_bytes_table() -> dict[int, str]:
-    """str.translate table that undoes bytes_to_unicode: afterwards .encode("latin-1") gives the raw bytes.
-    Characters outside the alphabet map to U+FFFF, which latin-1 cannot encode, so they raise."""
-    table = {ord(c): chr(b) for b, c in bytes_to_unicode().items()}
-    table.update({c: "\uffff" for c in range(256) if c not in table})
-    return table
-
-
-def _token_bytes(token: str, table) -> bytes:
-    return token.translate(table).encode("latin-1")  # UnicodeEncodeError: not a byte-level token
-
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map: printable Latin-1 bytes map to themselves, the rest
@@ -262,6 +259,18 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + extra)
             extra += 1
     return mapping
+
+
+def _unicode_to_bytes_table() -> dict[int, str]:
+    """str.translate table that undoes bytes_to_unicode: afterwards .encode("latin-1") gives the raw bytes.
+    Characters outside the alphabet map to U+FFFF, which latin-1 cannot encode, so they raise."""
+    table = {ord(c): chr(b) for b, c in bytes_to_unicode().items()}
+    table.update({c: "\uffff" for c in range(256) if c not in table})
+    return table
+
+
+def _token_bytes(token: str, table) -> bytes:
+    return token.translate(table).encode("latin-1")  # UnicodeEncodeError: not a byte-level token
 
 
 def _tokenizer_from_json(cls, path: Path) -> Tokenizer:
@@ -322,9 +331,10 @@ def _tokenizer_from_json(cls, path: Path) -> Tokenizer:
         kwargs = dict(chat_format=None, bos=None, eos=eos, eot=eos, pad=eos)
     else:
         fail("added_tokens", "no end-of-text token (<|endoftext|>, <|end_of_text|> or <|im_end|>) to stop on")
-    name = path.parent.name or path.stem
-    tok = cls(name, pattern, ranks, specials, nfc=nfc, **kwargs)
-    return tok
+    try:
+        return cls(path.parent.name or path.stem, pattern, ranks, specials, nfc=nfc, **kwargs)
+    except ValueError as e:  # tiktoken compiles the pattern with the Rust fancy-regex crate, not Oniguruma
+        fail("pre_tokenizer", f"tiktoken cannot use the pre-tokenizer regex {pattern!r}: {e}")
 
 
 def _type_of(obj) -> str:
@@ -335,6 +345,8 @@ def _check_normalizer(normalizer, fail) -> bool:
     """None, or NFC (Qwen2/3 ship one: we apply unicodedata NFC). Anything else changes text in ways we skip."""
     if normalizer is None:
         return False
+    if not isinstance(normalizer, dict):
+        fail("normalizer", f"expected an object, got {normalizer!r}")
     items = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
     types = [n.get("type") if isinstance(n, dict) else n for n in items]
     if any(t != "NFC" for t in types):
@@ -349,8 +361,8 @@ def _pattern_from_pre_tokenizer(pre, fail) -> str:
       Sequence[Digits, ByteLevel(use_regex=true)]         SmolLM2 / StarCoder (digits split off first)
     """
     key = "pre_tokenizer"
-    if pre is None:
-        fail(key, "missing: a byte-level BPE needs a ByteLevel pre-tokenizer")
+    if not isinstance(pre, dict):
+        fail(key, f"expected a ByteLevel pre-tokenizer object, got {pre!r}")
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     types = [s.get("type") if isinstance(s, dict) else s for s in steps]
     if not steps or types[-1] != "ByteLevel":
@@ -435,6 +447,9 @@ def _check_merges_match_ranks(ranks: dict[bytes, int], merges: list[tuple[bytes,
     for token, rank in ranks.items():
         if len(token) < 2:
             continue
+        if ignore_merges and all((token[:i], token[i:]) in listed for i in range(1, len(token))
+                                 if token[:i] in ranks and token[i:] in ranks):
+            continue  # every split is listed (as HF's tiktoken converter writes them): (2) holds, (3) is moot
         parts = _bpe_below_rank(ranks, token, rank)
         if len(parts) == 2 and tuple(parts) not in listed:
             fail("model.merges", f"tiktoken's BPE builds token {token!r} (id {rank}) from {parts}, a merge the "
@@ -450,7 +465,7 @@ def _bpe_below_rank(ranks: dict[bytes, int], token: bytes, max_rank: int) -> lis
     parts = [token[i:i + 1] for i in range(len(token))]
     get = ranks.get
     # pair_ranks[i] = rank of parts[i] + parts[i+1] (max_rank if none); only the pairs next to a merge change.
-    pair_ranks = [min(get(a + b, max_rank), max_rank) for a, b in zip(parts, parts[1:])]
+    pair_ranks = [min(get(parts[i] + parts[i + 1], max_rank), max_rank) for i in range(len(parts) - 1)]
     while pair_ranks:
         best = min(pair_ranks)
         if best >= max_rank:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ppo
-from data import load_humaneval, load_mbpp, load_stdio_jsonl, load_tasks_jsonl, synthetic_tasks
+import data
 from evaluate import summarize, task_results
 from kernels import fused_linear_logprobs, kl_k1
 from model import ModelConfig, Transformer
@@ -177,19 +177,21 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
 def load_tasks(cfg: Config):
     """(training tasks, held-out evaluation tasks)."""
     if cfg.dataset == "synthetic":
-        return synthetic_tasks("train", cfg.seed), synthetic_tasks(cfg.eval_split, cfg.seed)
+        return data.synthetic_tasks("train", cfg.seed), data.synthetic_tasks(cfg.eval_split, cfg.seed)
     if cfg.dataset == "mbpp":  # the customary split: 511-1000 train, 11-510 test
         path = cfg.data_path or Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
-        return load_mbpp(path, split="train"), load_mbpp(path, split="test")
+        return data.load_mbpp(path, split="train"), data.load_mbpp(path, split="test")
     if cfg.dataset == "humaneval":  # no training split exists: train and evaluate on disjoint halves
-        tasks = load_humaneval()
+        tasks = data.load_humaneval()
         return tasks[: len(tasks) // 2], tasks[len(tasks) // 2:]
     if cfg.dataset == "stdio":
-        tasks = load_stdio_jsonl(cfg.data_path)
+        tasks = data.load_stdio_jsonl(cfg.data_path)
         cut = max(1, len(tasks) // 10)
         return tasks[cut:], tasks[:cut]
     if cfg.dataset == "tasks":  # the project's own format; the same tasks train and evaluate
-        tasks = load_tasks_jsonl(cfg.data_path)
+        lines = Path(cfg.data_path).read_text().splitlines()
+        tasks = [data.Task.from_dict(json.loads(line), f"{cfg.data_path} line {i}")
+                 for i, line in enumerate(lines, 1) if line.strip()]
         return tasks, tasks
     raise ValueError(f"--dataset must be synthetic | mbpp | humaneval | stdio | tasks, got {cfg.dataset!r}")
 
@@ -608,6 +610,17 @@ class Trainer:
         self.log(f"resumed from {path} at step {state['step']}")
         return state["step"]
 
+    def check_replicas_in_sync(self):
+        """DDP keeps one replica per rank: after training they must hold the same weights. A cheap checksum
+        per rank, compared on all ranks; a mismatch is a bug worth stopping for."""
+        if self.world == 1 or self.cfg.fsdp:  # FSDP holds shards, not replicas
+            return
+        checksum = sum(float(p.detach().double().sum()) for p in self.models.policy.parameters())
+        sums = gather_objects([checksum], self.world)
+        self.write_metrics({"kind": "sync", "step": self.cfg.steps, "checksums": sums})
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"ranks hold different weights after training: checksums {sums}")
+
     # -- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> tuple[dict | None, dict]:
         cfg = self.cfg
@@ -629,6 +642,7 @@ class Trainer:
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 self.save_checkpoint(step + 1)
         self.save_checkpoint(cfg.steps)
+        self.check_replicas_in_sync()
         after = self.evaluate(cfg.steps, "after")
         self.write_metrics(after)
         self.log(format_eval(after))

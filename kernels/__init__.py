@@ -132,8 +132,11 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, with_entr
     _check_targets(targets, batch_shape, weight.shape[0], hidden.device)
     t = _check_temperature(temperature)
     impl = _backend(backend, hidden)
+    # Frozen lm_head, no entropy: precompute d lp / d hidden in forward instead of recomputing logits later.
+    precompute = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and not with_entropy
     out = FusedLinearLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight,
-                                    targets.reshape(-1).contiguous(), t, bool(with_entropy), chunk_size, impl)
+                                    targets.reshape(-1).contiguous(), t, bool(with_entropy), chunk_size, impl,
+                                    precompute)
     if with_entropy:
         return out[0].view(batch_shape), out[1].view(batch_shape)
     return out.view(batch_shape)

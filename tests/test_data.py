@@ -11,6 +11,10 @@ import data
 from data import Task, Test
 
 MBPP_FAILING = {341, 596, 642}   # reference solutions that fail their own asserts (shared/data/README.md)
+MBPP_SLOW = {123}                # sums amicable numbers below 9999: ~4 s CPU, near the sandbox's 5 s default
+# References that return collections.Counter / defaultdict: the original `==` accepts them, the sandbox does not,
+# because it canonicalises results by exact builtin type (a dict subclass could carry a forged __eq__).
+MBPP_DICT_SUBCLASS = {40, 88, 653, 902}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -248,7 +252,7 @@ def test_mbpp_converted_tests_agree_with_asserts(mbpp, mbpp_raw):
     failing = set()
     for task in mbpp:
         raw = mbpp_raw[int(task.task_id.split("/")[1])]
-        if raw["task_id"] == 123:   # sums amicable numbers below 9999: seconds per run, checked in the sandbox
+        if raw["task_id"] in MBPP_SLOW:
             continue
         verdicts = run_in_process(task.reference_solution, task)
         assert verdicts == original_mbpp_passes(task.reference_solution, raw), task.task_id
@@ -263,7 +267,8 @@ def test_mbpp_sanitized(shared_data):
     tasks = data.load_mbpp(shared_data / "mbpp" / "sanitized-mbpp.json", split="all")
     assert len(tasks) == 427
     for task in tasks:
-        assert all(run_in_process(task.reference_solution, task)), task.task_id
+        if int(task.task_id.split("/")[1]) not in MBPP_SLOW:
+            assert all(run_in_process(task.reference_solution, task)), task.task_id
 
 
 def test_mbpp_bad_record(tmp_path):
@@ -340,7 +345,8 @@ def test_data_does_not_import_torch():
 @pytest.fixture(scope="module")
 def pool():
     sandbox = pytest.importorskip("sandbox", reason="sandbox.py (issue 3) is required")
-    with sandbox.SandboxPool(workers=2) as p:
+    # 20 s per test: MBPP/123's reference needs ~4 s of CPU, too close to the 5 s default on a busy machine.
+    with sandbox.SandboxPool(workers=2, limits=sandbox.Limits(timeout_s=20.0)) as p:
         yield p
 
 
@@ -368,12 +374,78 @@ def test_humaneval_references_pass_and_bugs_fail_in_sandbox(pool, humaneval):
 @pytest.mark.slow
 def test_mbpp_references_pass_and_bugs_fail_in_sandbox(pool, mbpp):
     failed = failures(pool, mbpp, [t.reference_solution for t in mbpp])
-    assert {int(tid.split("/")[1]) for tid in failed} == MBPP_FAILING, describe(failed)
+    assert {int(tid.split("/")[1]) for tid in failed} == MBPP_FAILING | MBPP_DICT_SUBCLASS, describe(failed)
     assert len(failed) <= 0.03 * len(mbpp)
-    sample = [t for t in random.Random(0).sample(mbpp, 150) if int(t.task_id.split("/")[1]) not in MBPP_FAILING]
+    for task_id in MBPP_DICT_SUBCLASS:
+        assert all("unsupported" in t.got for t in failed[f"MBPP/{task_id}"].tests), describe(failed)
+    passing = [t for t in mbpp if t.task_id not in failed]
+    sample = random.Random(0).sample(passing, 150)
     buggy = [mutated(t.reference_solution, t.entry_point) for t in sample]
     # A mutant may survive when the asserts do not look at the returned value: ask the original asserts.
     survivors = {t.task_id for t, p in zip(sample, buggy) if all(run_in_process(p, t))}
     assert {t.task_id for t in sample} - set(failures(pool, sample, buggy)) == survivors
     for exit_call in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n"):
         assert len(failures(pool, sample, [exit_call + t.reference_solution for t in sample])) == len(sample)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic tasks
+
+SPLITS = ("train", "validation", "test")
+
+
+def test_synthetic_deterministic_and_seeded():
+    for split in SPLITS:
+        a, b = data.synthetic_tasks(split, seed=3), data.synthetic_tasks(split, seed=3)
+        assert [t.to_dict() for t in a] == [t.to_dict() for t in b]
+    assert [t.to_dict() for t in data.synthetic_tasks("train", 3)] != \
+        [t.to_dict() for t in data.synthetic_tasks("train", 4)]
+    with pytest.raises(ValueError, match="split must be"):
+        data.synthetic_tasks("dev", 0)
+
+
+def test_synthetic_held_out_are_new_compositions_of_seen_primitives():
+    splits = data.synthetic_compositions()
+    train, val, test = (set(splits[s]) for s in SPLITS)
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert len(test) >= 30 and len(train) >= 3 * len(test)
+    seen = [set(column) for column in zip(*train)]
+    for triple in test | val:
+        assert all(p in seen[i] for i, p in enumerate(triple)), triple
+    # The tasks follow the split: the composition in a task id belongs to that split, for any seed.
+    for split in SPLITS:
+        for seed in (0, 1):
+            for task in data.synthetic_tasks(split, seed):
+                if "composition" in task.tags:
+                    reduction, mapping, filt = (p.rstrip("0123456789") for p in task.task_id.split("/")[2].split("-"))
+                    assert (filt, mapping, reduction) in splits[split]
+    slow_fast = {s: {t.task_id.split("/")[2] for t in data.synthetic_tasks(s, 0) if "slow_fast" in t.tags}
+                 for s in SPLITS}
+    assert all(slow_fast.values()) and not (slow_fast["train"] & slow_fast["test"])
+
+
+def test_synthetic_task_shape():
+    tasks = [t for s in SPLITS for t in data.synthetic_tasks(s, 0)]
+    assert len({t.task_id for t in tasks}) == len(tasks)
+    for task in tasks:
+        assert task.entry_point == "f" and task.public_tests == task.private_tests[:1]
+        assert task.reference_solution.startswith("def f(") and len(task.prompt) < 160
+        assert all(t.kind == "call" for t in task.private_tests)
+        assert ("slow_fast" in task.tags) == (task.slow_solution is not None)
+    example = next(t for t in tasks if t.task_id.endswith("/sum-square-even"))
+    assert example.prompt == "Write f(xs) that returns the sum of the squares of the even numbers in xs."
+    assert example.reference_solution == "def f(xs):\n    return sum(x * x for x in xs if x % 2 == 0)\n"
+    # expected values by hand for one test
+    xs = ast.literal_eval(example.private_tests[0].call[2:-1])
+    assert ast.literal_eval(example.private_tests[0].expected) == sum(x * x for x in xs if x % 2 == 0)
+
+
+@pytest.mark.slow
+def test_synthetic_references_and_slow_solutions_pass_in_sandbox(pool):
+    tasks = [t for s in SPLITS for t in data.synthetic_tasks(s, 0)]
+    failed = failures(pool, tasks, [t.reference_solution for t in tasks])
+    assert not failed, describe(failed)
+    slow_fast = [t for t in tasks if "slow_fast" in t.tags]
+    failed = failures(pool, slow_fast, [t.slow_solution for t in slow_fast])
+    assert not failed, describe(failed)
+    buggy = failures(pool, tasks, [mutated(t.reference_solution, "f") for t in tasks])
+    assert len(buggy) == len(tasks)

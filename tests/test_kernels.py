@@ -270,3 +270,20 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.token_logprobs(logits, targets, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_frozen_weight_precomputed_grad(backend):
+    # Frozen weight + no entropy takes the forward-precomputed d lp / d hidden path (no recompute in backward).
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(13, 8, generator=g, requires_grad=True)
+    weight = torch.randn(500, 8, generator=g)
+    targets = torch.randint(0, 500, (13,), generator=g)
+    g_lp = torch.randn(13, generator=g)
+    lp = kernels.fused_linear_logprobs(hidden, weight, targets, 1.4, chunk_size=4, backend=backend)
+    (lp * g_lp).sum().backward()
+    h64 = hidden.detach().double().requires_grad_()
+    lp_ref = torch.log_softmax(h64 @ weight.double().T / 1.4, -1).gather(-1, targets[:, None])[:, 0]
+    (lp_ref * g_lp.double()).sum().backward()
+    torch.testing.assert_close(lp.double(), lp_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)

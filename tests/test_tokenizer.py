@@ -235,15 +235,8 @@ def parity_texts() -> list[str]:
     return lines + [whole] + UNICODE_SAMPLES + [random_text(rng, 2000) for _ in range(10)]
 
 
-@pytest.mark.parametrize("merges_layout", ["pairs", "strings"])
-def test_tokenizer_json_matches_hf_tokenizers(trained, merges_layout, tmp_path):
+def test_tokenizer_json_matches_hf_tokenizers(trained):
     name, hf, path = trained
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    assert isinstance(spec["model"]["merges"][0], list)  # tokenizers >= 0.20 writes [a, b] pairs
-    if merges_layout == "strings":  # the older "a b" layout (byte-level tokens never contain a space)
-        spec["model"]["merges"] = [" ".join(pair) for pair in spec["model"]["merges"]]
-        path = tmp_path / "tokenizer.json"
-        path.write_text(json.dumps(spec), encoding="utf-8")
     ours = Tokenizer.from_tokenizer_json(path)
     assert ours.n_words == hf.get_vocab_size()
     n_multi_token = 0
@@ -253,6 +246,19 @@ def test_tokenizer_json_matches_hf_tokenizers(trained, merges_layout, tmp_path):
         assert ours.decode(expected) == hf.decode(expected, skip_special_tokens=False)
         n_multi_token += any(len(hf.id_to_token(i)) > 1 for i in expected)
     assert n_multi_token > 300  # the trained merges are really exercised
+
+
+def test_tokenizer_json_merges_as_strings(trained, tmp_path):
+    name, hf, path = trained
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(spec["model"]["merges"][0], list)  # tokenizers >= 0.20 writes [a, b] pairs
+    # The older "a b" layout (byte-level tokens never contain a space): same tokenizer.
+    spec["model"]["merges"] = [" ".join(pair) for pair in spec["model"]["merges"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    ours = Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert HFTokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab() == hf.get_vocab()
+    for text in parity_texts()[:100] + UNICODE_SAMPLES:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
 
 
 def test_tokenizer_json_chat_and_specials(trained):
@@ -397,6 +403,15 @@ def test_bad_tokenizer_json_files(tmp_path):
     path.write_text(json.dumps(spec))
     with pytest.raises(TokenizerError, match=r"tiny\.json: key 'model.vocab'.*single-byte.*byte 32"):
         Tokenizer.from_tokenizer_json(path)
+    for pre_tokenizer in (None, {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(?<=a"}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}):
+        path = tiny_bpe_json(tmp_path, {"ab": 256}, [["a", "b"]])
+        spec = json.loads(path.read_text())
+        spec["pre_tokenizer"] = pre_tokenizer
+        path.write_text(json.dumps(spec))
+        with pytest.raises(TokenizerError, match=r"tiny\.json: key 'pre_tokenizer'"):
+            Tokenizer.from_tokenizer_json(path)
 
 
 # ---------------------------------------------------------------------------- HF's own Llama 3 conversion

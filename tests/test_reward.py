@@ -1,0 +1,208 @@
+"""reward.py: code extraction, correctness values computed by hand, exact feedback strings, the time reward
+against real sandbox runs, and the lint penalty."""
+import math
+
+import pytest
+
+import reward
+from data import Task, Test
+from reward import RewardConfig, TimeReward, correctness_reward, extract_code, feedback_text, lint_penalty
+from sandbox import Limits, RunResult, SandboxPool, TestResult
+
+
+def run(*statuses: str) -> RunResult:
+    return RunResult(tests=[TestResult(s) for s in statuses], cpu_time=0.02, wall_time=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- extract_code
+
+FENCE = "```"
+
+
+@pytest.mark.parametrize("text, code", [
+    (f"Here:\n{FENCE}python\ndef f():\n    return 1\n{FENCE}\nDone.", "def f():\n    return 1\n"),
+    (f"{FENCE}python\nx = 1\n{FENCE}\nbetter:\n{FENCE}python\nx = 2\n{FENCE}", "x = 2\n"),     # the last one
+    (f"{FENCE}\nx = 3\n{FENCE}", "x = 3\n"),                                                  # bare fence
+    (f"{FENCE}python\nx = 4\n{FENCE}\nOutput:\n{FENCE}\n4\n{FENCE}", "x = 4\n"),              # python beats bare
+    (f"{FENCE}bash\nls\n{FENCE}", None),                                                      # not python
+    (f"{FENCE}python\nx = 5", "x = 5\n"),                                                     # left open at the end
+    (f"{FENCE}py\ndef f(:\n{FENCE}", "def f(:\n"),                                            # syntax error is code
+    (f"{FENCE}python\n   \n{FENCE}", None),                                                   # empty
+    ("def f():\n    return 1\n", None),                                                       # no fence
+    ("", None),
+])
+def test_extract_code(text, code):
+    assert extract_code(text) == code
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+
+
+def test_correctness_values():
+    cfg = RewardConfig()
+    assert correctness_reward(None, cfg) == -0.2
+    assert correctness_reward(run("pass", "pass"), cfg) == 1.0
+    assert correctness_reward(run("pass", "wrong_answer"), cfg) == -1.0
+    assert correctness_reward(run(), cfg) == -1.0                         # no results: not a pass
+    partial = RewardConfig(partial_credit=True)
+    assert correctness_reward(run("pass", "pass", "timeout"), partial) == pytest.approx(-1 + 2 / 3 * 2)
+    assert correctness_reward(run("crash", "timeout"), partial) == -1.0
+    assert correctness_reward(run("pass", "pass"), partial) == 1.0
+    custom = RewardConfig(correct=2.0, incorrect=0.0, invalid=-1.0, partial_credit=True)
+    assert correctness_reward(run("pass", "runtime_error", "pass", "pass"), custom) == 1.5
+    assert correctness_reward(None, custom) == -1.0
+
+
+def test_combined_reward():
+    cfg = RewardConfig(time_weight=0.5, lint_weight=0.1)
+    assert reward.combined_reward(run("pass"), cfg, time=0.8, lint=0.5) == pytest.approx(1 + 0.4 - 0.05)
+    assert reward.combined_reward(run("wrong_answer"), cfg, time=0.8, lint=0.5) == pytest.approx(-1 - 0.05)
+    assert reward.combined_reward(None, cfg, time=0.8, lint=0.5) == -0.2
+
+
+# ---------------------------------------------------------------------------------------------- feedback
+
+
+def test_feedback_text_exact():
+    tests = [Test("call", call="add(1, 2)", expected="3"),
+             Test("call", call="add(2, 2)", expected="4"),
+             Test("stdio", stdin="5 5\n", expected="10\n"),
+             Test("call", call="add(0, 0)", expected="0"),
+             Test("call", call="add(-1, 1)", expected="0"),
+             Test("assert", code="assert add(1, 1) == 2\nassert add(0, 1) == 1"),
+             Test("call", call="add(9, 9)", expected="18")]
+    result = RunResult(tests=[
+        TestResult("pass"),
+        TestResult("wrong_answer", expected="4", got="5"),
+        TestResult("timeout", detail="Execution took too long."),
+        TestResult("runtime_error", detail="Traceback (most recent call last):\n  File \"<program>\", line 2, in add\n"
+                                          "    return a + b + c\nNameError: name 'c' is not defined"),
+        TestResult("out_of_memory"),
+        TestResult("crash", detail="killed by signal SIGSEGV"),
+    ], cpu_time=0.1, wall_time=0.2)                       # the last test has no result at all
+    assert feedback_text(result, tests) == (
+        "Your code failed the following tests:\n\n"
+        "- input 'add(2, 2)' failed: Expected output '4' but got '5'\n"
+        "- input '5 5' failed: Execution took too long.\n"
+        "- input 'add(0, 0)' failed:\n"
+        "  Traceback (most recent call last):\n"
+        "    File \"<program>\", line 2, in add\n"
+        "      return a + b + c\n"
+        "  NameError: name 'c' is not defined\n"
+        "- input 'add(-1, 1)' failed: Out of memory.\n"
+        "- input 'assert add(1, 1) == 2\\nassert add(0, 1) == 1' failed: The program crashed "
+        "(killed by signal SIGSEGV).\n"
+        "- input 'add(9, 9)' failed: No result: the program stopped before this test.\n\n"
+        "Give it another try.")
+
+
+def test_feedback_truncates_and_is_empty_when_all_pass():
+    tests = [Test("call", call="f('" + "x" * 500 + "')", expected="1")]
+    text = feedback_text(RunResult([TestResult("wrong_answer", expected="1", got="'" + "y" * 900 + "'")], 0, 0), tests)
+    line = text.splitlines()[2]
+    assert line == f"- input 'f('{'x' * 117}...' failed: Expected output '1' but got ''{'y' * 119}...'"
+    assert feedback_text(RunResult([TestResult("pass")], 0, 0), tests) == ""
+
+
+def test_feedback_from_a_real_run():
+    from sandbox import run_program
+    tests = [Test("call", call="f(2)", expected="4"), Test("call", call="f(3)", expected="9")]
+    result = run_program("def f(x):\n    return x + x\n", tests)
+    assert feedback_text(result, tests) == ("Your code failed the following tests:\n\n"
+                                            "- input 'f(3)' failed: Expected output '9' but got '6'\n\n"
+                                            "Give it another try.")
+
+
+# ---------------------------------------------------------------------------------------------- time reward
+
+
+class CountingPool:
+    """A real SandboxPool that counts the programs it is asked to run."""
+
+    def __init__(self, pool):
+        self.pool, self.programs = pool, []
+
+    def map(self, jobs):
+        self.programs += [job[0] for job in jobs]
+        return self.pool.map(jobs)
+
+
+FAST = "def total(n):\n    return n * (n - 1) // 2\n"
+SLOW = "def total(n):\n    s = 0\n    for i in range(n):\n        s += i\n    return s\n"
+
+
+def sum_task(reference: str, task_id: str) -> Task:
+    tests = [Test("call", call="total(3_000_000)", expected=str(3_000_000 * 2_999_999 // 2)),
+             Test("call", call="total(10)", expected="45")]
+    return Task(task_id=task_id, prompt="Sum 0..n-1.", public_tests=tests[1:], private_tests=tests,
+                entry_point="total", reference_solution=reference)
+
+
+@pytest.mark.slow
+def test_time_reward_orders_slow_and_fast_and_caches_the_reference():
+    with SandboxPool(workers=2, limits=Limits(timeout_s=10.0)) as pool:
+        counting = CountingPool(pool)
+        time_reward = TimeReward(counting, repeats=3, clip=1.0)
+        fast_task = sum_task(FAST, "sum-fast-ref")
+        slow_vs_fast = time_reward(fast_task, SLOW)
+        assert len(counting.programs) == 9                    # (candidate, reference, baseline) x 3, interleaved
+        assert counting.programs[:3] == [SLOW, FAST, "pass\n"]
+        assert slow_vs_fast == -1.0                           # the loop takes >100 ms, the formula ~0: clipped
+        assert time_reward(fast_task, FAST) == 0.0            # both under the floor: no reward for noise
+        assert len(counting.programs) == 12                   # reference and baseline cached: 3 candidate runs
+        slow_task = sum_task(SLOW, "sum-slow-ref")
+        assert time_reward(slow_task, FAST) == 1.0
+        assert len(counting.programs) == 18                   # a new task times its reference, not the baseline
+        assert time_reward(slow_task, "def total(n):\n    return 0\n") == 0.0   # failing candidate: no time reward
+        # Same program twice: the log-ratio is near zero (measurement noise only, well inside the clip).
+        assert abs(time_reward(slow_task, SLOW)) < 0.5
+        t_ref = time_reward.reference_cpu["sum-slow-ref"] - time_reward.baseline_cpu
+        assert t_ref > 0.05                                   # the loop really costs tens of ms of CPU
+        assert time_reward(Task(task_id="no-ref", prompt="p", public_tests=[], private_tests=fast_task.private_tests,
+                                entry_point="total"), FAST) == 0.0
+
+
+def test_time_reward_formula_by_hand():
+    """With fake timings: r = clip(ln((t_ref - b) / (t_cand - b)), -clip, clip), each at least the floor."""
+    class FakePool:
+        def __init__(self, times):
+            self.times = times
+
+        def map(self, jobs):
+            return [RunResult([TestResult("pass")], self.times[job[0]], 0.0) for job in jobs]
+
+    task = sum_task("REF", "t")
+    pool = FakePool({"REF": 0.120, "CAND": 0.050, "pass\n": 0.020})
+    assert TimeReward(pool, clip=5.0)(task, "CAND") == pytest.approx(math.log(0.100 / 0.030))
+    assert TimeReward(pool, clip=0.5)(task, "CAND") == 0.5
+    pool.times["CAND"] = 0.021                                # below the floor: counts as 5 ms
+    assert TimeReward(pool, clip=5.0, floor_s=0.005)(task, "CAND") == pytest.approx(math.log(0.100 / 0.005))
+
+
+# ---------------------------------------------------------------------------------------------- lint
+
+
+def test_lint_penalty():
+    clean = "import math\n\ndef f(xs):\n    return [math.sqrt(x) for x in xs if x > 0]\n"
+    assert reward.lint_issues(clean) == [] and lint_penalty(clean) == 0.0
+    assert reward.lint_issues("def f(x):\n    return x + y\n") == ["undefined name 'y'"]
+    assert reward.lint_issues("import os\nimport sys as system\ndef f():\n    return system.argv\n") == \
+        ["unused import 'os'"]
+    assert reward.lint_issues("def f(x):\n    return x is 1\n") == \
+        ['SyntaxWarning: "is" with a literal. Did you mean "=="?']
+    assert lint_penalty("def f(x):\n    import json\n    return x + y + z\n") == 0.75   # 3 issues
+    assert lint_penalty("def f(:\n") == 1.0
+    # Not false positives: globals set in functions, class attributes, closures, builtins, __future__.
+    tricky = ("from __future__ import annotations\n"
+              "def setup():\n    global cache\n    cache = {}\n"
+              "def get(k):\n    return cache.get(k, len(str(k)))\n"
+              "class A:\n    n = 1\n    m = n + 1\n"
+              "def outer():\n    v = 1\n    def inner():\n        return v\n    return inner\n"
+              "print(__name__, __file__)\n")
+    assert reward.lint_issues(tricky) == []
+    annotated = "from __future__ import annotations\nfrom pathlib import Path\ndef f(p: Path) -> Path:\n    return p\n"
+    assert reward.lint_issues(annotated) == []
+
+
+def test_reward_does_not_execute_code_in_lint():
+    assert lint_penalty("import os\nos._exit(3)\n") == 0.0     # compiled, never run: we are still here

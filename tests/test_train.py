@@ -1,0 +1,128 @@
+"""End to end: train.py learns a trivial verifiable reward, runs on two ranks, and resumes a killed run exactly.
+
+The policy is a tiny Llama warm-started (SFT) to answer "print(d)" for d in {1, 3, 5, 7}; the task's only
+test wants "7". RL must move the policy's mass onto 7: the reward rises from about -0.5 towards +1.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data import Task
+from data import Test as T_  # aliased: pytest would try to collect a class named Test
+from model import ModelConfig, Transformer
+from rollout import task_message
+from sft import demonstration, train_sft
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK = Task(task_id="seven", prompt="Print a number.", public_tests=[T_(kind="stdio", stdin="", expected="7")],
+            private_tests=[T_(kind="stdio", stdin="", expected="7")])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A warm-started checkpoint (HF layout) and a tasks.jsonl with the one task."""
+    root = tmp_path_factory.mktemp("print7")
+    (root / "tasks.jsonl").write_text(json.dumps(TASK.to_dict()) + "\n")
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.n_words, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    model = Transformer(config)
+    examples = [demonstration(tok, task_message(TASK), f"print({d})") for d in (1, 3, 5, 7)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_sft(model, examples, steps=200, batch_size=8, lr=3e-3, pad_id=tok.pad_id)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(root / "init")
+    return root
+
+
+def args(setup, out, *extra):
+    return ["--model_dir", str(setup / "init"), "--tokenizer", "bytes", "--dataset", "tasks",
+            "--data_path", str(setup / "tasks.jsonl"), "--out_dir", str(out), "--tasks_per_step", "2",
+            "--samples_per_task", "8", "--max_turns", "1", "--max_new_tokens", "24", "--eval_samples", "16",
+            "--eval_temperature", "1.0", "--lr", "1e-3", "--minibatch_size", "16", "--micro_batch_size", "8",
+            "--kl_coef", "0.01", "--sandbox_workers", "2", *extra]
+
+
+def run_train(argv, env_extra=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def read_metrics(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_reward_rises_on_print_seven(setup, tmp_path, algo):
+    extra = ["--algo", algo, "--steps", "8"] + (["--kl_placement", "loss"] if algo == "grpo" else ["--critic", "head"])
+    proc = run_train(args(setup, tmp_path, *extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = read_metrics(tmp_path, "train")
+    before, after = (r for r in read_metrics(tmp_path, "eval"))
+    first, last = train[:2], train[-2:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    assert mean(last, "reward") > mean(first, "reward") + 0.5, [r["reward"] for r in train]
+    assert after["pass@1"] > before["pass@1"] + 0.3, (before, after)
+    assert all(r["skipped_updates"] == 0 for r in train)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_keep_identical_weights(setup, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *args(setup, tmp_path, "--steps", "2", "--eval_samples", "2")]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [sync] = read_metrics(tmp_path, "sync")
+    assert len(sync["checksums"]) == 2 and sync["checksums"][0] == sync["checksums"][1]
+    assert len(read_metrics(tmp_path, "train")) == 2
+    # the weights did move: the checkpoint differs from the warm start
+    init = load_file(setup / "init" / "model.safetensors")
+    trained = load_file(tmp_path / "checkpoint" / "policy" / "model.safetensors")
+    assert any(not torch.equal(init[k], trained[k]) for k in init)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(setup, tmp_path):
+    """4 steps straight, against 4 steps killed (SIGKILL) after a checkpoint and resumed: same weights and
+    the same training metrics."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    common = ("--steps", "4", "--save_every", "1", "--critic", "separate", "--advantage", "token")
+    assert run_train(args(setup, straight, *common)).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(setup, broken, *common)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        state = broken / "checkpoint" / "trainer.pt"
+        if state.exists() and torch.load(state, weights_only=False)["step"] >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_train(args(setup, broken, *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for part in ("policy", "critic"):
+        a = load_file(straight / "checkpoint" / part / "model.safetensors")
+        b = load_file(broken / "checkpoint" / part / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rs]
+    assert strip(read_metrics(straight, "train")) == strip(read_metrics(broken, "train"))
