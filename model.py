@@ -303,8 +303,8 @@ def attention_mask(key_mask: Tensor | None, start: int, T: int) -> Tensor | None
     """(B, 1, T, S) bool, True = attend, for queries at slots start..start+T over key slots 0..S=start+T.
 
     key_mask: (B, S) True = real token. None when no key is padding (the kernels' causal path is faster).
-    A padding query may always see itself, so no softmax row is empty (an empty row gives NaN, and
-    NaN in a padded slot's value would leak through 0 * NaN)."""
+    A padding query may always see itself, so no softmax row is empty: some SDPA kernels return NaN for an
+    empty row, and a NaN in a padded slot's value would leak into real rows through 0 * NaN."""
     if key_mask is None or bool(key_mask.all()):
         return None if (start == 0 or T == 1) else _causal(key_mask, start, T)
     return _causal(key_mask, start, T) & key_mask[:, None, None, :] | _self_mask(key_mask, start, T)
@@ -456,6 +456,10 @@ class Transformer(nn.Module):
         """Loads a HF checkpoint directory (model.safetensors or a sharded index). dtype None -> the config's
         dtype (torch_dtype/dtype), else float32."""
         path = Path(path)
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"from_pretrained: dtype {dtype!r} not supported; choose from {sorted(DTYPES)}")
+            dtype = DTYPES[dtype]
         config = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
         if dtype is None:
             dtype = DTYPES[config.dtype] if config.dtype else torch.float32
@@ -464,34 +468,37 @@ class Transformer(nn.Module):
         model = model.to(dtype).to_empty(device=device or "cpu")
         if config.tie_word_embeddings:  # to_empty re-creates parameters, breaking the tie
             model.lm_head.weight = model.embed_tokens.weight
-        model._load_weights(load_safetensors_dir(path), path)
+        model._load_weights(path)
         if value_head:
             model._load_value_head(path)
         return model
 
-    def _load_weights(self, tensors: dict[str, tuple[Tensor, str]], path: Path):
-        params = dict(self.named_parameters())
-        expected = {hf_name(n) for n in params if not n.startswith("value_head")}
+    def _load_weights(self, path: Path):
+        """Checks names and shapes from the safetensors headers first, then copies shard by shard (peak memory:
+        the model plus one shard)."""
+        files = checkpoint_files(path)
+        headers = {file: read_header(file) for file in files}  # file -> {HF key: shape}
+        where = {k: file for file, header in headers.items() for k in header}
+        params = {hf_name(n): p for n, p in self.named_parameters() if not n.startswith("value_head")}
+        ignored = {k for k in where if k.endswith("rotary_emb.inv_freq")}  # old checkpoints stored this buffer
         if self.config.tie_word_embeddings:
-            expected.discard("lm_head.weight")
-            tensors.pop("lm_head.weight", None)  # some tied checkpoints carry a copy; the tie wins
-        for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
-            tensors.pop(k)  # old checkpoints stored this buffer; we recompute it
-        missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+            params.pop("lm_head.weight", None)  # named_parameters() lists the shared tensor once, as embed_tokens
+            ignored.add("lm_head.weight")  # some tied checkpoints carry a copy; the tie wins
+        missing, unexpected = sorted(params.keys() - where.keys()), sorted(where.keys() - params.keys() - ignored)
         if missing:
             raise KeyError(f"{path}: checkpoint is missing {len(missing)} weight(s), e.g. {missing[:5]}")
         if unexpected:
             raise KeyError(f"{path}: checkpoint has {len(unexpected)} unexpected weight(s), e.g. "
-                           f"{[f'{k} (in {tensors[k][1]})' for k in unexpected[:5]]}")
+                           f"{[f'{k} (in {where[k].name})' for k in unexpected[:5]]}")
+        for k, p in params.items():
+            if headers[where[k]][k] != p.shape:
+                raise ValueError(f"{where[k]}: shape mismatch for {k!r}: checkpoint {tuple(headers[where[k]][k])}, "
+                                 f"model {tuple(p.shape)} (from config.json)")
         with torch.no_grad():
-            for name, p in params.items():
-                if name.startswith("value_head") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
-                    continue
-                t, file = tensors[hf_name(name)]
-                if t.shape != p.shape:
-                    raise ValueError(f"{file}: shape mismatch for {hf_name(name)!r}: checkpoint {tuple(t.shape)}, "
-                                     f"model {tuple(p.shape)} (from config.json)")
-                p.copy_(t)
+            for file in files:
+                for k, t in read_safetensors(file).items():
+                    if k in params:
+                        params[k].copy_(t)
 
     def _load_value_head(self, path: Path):
         file = path / VALUE_HEAD_FILE
@@ -546,6 +553,22 @@ def read_json(file: Path) -> dict:
         raise ValueError(f"{file}: invalid JSON: {e}") from None
 
 
+def _safetensors_error(file: Path, e: Exception) -> ValueError:
+    return ValueError(f"{file}: truncated or corrupt safetensors file: {e}")
+
+
+def read_header(file: Path) -> dict[str, torch.Size]:
+    """{key: shape} from a safetensors header, without reading the tensors; validates the file's layout."""
+    from safetensors import SafetensorError, safe_open
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _safetensors_error(file, e) from None
+
+
 def read_safetensors(file: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -554,27 +577,20 @@ def read_safetensors(file: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{file}: truncated or corrupt safetensors file: {e}") from None
+        raise _safetensors_error(file, e) from None
 
 
-def load_safetensors_dir(path: Path) -> dict[str, tuple[Tensor, str]]:
-    """-> {HF key: (tensor, file it came from)} from model.safetensors or model.safetensors.index.json."""
+def checkpoint_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards named by model.safetensors.index.json."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return {k: (t, str(single)) for k, t in read_safetensors(single).items()}
+        return [single]
     if not index.is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index}: missing 'weight_map'")
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-        tensors = read_safetensors(path / shard)
-        listed = {k for k, v in weight_map.items() if v == shard}
-        if listed - tensors.keys():
-            raise KeyError(f"{path / shard}: missing tensors listed in {index.name}: {sorted(listed - tensors.keys())[:5]}")
-        out.update({k: (t, str(path / shard)) for k, t in tensors.items()})
-    return out
+    return [path / shard for shard in sorted(set(weight_map.values()))]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 from data import Task
-from reward import RewardConfig, TimeReward, combined_reward, extract_code, feedback_text, lint_penalty
+from reward import (NO_CODE_FEEDBACK, RewardConfig, TimeReward, combined_reward, extract_code, feedback_text,
+                    lint_penalty)
 from sandbox import RunResult, SandboxPool
 
 # A sampler maps prompts (token id lists) to (response ids, stopped) pairs. `stopped` is False when the
@@ -33,7 +34,6 @@ from sandbox import RunResult, SandboxPool
 Sampler = Callable[[list[list[int]]], list[tuple[list[int], bool]]]
 
 INSTRUCTION = "Write a Python solution. Put the complete program in one ```python code block."
-NO_CODE_FEEDBACK = "Your response did not contain a ```python code block.\n\nGive it another try."
 
 
 @dataclass
@@ -42,6 +42,7 @@ class RolloutConfig:
     max_new_tokens: int = 256      # per turn
     max_episode_tokens: int = 2048  # prompt + all turns; an episode that would exceed it ends early
     gen_batch_size: int = 16       # episodes per generate() call (micro-batch)
+    instruction: str = INSTRUCTION  # appended to every task's prompt (the tiny byte-level demo uses a short one)
 
 
 @dataclass
@@ -81,8 +82,8 @@ class Episode:
         return tokenizer.decode(self.tokens)
 
 
-def task_message(task: Task) -> str:
-    return f"{task.prompt.rstrip()}\n\n{INSTRUCTION}"
+def task_message(task: Task, instruction: str = INSTRUCTION) -> str:
+    return f"{task.prompt.rstrip()}\n\n{instruction}" if instruction else task.prompt.rstrip()
 
 
 def model_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0,
@@ -114,7 +115,7 @@ class RolloutWorker:
         tok = self.tokenizer
         episodes = []
         for task in tasks:
-            prompt = tok.encode_dialog_prompt([{"role": "user", "content": task_message(task)}])
+            prompt = tok.encode_dialog_prompt([{"role": "user", "content": task_message(task, self.cfg.instruction)}])
             episodes.append(Episode(task, list(prompt), [False] * len(prompt)))
         for turn_index in range(max_turns):
             active = [ep for ep in episodes if not ep.done]

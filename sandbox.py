@@ -3,33 +3,44 @@
 Three processes take part in every run:
 
   parent (this module, e.g. the trainer)  --json lines-->  supervisor (one per worker, root, stdlib only)
-                                                                |  fork + exec, per program
+                                                                |  fork (+ exec), per program
                                                                 v
-                                          child: `python -I -S -c <_child_main source>` as the worker's uid
+                                          child: `python -I -S` running _child_main, as the worker's uid
 
 * The parent keeps the expected outputs. It sends the program and the test *inputs* to its worker's
   supervisor and compares what comes back (`_verdict`). Expected values never leave the parent.
-* The supervisor is a small long-lived process per worker (so the big parent never forks): it owns the
-  worker's network namespace, is the child subreaper (every orphan the program leaves is re-parented to it, so
-  "no children left" means "no process left"), starts one fresh interpreter per program, times it, watches
-  each test with CPU and wall-clock deadlines, and after the run kills every process of the worker's uid and
-  removes its files from /tmp, /var/tmp, /run/lock and /dev/shm.
+* The supervisor is a small long-lived process per worker (so the big parent never forks). It is the child
+  subreaper: every orphan a program leaves is re-parented to it, so "no children left" means "no process of
+  the run left". It starts each program, times it, watches each test with CPU and wall-clock deadlines, and
+  after the run kills every process of the worker's uid and removes the uid's files from /tmp, /var/tmp,
+  /run/lock and /dev/shm. Its CPU accounting (wait4 rusage of the child and of every reaped descendant) is the
+  program's cpu_time; a program cannot hide work in a child it does not wait for.
 * The child drops to the worker's uid before exec, then runs all of the program's tests. Results travel on
   their own pipe (fd 4), canonicalised by *exact* type into a tagged JSON tree (`type(x) is int`, so int
   subclasses and AlwaysEqual objects become "unsupported" markers that never compare equal). A crash or
-  timeout on test i is recorded and the remaining tests continue from i+1 in a fresh child.
+  timeout on test i is recorded and the remaining tests continue from i+1 in a fresh child; a program that
+  dies while loading fails all its tests at once.
 
 Guarantees. call and stdio verdicts cannot be forged: a pass needs the right value for an input whose expected
-output the child never sees. assert verdicts are decided inside the child, so a program that tampers with the
-interpreter (monkeypatching what the assert uses, writing "ok" to the result pipe) can fake them: they only get
-the in-process guarantee. Comparison is `expected == got` on builtin values, exactly like the original
-`assert f(x) == y`: 3.0 == 3 and True == 1 pass, [1] == (1,) does not.
+output the child never sees (a forged result line is only as good as the value it carries). assert verdicts
+are decided inside the child, so a program that tampers with the interpreter (monkeypatching what the assert
+uses, writing "ok" on the result pipe) can fake them: they only get the in-process guarantee. Comparison is
+`expected == got` on builtin values, exactly like the original `assert f(x) == y`: 3.0 == 3 and True == 1
+pass, [1] == (1,) does not.
 
 As root (the training setup) the child runs as its own uid (61000 + n, claimed with a lock file so that
-concurrent pools never share one), in an empty network namespace (loopback down: no connection anywhere, not
-even 127.0.0.1), with no supplementary groups. Without root it runs as the caller's uid: rlimits, the private
-temp dir, the clean environment and the subreaper cleanup still hold, but a program can read what the caller
-can read, signal the caller's processes, and (without CAP_SYS_ADMIN) reach the network. Use root for training.
+concurrent pools never share one) with no supplementary groups, in the supervisor's namespaces: an empty
+network namespace (loopback down: no connection anywhere, not even 127.0.0.1), a private IPC namespace, and
+a mount namespace where the repo, the task data and /root, /home are covered by an empty read-only tmpfs
+(`default_hidden_paths`), so a program cannot read expected outputs from disk. The interpreter must be one the
+uid can execute: `find_interpreter` picks sys.executable when it can, else a world-executable python of the
+same version (here /usr/bin/python3.11: sys.executable lives under /root, mode 0700).
+Without root the child runs as the caller's uid: rlimits (RLIMIT_NPROC above the caller's own count), the
+private home, the clean environment and the subreaper cleanup still hold, but a program can read what the
+caller can read, signal the caller's processes and reach the network. Use root for training.
+
+fresh_interpreter=False (SandboxPool) forks the child from the supervisor instead of exec'ing a new
+interpreter: same uid, limits, namespaces and verdict path, ~10 ms less CPU per program.
 """
 from __future__ import annotations
 
@@ -101,8 +112,9 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The child. This function's *source* is sent to `python -I -S -c`; it runs unprivileged and imports only
-# builtin modules (every import here is paid by every program: `json` alone would cost ~10 ms).
+# The child. Compiled once per worker and sent (marshal) to each `python -I -S` child, or called directly in a
+# forked one. It runs unprivileged and imports only builtin modules: every import here is paid by every
+# program (`json` alone would cost ~10 ms), so results are written as JSON by hand.
 # --------------------------------------------------------------------------------------------------------
 
 def _child_main(job):
@@ -117,6 +129,10 @@ def _child_main(job):
     write, read, exit_now, exc_info = os.write, os.read, os._exit, sys.exc_info
     type_, str_, len_, compile_, exec_, eval_ = type, str, len, compile, exec, eval
     int_repr, float_repr, complex_repr, bytes_hex = int.__repr__, float.__repr__, complex.__repr__, bytes.hex
+    dict_items, issubclass_ = dict.items, issubclass
+    # These compare equal to a plain dict in `assert f(x) == {...}`; they are encoded from their raw dict
+    # storage (dict.items, no method of theirs runs), so even an impostor class with these names gains nothing.
+    dict_likes = {("collections", "Counter"), ("collections", "defaultdict"), ("collections", "OrderedDict")}
     TextIOWrapper, BytesIO, RawIOBase = io.TextIOWrapper, io.BytesIO, io.RawIOBase
 
     program, setup, tests, first, out_cap = job
@@ -197,9 +213,9 @@ def _child_main(job):
             return '["float","' + float_repr(x) + '"]'
         if t is list or t is tuple or t is set or t is frozenset:
             return '["' + t.__name__ + '",[' + ",".join([canon(v, depth + 1) for v in x]) + "]]"
-        if t is dict:
+        if t is dict or (issubclass_(t, dict) and (t.__module__, t.__qualname__) in dict_likes):
             return '["dict",[' + ",".join(["[" + canon(k, depth + 1) + "," + canon(v, depth + 1) + "]"
-                                           for k, v in x.items()]) + "]]"
+                                           for k, v in dict_items(x)]) + "]]"
         if t is bytes:
             if len_(x) > out_cap:
                 raise TooLarge
@@ -302,18 +318,45 @@ def _compiled_harness(python: str) -> bytes:
 # The supervisor: one per worker, started once, runs jobs it reads as JSON lines on stdin.
 # --------------------------------------------------------------------------------------------------------
 
-CLONE_NEWNET, CLONE_NEWIPC, PR_SET_CHILD_SUBREAPER = 0x40000000, 0x08000000, 36
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC, PR_SET_CHILD_SUBREAPER = 0x00020000, 0x40000000, 0x08000000, 36
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 14, 1 << 18
 
 
-def _supervise(uid: int | None, python: str, fresh_interpreter: bool = True) -> None:
+def default_hidden_paths() -> list[str]:
+    """What programs must not read even where it is world-readable: the repo, the task data (expected
+    outputs!) and home directories. Hidden under an empty read-only tmpfs in the supervisor's mount namespace."""
+    repo = Path(__file__).resolve().parent
+    data = Path(os.environ.get("NANORLEF_DATA", repo.parent / "shared" / "data")).resolve()
+    return [str(p) for p in (repo, data, Path("/root"), Path("/home")) if p.is_dir()]
+
+
+def _isolate(libc, python: str, hide: list[str]) -> dict:
+    """Namespaces for this supervisor and its children: an empty network namespace (loopback down), a private
+    System V IPC namespace, and a mount namespace where `hide` is covered. Needs CAP_SYS_ADMIN; without it
+    programs share the network and see the files their uid may read."""
+    if libc.unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS) != 0:
+        return {"network": "shared (no CAP_SYS_ADMIN)", "hidden": []}
+    hidden = []
+    # Our mounts must not propagate back to the host's namespace.
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+        needed = (os.path.realpath(python), os.path.dirname(os.__file__))  # the child's interpreter and stdlib
+        for path in hide:
+            if any(n == path or n.startswith(path.rstrip("/") + "/") for n in needed):
+                continue
+            if libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                          b"size=4k,mode=0755") == 0:
+                hidden.append(path)
+    return {"network": "isolated", "hidden": hidden}
+
+
+def _supervise(uid: int | None, python: str, fresh_interpreter: bool = True, hide: list[str] = ()) -> None:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-    # An empty network namespace (loopback down) and a private System V IPC namespace for all our children.
-    network = "isolated" if libc.unshare(CLONE_NEWNET | CLONE_NEWIPC) == 0 else "shared (no CAP_SYS_ADMIN)"
-    sup = _Supervisor(uid, python, fresh_interpreter)
-    print(json.dumps({"ready": True, "network": network}), flush=True)
+    sup = _Supervisor(uid, python, fresh_interpreter)   # reads sandbox.py's source: before hiding the repo
+    isolation = _isolate(libc, python, list(hide))
+    print(json.dumps({"ready": True, **isolation}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         try:
@@ -727,28 +770,37 @@ def _claim_uid() -> tuple[int, int]:
     raise RuntimeError(f"no free sandbox uid in {UID_BASE}..{UID_BASE + 4095}")
 
 
+def _supervisor_env() -> dict:
+    """No secrets reach the supervisor either; NANORLEF_SANDBOX_DEBUG=1 sends harness errors to stderr."""
+    env = {"PATH": CHILD_ENV_PATH, "LANG": "C.UTF-8"}
+    if os.environ.get("NANORLEF_SANDBOX_DEBUG"):
+        env["NANORLEF_SANDBOX_DEBUG"] = "1"
+    return env
+
+
 class _Worker:
     """One supervisor process and, as root, one uid."""
 
-    def __init__(self, fresh_interpreter: bool = True):
-        self.fresh_interpreter = fresh_interpreter
+    def __init__(self, fresh_interpreter: bool = True, hide: list[str] = ()):
+        self.fresh_interpreter, self.hide = fresh_interpreter, list(hide)
         self.uid, self.lock_fd = _claim_uid() if os.geteuid() == 0 else (None, None)
         self.python = find_interpreter(self.uid)
         self.proc = None
-        self.network = None
+        self.network, self.hidden = None, []
         self._start()
 
     def _start(self) -> None:
         boot = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import sandbox; "
-                f"sandbox._supervise({self.uid!r}, {self.python!r}, {self.fresh_interpreter!r})")
+                f"sandbox._supervise({self.uid!r}, {self.python!r}, {self.fresh_interpreter!r}, {self.hide!r})")
         # The supervisor runs on the child's interpreter: in fork mode its copies import stdlib as the uid.
         self.proc = subprocess.Popen([self.python, "-E", "-s", "-c", boot], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env={"PATH": CHILD_ENV_PATH, "LANG": "C.UTF-8"},
+                                     stdout=subprocess.PIPE, env=_supervisor_env(),
                                      cwd="/", text=True, bufsize=1)
         hello = self.proc.stdout.readline()
         if not hello:
             raise RuntimeError(f"sandbox supervisor failed to start (exit {self.proc.wait()})")
-        self.network = json.loads(hello)["network"]
+        hello = json.loads(hello)
+        self.network, self.hidden = hello["network"], hello["hidden"]
 
     def run(self, job: dict) -> dict:
         try:
@@ -901,17 +953,20 @@ def _result(tests: list[Test], reply: dict) -> RunResult:
 class SandboxPool:
     """About one worker per core; each worker is a supervisor process and, as root, its own uid."""
 
-    def __init__(self, workers: int | None = None, limits: Limits = Limits(), *, fresh_interpreter: bool = True):
+    def __init__(self, workers: int | None = None, limits: Limits = Limits(), *, fresh_interpreter: bool = True,
+                 hide_paths: list[str] | None = None):
         """fresh_interpreter=True: every program gets a new `python -I -S` (exec). False: a fork of the worker's
         supervisor, which never runs program code and holds no expected output: ~10 ms less CPU per program
-        (no interpreter start-up), at the price of sharing the supervisor's hash seed and loaded modules."""
+        (no interpreter start-up), at the price of sharing the supervisor's hash seed and loaded modules.
+        hide_paths: directories programs must not see (default: default_hidden_paths())."""
         self.limits = limits
         n = workers or len(os.sched_getaffinity(0))
         self._jobs: queue.Queue = queue.Queue()
         self._workers: list[_Worker] = []
         try:
             for _ in range(n):
-                self._workers.append(_Worker(fresh_interpreter))
+                self._workers.append(_Worker(fresh_interpreter, default_hidden_paths() if hide_paths is None
+                                                                                                 else hide_paths))
         except BaseException:
             self.close()
             raise
@@ -922,6 +977,10 @@ class SandboxPool:
     @property
     def network(self) -> str:
         return self._workers[0].network
+
+    @property
+    def hidden(self) -> list[str]:
+        return self._workers[0].hidden
 
     def _serve(self, worker: _Worker) -> None:
         while True:
@@ -987,7 +1046,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--public", action="store_true", help="run the public tests (default: the private ones)")
     p.add_argument("--timeout", type=float, default=Limits.timeout_s, help="per-test timeout in seconds")
     args = p.parse_args(argv)
-    task = load_task_file(args.task)
+    try:
+        task = load_task_file(args.task)
+    except (OSError, ValueError) as e:
+        p.error(f"--task: {e}")
     try:
         program = Path(args.program).read_bytes()
     except OSError as e:

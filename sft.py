@@ -88,7 +88,7 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
 
 
 def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
-               seed: int, log=print) -> Path:
+               seed: int, instruction: str, log=print) -> Path:
     """Train a fresh model on the tasks' reference solutions and save it as an HF checkpoint.
 
     Cached: the folder name holds a hash of everything that determines the weights, so a second run with the
@@ -96,7 +96,7 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     """
     from model import Transformer
 
-    examples = [demonstration(tokenizer, task_message(t), t.reference_solution) for t in tasks
+    examples = [demonstration(tokenizer, task_message(t, instruction), t.reference_solution) for t in tasks
                 if t.reference_solution]
     if not examples:
         raise ValueError("warm_start: none of the tasks has a reference_solution to learn from")

@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +34,13 @@ from evaluate import summarize, task_results
 from kernels import fused_linear_logprobs, kl_k1
 from model import ModelConfig, Transformer
 from reward import RewardConfig
-from rollout import RolloutConfig, RolloutWorker, collate, model_sampler
+from rollout import INSTRUCTION, RolloutConfig, RolloutWorker, collate, model_sampler
 from sandbox import Limits, SandboxPool
 from sft import train_sft, warm_start
 from tokenizer import Tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def arg(default, help: str):
@@ -86,6 +89,7 @@ class Config:
     temperature: float = arg(1.0, "sampling temperature (the logprobs used in training are at the same T)")
     top_p: float = arg(1.0, "nucleus sampling")
     gen_batch_size: int = arg(32, "episodes per generate() call")
+    instruction: str = arg(INSTRUCTION, "appended to every task prompt ('' = none)")
     # rewards and sandbox
     time_weight: float = arg(0.0, "weight of the time reward (CPU time against the reference solution)")
     partial_credit: bool = arg(False, "failing programs earn the fraction of tests passed")
@@ -227,12 +231,13 @@ class Models:
     policy: Transformer
     critic: Transformer | None       # separate critic, or None (value head on the policy, or GRPO/EI)
     reference: Transformer | None    # frozen copy, or None with LoRA (adapters off = reference)
-    scorer: nn.Module                # Scorer(policy), wrapped for DDP/FSDP
+    scorer: nn.Module                # Scorer(policy); wrapped for DDP/FSDP under torchrun
     critic_scorer: nn.Module | None
 
 
-def build_models(cfg: Config, tokenizer: Tokenizer, model_dir: Path, device, world: int) -> Models:
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+def build_models(cfg: Config, model_dir: Path, device) -> Models:
+    """Policy (+ LoRA), frozen reference, critic. Unwrapped: checkpoint weights are loaded before wrapping."""
+    dtype = DTYPES[cfg.dtype]
     uses_critic = cfg.algo == "ppo"
     policy = Transformer.from_pretrained(model_dir, dtype=dtype, device=device,
                                          value_head=uses_critic and cfg.critic == "head")
@@ -244,9 +249,10 @@ def build_models(cfg: Config, tokenizer: Tokenizer, model_dir: Path, device, wor
     critic = None
     if uses_critic and cfg.critic == "separate":  # RLEF: the critic starts from the policy, with a fresh head
         critic = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, value_head=True)
-    scorer = wrap(Scorer(policy, cfg.temperature, cfg.logprob_chunk), cfg, world)
-    critic_scorer = wrap(Scorer(critic, cfg.temperature, cfg.logprob_chunk), cfg, world) if critic else None
-    return Models(policy, critic, reference, scorer, critic_scorer)
+        if not critic.config.tie_word_embeddings:  # the critic never uses its lm_head: keep it out of DDP's way
+            critic.lm_head.requires_grad_(False)
+    critic_scorer = Scorer(critic, cfg.temperature, cfg.logprob_chunk) if critic else None
+    return Models(policy, critic, reference, Scorer(policy, cfg.temperature, cfg.logprob_chunk), critic_scorer)
 
 
 def wrap(module: Scorer, cfg: Config, world: int) -> nn.Module:
@@ -258,12 +264,39 @@ def wrap(module: Scorer, cfg: Config, world: int) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
         for block in module.model.layers:
             fully_shard(block)
-        return fully_shard(module)
+        fully_shard(module)
+        # FSDP2 initialises on the first forward through the root; generation calls the blocks directly, so
+        # run one token through the root first (a collective: every rank does it).
+        device = module.model.embed_tokens.weight.device
+        with torch.no_grad():
+            module(torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, 1, dtype=torch.long, device=device))
+        return module
     return nn.parallel.DistributedDataParallel(module)
 
 
 def unwrap(module: nn.Module) -> Scorer:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+@contextmanager
+def full_params(scorer: nn.Module, fsdp: bool):
+    """Generation calls the model step by step, and ranks stop at different steps. Under FSDP2 every forward
+    would all-gather (a collective that all ranks must join), so instead gather every shard once, generate
+    locally, then free the gathered copies. DDP and single process hold full weights already."""
+    if not fsdp:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    modules = [m for m in scorer.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,7 +466,11 @@ class Trainer:
         if cfg.eval_tasks:
             self.eval_tasks = self.eval_tasks[:cfg.eval_tasks]
         self.model_dir = Path(cfg.model_dir) if cfg.model_dir else self._tiny_warm_start()
-        self.models = build_models(cfg, self.tokenizer, self.model_dir, self.device, self.world)
+        self.models = build_models(cfg, self.model_dir, self.device)
+        state = self._load_checkpoint_weights() if cfg.resume else None
+        self.models.scorer = wrap(self.models.scorer, cfg, self.world)
+        if self.models.critic_scorer is not None:
+            self.models.critic_scorer = wrap(self.models.critic_scorer, cfg, self.world)
         self.ref_scorer = Scorer(self.models.reference, cfg.temperature, cfg.logprob_chunk) \
             if self.models.reference is not None else None
         trainable = [p for p in self.models.scorer.parameters() if p.requires_grad]
@@ -447,10 +484,10 @@ class Trainer:
         reward_cfg = RewardConfig(time_weight=cfg.time_weight, partial_credit=cfg.partial_credit,
                                   lint_weight=cfg.lint_weight)
         rollout_cfg = RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                                    gen_batch_size=cfg.gen_batch_size,
+                                    gen_batch_size=cfg.gen_batch_size, instruction=cfg.instruction,
                                     max_episode_tokens=self.models.policy.config.max_position_embeddings)
         self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
-        self.start_step = self._load_checkpoint() if cfg.resume else 0
+        self.start_step = self._load_trainer_state(state) if state is not None else 0
 
     # -- setup helpers -------------------------------------------------------------------------------------------
     def _tiny_warm_start(self) -> Path:
@@ -462,7 +499,8 @@ class Trainer:
         path = None
         if self.rank == 0:
             path = warm_start(Path(cfg.cache_dir), self.tokenizer, self.train_tasks, config,
-                              steps=cfg.warmstart_steps, batch_size=32, lr=1e-3, seed=cfg.seed, log=self.log)
+                              steps=cfg.warmstart_steps, batch_size=32, lr=1e-3, seed=cfg.seed,
+                              instruction=cfg.instruction, log=self.log)
         return Path(broadcast_object(path, self.world))
 
     def log(self, message: str):
@@ -500,7 +538,8 @@ class Trainer:
         t0 = time.perf_counter()
         sampler = model_sampler(m.policy, self.tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                 self.generator(step, 0))
-        episodes = self.worker.run(sampler, tasks)
+        with full_params(m.scorer, cfg.fsdp):
+            episodes = self.worker.run(sampler, tasks)
         times["rollout"] = time.perf_counter() - t0
         b = {k: v.to(self.device) for k, v in shifted(collate(episodes, self.tokenizer.pad_id)).items()}
         passed = torch.tensor([ep.passed for ep in episodes], device=self.device)
@@ -551,7 +590,8 @@ class Trainer:
         sampler = model_sampler(self.models.policy, self.tokenizer, cfg.max_new_tokens, cfg.eval_temperature,
                                 1.0, torch.Generator(self.device).manual_seed(cfg.seed + 12345))
         t0 = time.perf_counter()
-        records, episodes = task_results(self.worker, sampler, mine, cfg.eval_samples, cfg.max_turns)
+        with full_params(self.models.scorer, cfg.fsdp):
+            records, episodes = task_results(self.worker, sampler, mine, cfg.eval_samples, cfg.max_turns)
         records = gather_objects(records, self.world)
         metrics = {"kind": "eval", "label": label, "step": step, **summarize(records, (1, cfg.eval_samples)),
                    "time_eval": time.perf_counter() - t0}
@@ -567,23 +607,47 @@ class Trainer:
         """checkpoint/policy (HF layout: loads in transformers), checkpoint/critic, checkpoint/trainer.pt
         (optimizer, KL controller, RNG, step). Written to a temporary folder, then renamed: a run killed
         mid-save keeps the previous checkpoint."""
-        if self.rank != 0:
-            return barrier(self.world)
-        m, final = self.models, self.out / "checkpoint"
-        tmp = self.out / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        m.policy.save_pretrained(tmp / "policy")
-        if m.critic is not None:
-            m.critic.save_pretrained(tmp / "critic")
-        trainable = {n: p.detach().cpu() for n, p in m.policy.named_parameters() if p.requires_grad}
-        torch.save({"step": next_step, "optimizers": [o.state_dict() for o in self.optimizers],
-                    "kl_ctl": self.kl_ctl.state_dict(), "lora_and_head": trainable if self.cfg.lora_rank else None,
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        m = self.models
+        policy, critic = self.full_model(m.scorer), self.full_model(m.critic_scorer)  # collective under FSDP
+        optimizers = [opt.state_dict() for opt in self.optimizers]
+        if self.cfg.fsdp:  # each rank holds the optimizer state of its own shards: each saves its part
+            (self.out / "checkpoint.tmp").mkdir(parents=True, exist_ok=True)
+            barrier(self.world)
+            torch.save(optimizers, self.out / "checkpoint.tmp" / f"optimizer-rank{self.rank}.pt")
+            barrier(self.world)
+        if self.rank == 0:
+            final, tmp = self.out / "checkpoint", self.out / "checkpoint.tmp"
+            if not self.cfg.fsdp:
+                shutil.rmtree(tmp, ignore_errors=True)
+            policy.save_pretrained(tmp / "policy")
+            if critic is not None:
+                critic.save_pretrained(tmp / "critic")
+            trainable = {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}
+            torch.save({"step": next_step, "optimizers": None if self.cfg.fsdp else optimizers, "kl_ctl": self.kl_ctl.state_dict(),
+                        "lora_and_head": trainable if self.cfg.lora_rank else None,
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
         barrier(self.world)
 
-    def _load_checkpoint(self) -> int:
+    def full_model(self, scorer: nn.Module | None) -> Transformer | None:
+        """The whole model on this rank: as is, or gathered from the FSDP shards into a CPU copy."""
+        if scorer is None or not self.cfg.fsdp:
+            return None if scorer is None else unwrap(scorer).model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:  # with cpu_offload the full state only lands on rank 0
+            return None
+        model = unwrap(scorer).model
+        copy_ = Transformer(model.config, value_head=model.value_head is not None)
+        if self.cfg.lora_rank:
+            copy_.add_lora(self.cfg.lora_rank, self.cfg.lora_alpha, tuple(self.cfg.lora_targets.split(",")))
+        copy_.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        return copy_.to(DTYPES[self.cfg.dtype])
+
+
+    def _load_checkpoint_weights(self) -> dict:
+        """Load the saved policy/critic weights into the unwrapped models; return the trainer state."""
         path = self.out / "checkpoint"
         if not (path / "trainer.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {path} (expected {path / 'trainer.pt'})")
@@ -598,8 +662,15 @@ class Trainer:
         if m.critic is not None:
             m.critic.load_state_dict(Transformer.from_pretrained(path / "critic", dtype=dtype, device=self.device,
                                                                  value_head=True).state_dict())
-        for opt, s in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
+        return state
+
+    def _load_trainer_state(self, state: dict) -> int:
+        """Optimizers, KL controller and RNG from trainer.pt; returns the step to continue from."""
+        saved = state["optimizers"]
+        if self.cfg.fsdp:
+            saved = torch.load(self.out / "checkpoint" / f"optimizer-rank{self.rank}.pt", weights_only=False)
+        for opt, opt_state in zip(self.optimizers, saved):
+            opt.load_state_dict(opt_state)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -607,7 +678,7 @@ class Trainer:
             keep = [line for line in (self.out / "metrics.jsonl").read_text().splitlines()
                     if json.loads(line)["step"] < state["step"] or json.loads(line).get("label") == "before"]
             (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
-        self.log(f"resumed from {path} at step {state['step']}")
+        self.log(f"resumed from {self.out / 'checkpoint'} at step {state['step']}")
         return state["step"]
 
     def check_replicas_in_sync(self):

