@@ -12,8 +12,8 @@ from data import Task, Test
 
 MBPP_FAILING = {341, 596, 642}   # reference solutions that fail their own asserts (shared/data/README.md)
 MBPP_SLOW = {123}                # sums amicable numbers below 9999: ~4 s CPU, near the sandbox's 5 s default
-# References that return collections.Counter / defaultdict: the original `==` accepts them, the sandbox does not,
-# because it canonicalises results by exact builtin type (a dict subclass could carry a forged __eq__).
+# References that return collections.Counter / defaultdict: the sandbox reads their raw dict storage (a forged
+# __eq__ is never called), so they pass as the original `==` says they do.
 MBPP_DICT_SUBCLASS = {40, 88, 653, 902}
 
 
@@ -374,10 +374,9 @@ def test_humaneval_references_pass_and_bugs_fail_in_sandbox(pool, humaneval):
 @pytest.mark.slow
 def test_mbpp_references_pass_and_bugs_fail_in_sandbox(pool, mbpp):
     failed = failures(pool, mbpp, [t.reference_solution for t in mbpp])
-    assert {int(tid.split("/")[1]) for tid in failed} == MBPP_FAILING | MBPP_DICT_SUBCLASS, describe(failed)
+    assert {int(tid.split("/")[1]) for tid in failed} == MBPP_FAILING, describe(failed)
     assert len(failed) <= 0.03 * len(mbpp)
-    for task_id in MBPP_DICT_SUBCLASS:
-        assert all("unsupported" in t.got for t in failed[f"MBPP/{task_id}"].tests), describe(failed)
+    assert not {f"MBPP/{task_id}" for task_id in MBPP_DICT_SUBCLASS} & set(failed)
     passing = [t for t in mbpp if t.task_id not in failed]
     sample = random.Random(0).sample(passing, 150)
     buggy = [mutated(t.reference_solution, t.entry_point) for t in sample]
