@@ -2,17 +2,16 @@
 import pytest
 import torch
 
-from data import Task
-from data import Test as T_  # aliased: pytest would try to collect a class named Test
+from data import Task, Test
 from reward import RewardConfig, feedback_text
 from rollout import NO_CODE_FEEDBACK, RolloutConfig, RolloutWorker, collate, task_message
 from sandbox import SandboxPool
 from tokenizer import Tokenizer
 
 TASK = Task(task_id="add", prompt="Write add(a, b) that returns a + b.",
-            public_tests=[T_(kind="call", call="add(1, 2)", expected="3")],
-            private_tests=[T_(kind="call", call="add(1, 2)", expected="3"),
-                           T_(kind="call", call="add(-5, 5)", expected="0")],
+            public_tests=[Test(kind="call", call="add(1, 2)", expected="3")],
+            private_tests=[Test(kind="call", call="add(1, 2)", expected="3"),
+                           Test(kind="call", call="add(-5, 5)", expected="0")],
             entry_point="add", reference_solution="def add(a, b):\n    return a + b\n")
 
 WRONG = "```python\ndef add(a, b):\n    return a - b\n```"

@@ -15,16 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data import Task
-from data import Test as T_  # aliased: pytest would try to collect a class named Test
+from data import Task, Test
 from model import ModelConfig, Transformer
 from rollout import task_message
 from sft import demonstration, train_sft
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK = Task(task_id="seven", prompt="Print a number.", public_tests=[T_(kind="stdio", stdin="", expected="7")],
-            private_tests=[T_(kind="stdio", stdin="", expected="7")])
+TASK = Task(task_id="seven", prompt="Print a number.", public_tests=[Test(kind="stdio", stdin="", expected="7")],
+            private_tests=[Test(kind="stdio", stdin="", expected="7")])
 
 
 @pytest.fixture(scope="module")
