@@ -6,7 +6,15 @@ training tasks and writes a real HF checkpoint that train.py loads like any othe
 Singh et al. 2023) reuses `train_sft` on the policy's own passing programs.
 
 A demonstration is a chat: the task message, then the assistant's answer "```python\\n<code>```" and the
-end-of-turn token. The loss is the mean negative log-likelihood of the assistant's tokens only.
+end-of-turn token. The loss is the mean negative log-likelihood of the trained assistant tokens only.
+
+The warm start's demonstrations (`warm_start_examples`):
+- every task's reference solution;
+- for slow/fast tasks also the slow solution, so the warm-started policy writes both and the time reward has a
+  choice to act on (RL then shifts the mix; without the time reward nothing favours either);
+- repair demonstrations, the multi-turn format of RLEF: a wrong first answer (another task's reference), the
+  real sandbox feedback on the public tests, then the right answer. Only the right answer is trained, so the
+  model learns to read feedback, never to write the wrong program.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from pathlib import Path
 import torch
 
 from kernels import fused_linear_logprobs
+from reward import feedback_text
 from rollout import task_message
 
 
@@ -33,6 +42,56 @@ def demonstration(tokenizer, user_message: str, code: str) -> tuple[list[int], l
     prompt = tokenizer.encode_dialog_prompt([{"role": "user", "content": user_message}])
     answer = tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
     return prompt + answer, [False] * len(prompt) + [True] * len(answer)
+
+
+def repair_demonstration(tokenizer, user_message: str, wrong_code: str, feedback: str,
+                         code: str) -> tuple[list[int], list[bool]]:
+    """(tokens, loss_mask) of a two-turn episode laid out exactly as rollout.py builds it: task, wrong answer,
+    feedback as the next user turn, right answer. Only the right answer and its end-of-turn are trained."""
+    first, _ = demonstration(tokenizer, user_message, wrong_code)
+    context = first + tokenizer.encode_message("user", feedback) + tokenizer.encode_header("assistant")
+    answer = tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
+    return context + answer, [False] * len(context) + [True] * len(answer)
+
+
+def repair_pairs(tasks, count: int, seed: int) -> list[tuple[object, str]]:
+    """Up to `count` (task, wrong program) pairs. The wrong program is the reference of another task with the
+    same signature (same first line), the kind of near miss a small model makes; it must still be checked
+    against the public tests, since two tasks can agree on them."""
+    rng = random.Random(seed)
+    by_signature: dict[str, list] = {}
+    for t in tasks:
+        if t.reference_solution:
+            by_signature.setdefault(t.reference_solution.splitlines()[0], []).append(t)
+    pairs = []
+    candidates = [t for t in tasks if t.reference_solution and t.public_tests]
+    for task in rng.sample(candidates, min(count, len(candidates))):
+        others = [o for o in by_signature[task.reference_solution.splitlines()[0]] if o is not task
+                  and o.reference_solution != task.reference_solution]
+        if others:
+            pairs.append((task, rng.choice(others).reference_solution))
+    return pairs
+
+
+def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: bool = True, repairs: int = 0,
+                        pool=None, seed: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """The warm start's demonstrations (module docstring). `repairs` > 0 needs a SandboxPool for the feedback."""
+    examples = []
+    for t in tasks:
+        if t.reference_solution:
+            examples.append(demonstration(tokenizer, task_message(t, instruction), t.reference_solution))
+        if slow_solutions and t.slow_solution:
+            examples.append(demonstration(tokenizer, task_message(t, instruction), t.slow_solution))
+    if repairs:
+        if pool is None:
+            raise ValueError("warm_start_examples: repairs > 0 needs a sandbox pool to produce the feedback")
+        pairs = repair_pairs(tasks, repairs, seed)
+        results = pool.map([(wrong, t.public_tests, t.setup_code) for t, wrong in pairs])
+        for (t, wrong), result in zip(pairs, results):
+            if not result.passed:  # a "wrong" program that passes the public tests gives no feedback to learn from
+                examples.append(repair_demonstration(tokenizer, task_message(t, instruction), wrong,
+                                                     feedback_text(result, t.public_tests), t.reference_solution))
+    return examples
 
 
 def pad_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +122,19 @@ def lr_factor(step: int, steps: int, warmup_frac: float = 0.05) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def batches_by_turns(examples: list, batch_size: int, rng: random.Random):
+    """Endless random batches, each drawn from examples with the same number of turns (a bucket chosen with
+    probability proportional to its size). Padding to the longest row costs compute, and the two-turn repair
+    demonstrations are about twice as long as single-turn ones; batches stay diverse in tasks otherwise."""
+    buckets: dict[int, list] = {}
+    for tokens, mask in examples:  # a demonstration ends with end-of-turn: its count is the number of messages
+        buckets.setdefault(tokens.count(tokens[-1]), []).append((tokens, mask))
+    groups = [buckets[k] for k in sorted(buckets)]
+    while True:
+        group = rng.choices(groups, weights=[len(g) for g in groups])[0]
+        yield rng.sample(group, min(batch_size, len(group)))
+
+
 def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int, batch_size: int, lr: float,
               pad_id: int, seed: int = 0, log=None) -> list[float]:
     """AdamW on the demonstration NLL with a linear warm-up and cosine decay. Returns the per-step losses."""
@@ -72,8 +144,8 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
     rng = random.Random(seed)
     losses = []
     model.train()
-    for step in range(steps):
-        tokens, mask = pad_batch(rng.sample(examples, min(batch_size, len(examples))), pad_id)
+    for step, batch in zip(range(steps), batches_by_turns(examples, batch_size, rng)):
+        tokens, mask = pad_batch(batch, pad_id)
         loss = sft_loss(model, tokens, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,25 +160,35 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
 
 
 def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
-               seed: int, instruction: str, log=print) -> Path:
-    """Train a fresh model on the tasks' reference solutions and save it as an HF checkpoint.
+               seed: int, instruction: str, log=print, slow_solutions: bool = True, repairs: int = 64) -> Path:
+    """Train a fresh model on demonstrations (`warm_start_examples`) and save it as an HF checkpoint.
 
-    Cached: the folder name holds a hash of everything that determines the weights, so a second run with the
-    same settings loads the checkpoint instead of training again.
+    Cached: the folder name holds a hash of everything that determines the weights (model config, optimiser
+    settings, the tasks, the instruction, the demonstration mix), so a second run with the same settings loads
+    the checkpoint without training, or running the sandbox for the repair feedback, again.
     """
     from model import Transformer
+    from sandbox import Limits, SandboxPool
 
-    examples = [demonstration(tokenizer, task_message(t, instruction), t.reference_solution) for t in tasks
-                if t.reference_solution]
-    if not examples:
+    if not any(t.reference_solution for t in tasks):
         raise ValueError("warm_start: none of the tasks has a reference_solution to learn from")
     key = json.dumps({"config": model_config.to_hf(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
-                      "data": hashlib.sha256(repr(examples).encode()).hexdigest()}, sort_keys=True)
+                      "instruction": instruction, "slow": slow_solutions, "repairs": repairs,
+                      "tasks": hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()},
+                     sort_keys=True)
     path = Path(out_dir) / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
         log(f"warm start: cached checkpoint {path}")
         return path
-    log(f"warm start: training a {model_config.num_hidden_layers}-layer model on {len(examples)} demonstrations")
+    pool = SandboxPool(2, Limits(timeout_s=2.0)) if repairs else None
+    try:
+        examples = warm_start_examples(tokenizer, tasks, instruction, slow_solutions=slow_solutions,
+                                       repairs=repairs, pool=pool, seed=seed)
+    finally:
+        if pool is not None:
+            pool.close()
+    log(f"warm start: training a {model_config.num_hidden_layers}-layer model on {len(examples)} demonstrations "
+        f"for {steps} steps (cached in {path})")
     torch.manual_seed(seed)
     model = Transformer(model_config)
     train_sft(model, examples, steps=steps, batch_size=batch_size, lr=lr, pad_id=tokenizer.pad_id, seed=seed,
@@ -116,4 +198,3 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     model.save_pretrained(tmp)
     tmp.rename(path)  # atomic: a killed run never leaves a half-written cache entry
     return path
-

@@ -33,6 +33,7 @@ import data
 from evaluate import summarize, task_results
 from kernels import fused_linear_logprobs, kl_k1
 from model import ModelConfig, Transformer
+from plot import write_plot
 from reward import RewardConfig
 from rollout import INSTRUCTION, RolloutConfig, RolloutWorker, collate, model_sampler
 from sandbox import Limits, SandboxPool
@@ -114,14 +115,18 @@ class Config:
     warmstart_steps: int = arg(0, "SFT steps of the tiny warm start (0 = no warm start)")
     tiny_layers: int = arg(4, "layers of the tiny model")
     tiny_hidden: int = arg(256, "hidden size of the tiny model")
+    tiny_warmstart_lr: float = arg(3e-3, "peak learning rate of the tiny warm start (batch 32, cosine decay)")
+    tiny_repairs: int = arg(64, "two-turn repair demonstrations (wrong answer, feedback, right answer) in the warm start")
     cache_dir: str = arg(".cache", "where the tiny warm-start checkpoint is cached between runs")
 
 
 PRESETS = {
     # A few million parameters, byte-level tokens, synthetic tasks: runs on a laptop CPU in minutes.
-    "tiny": dict(tokenizer="bytes", dataset="synthetic", critic="head", lr=3e-4, critic_lr=1e-3, kl_coef=0.02,
-                 max_new_tokens=160, tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16,
-                 steps=30, warmstart_steps=600, eval_samples=4, eval_temperature=0.2, test_timeout=2.0),
+    "tiny": dict(tokenizer="bytes", dataset="synthetic", instruction="",  # short prompts: bytes are tokens
+                 tiny_hidden=128, tiny_layers=4, warmstart_steps=250, tiny_warmstart_lr=3e-3, tiny_repairs=64,
+                 critic="head", lr=1e-4, kl_coef=0.02, max_new_tokens=112, tasks_per_step=8, samples_per_task=4,
+                 minibatch_size=16, micro_batch_size=16, ppo_epochs=2, steps=20, time_weight=0.5,
+                 gen_batch_size=64, eval_samples=4, eval_temperature=0.2, test_timeout=2.0, sandbox_workers=2),
     # Real checkpoints: put the HF folder at --model_dir. bf16 weights; see README for memory notes.
     "llama-3.2-1b": dict(dtype="bfloat16", dataset="mbpp", lr=1e-6, critic_lr=1e-5, micro_batch_size=4),
     "qwen3-0.6b": dict(dtype="bfloat16", dataset="mbpp", lr=1e-6, critic_lr=1e-5, micro_batch_size=4),
@@ -141,6 +146,8 @@ def parse_config(argv=None) -> Config:
             kind = {"int": int, "float": float}.get(f.type, str)
             parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if args.get("algo") == "grpo":  # GRPO puts the KL in the loss (k3), never in the reward
+        args.setdefault("kl_placement", "loss")
     preset = args.get("preset", Config.preset)
     if preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -499,7 +506,8 @@ class Trainer:
         path = None
         if self.rank == 0:
             path = warm_start(Path(cfg.cache_dir), self.tokenizer, self.train_tasks, config,
-                              steps=cfg.warmstart_steps, batch_size=32, lr=1e-3, seed=cfg.seed,
+                              steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, seed=cfg.seed,
+                              repairs=cfg.tiny_repairs,
                               instruction=cfg.instruction, log=self.log)
         return Path(broadcast_object(path, self.world))
 
@@ -717,6 +725,8 @@ class Trainer:
         after = self.evaluate(cfg.steps, "after")
         self.write_metrics(after)
         self.log(format_eval(after))
+        if self.rank == 0:
+            write_plot(self.out / "metrics.jsonl", self.out / "plot.png")  # skipped with a message without matplotlib
         return before, after
 
 

@@ -185,3 +185,10 @@ def test_bad_arguments(args, match):
     kw.update(args)
     with pytest.raises(ValueError, match=match):
         generate(_model(), kw.pop("prompts"), kw.pop("max_new_tokens"), **kw)
+
+
+def test_bf16_model_generates_float32_logprobs():
+    model = _model().to(torch.bfloat16)
+    g = generate(model, PROMPTS, 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert g.logprobs.dtype == torch.float32 and torch.isfinite(g.logprobs).all() and (g.logprobs <= 0).all()
+    assert g.tokens.dtype == torch.long and g.mask.all()

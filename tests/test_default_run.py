@@ -1,0 +1,137 @@
+"""The CPU demo (issue 6): the warm start's demonstrations, its cache, the plot, and a shortened default run
+whose held-out pass rate must rise.
+
+The shortened run is the default `python train.py` with fewer warm-start steps, fewer RL steps and a subset of
+the held-out tasks; everything else (model, tasks, rewards, multi-turn PPO) is the tiny preset.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+from model import ModelConfig
+from plot import read_metrics, write_plot
+from reward import RewardConfig, feedback_text
+from rollout import RolloutConfig, RolloutWorker, task_message
+from sandbox import SandboxPool
+from sft import format_answer, repair_demonstration, repair_pairs, warm_start, warm_start_examples
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(workers=2) as p:
+        yield p
+
+
+def test_repair_demonstration_matches_the_rollout_layout(pool):
+    """A repair demonstration must be token for token the episode rollout.py builds when the policy answers
+    wrong and then right; the trained mask is the second answer only."""
+    tok = Tokenizer.byte_level()
+    task = data.synthetic_tasks("train", 0)[0]
+    wrong = "def f(xs):\n    return 0\n"
+    answers = [format_answer(wrong), format_answer(task.reference_solution)]
+
+    def sampler(prompts):  # turn k of the episode answers answers[k]
+        sampler.turn += 1
+        return [(tok.encode(answers[sampler.turn]) + [tok.eot_id], True) for _ in prompts]
+    sampler.turn = -1
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=3, max_new_tokens=128, instruction=""), RewardConfig())
+    [episode] = worker.run(sampler, [task])
+    assert len(episode.turns) == 2 and episode.passed
+    feedback = feedback_text(episode.turns[0].public, task.public_tests)
+    tokens, mask = repair_demonstration(tok, task_message(task, ""), wrong, feedback, task.reference_solution)
+    assert tokens == episode.tokens
+    second = episode.turns[1]
+    assert mask == [second.start <= i < second.end for i in range(len(tokens))]
+
+
+def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
+    tok = Tokenizer.byte_level()
+    tasks = data.synthetic_tasks("train", 0)
+    with_refs = [t for t in tasks if t.reference_solution]
+    slow = [t for t in tasks if t.slow_solution]
+    assert slow, "the synthetic train split has slow/fast tasks"
+    plain = warm_start_examples(tok, tasks, "", slow_solutions=False)
+    mixed = warm_start_examples(tok, tasks, "", slow_solutions=True)
+    assert len(plain) == len(with_refs) and len(mixed) == len(with_refs) + len(slow)
+    trained = {tok.decode([x for x, m in zip(ids, mask) if m]) for ids, mask in mixed}
+    assert all(format_answer(t.slow_solution) + "<|eot_id|>" in trained for t in slow)
+
+    repaired = warm_start_examples(tok, tasks, "", slow_solutions=False, repairs=8, pool=pool)[len(plain):]
+    assert 1 <= len(repaired) <= 8
+    for ids, mask in repaired:
+        text = tok.decode(ids)
+        assert "Your code failed the following tests:" in text and "but got" in text
+        answer = tok.decode([x for x, m in zip(ids, mask) if m])
+        assert text.endswith(answer) and text.count("```python") == 2  # only the second answer is trained
+    with pytest.raises(ValueError, match="sandbox pool"):
+        warm_start_examples(tok, tasks, "", repairs=4)
+
+
+def test_repair_pairs_use_another_task_of_the_same_signature():
+    tasks = data.synthetic_tasks("train", 0)
+    for task, wrong in repair_pairs(tasks, 40, seed=1):
+        assert wrong != task.reference_solution
+        assert wrong.splitlines()[0] == task.reference_solution.splitlines()[0]
+
+
+def test_warm_start_is_cached(tmp_path):
+    """Same settings: the second call loads the checkpoint without training. Different settings: a new entry."""
+    tok = Tokenizer.byte_level()
+    tasks = data.synthetic_tasks("validation", 0)[:6]
+    config = ModelConfig(vocab_size=tok.n_words, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    logs = []
+    kw = dict(steps=2, batch_size=4, lr=1e-3, seed=0, instruction="", log=logs.append, repairs=0)
+    first = warm_start(tmp_path, tok, tasks, config, **kw)
+    assert (first / "config.json").exists() and (first / "model.safetensors").exists()
+    trained = len(logs)
+    again = warm_start(tmp_path, tok, tasks, config, **kw)
+    assert again == first and len(logs) == trained + 1 and "cached" in logs[-1]
+    other = warm_start(tmp_path, tok, tasks, config, **{**kw, "steps": 3})
+    assert other != first
+
+
+def test_plot_reads_metrics_and_skips_cleanly(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "eval", "label": "before", "step": 0, "pass@1": 0.2},
+             {"kind": "train", "step": 0, "reward": -0.5, "pass_rate": 0.25, "kl_ref": 0.0},
+             {"kind": "train", "step": 1, "reward": 0.1, "pass_rate": 0.5, "kl_ref": None},
+             {"kind": "eval", "label": "after", "step": 2, "pass@1": 0.4}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train, evals = read_metrics(metrics)
+    assert [r["step"] for r in train] == [0, 1] and [r["label"] for r in evals] == ["before", "after"]
+    png = write_plot(metrics, tmp_path / "plot.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert png is None and "matplotlib is not installed" in capsys.readouterr().out
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.jsonl").write_text('{"kind": "train"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2"):
+        read_metrics(tmp_path / "bad.jsonl")
+
+
+def test_sft_batches_never_mix_single_turn_and_repair_demonstrations(pool):
+    import random
+    from sft import batches_by_turns
+    tok = Tokenizer.byte_level()
+    examples = warm_start_examples(tok, data.synthetic_tasks("train", 0), "", repairs=16, pool=pool)
+    messages = lambda ex: ex[0].count(tok.eot_id)
+    assert {messages(ex) for ex in examples} == {2, 4}
+    seen = set()
+    for _, batch in zip(range(40), batches_by_turns(examples, 8, random.Random(0))):
+        kinds = {messages(ex) for ex in batch}
+        assert len(kinds) == 1 and len(batch) == 8
+        seen |= kinds
+    assert seen == {2, 4}
