@@ -160,7 +160,7 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
 
 
 def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
-               seed: int, instruction: str, log=print, slow_solutions: bool = True, repairs: int = 64) -> Path:
+               seed: int, instruction: str, log=print, slow_solutions: bool = True, repairs: int = 0) -> Path:
     """Train a fresh model on demonstrations (`warm_start_examples`) and save it as an HF checkpoint.
 
     Cached: the folder name holds a hash of everything that determines the weights (model config, optimiser

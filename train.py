@@ -116,14 +116,14 @@ class Config:
     tiny_layers: int = arg(4, "layers of the tiny model")
     tiny_hidden: int = arg(256, "hidden size of the tiny model")
     tiny_warmstart_lr: float = arg(3e-3, "peak learning rate of the tiny warm start (batch 32, cosine decay)")
-    tiny_repairs: int = arg(64, "two-turn repair demonstrations (wrong answer, feedback, right answer) in the warm start")
+    tiny_repairs: int = arg(0, "two-turn repair demos (wrong answer, feedback, right answer) in the warm start")
     cache_dir: str = arg(".cache", "where the tiny warm-start checkpoint is cached between runs")
 
 
 PRESETS = {
     # A few million parameters, byte-level tokens, synthetic tasks: runs on a laptop CPU in minutes.
     "tiny": dict(tokenizer="bytes", dataset="synthetic", instruction="",  # short prompts: bytes are tokens
-                 tiny_hidden=128, tiny_layers=4, warmstart_steps=250, tiny_warmstart_lr=3e-3, tiny_repairs=64,
+                 tiny_hidden=128, tiny_layers=4, warmstart_steps=300, tiny_warmstart_lr=3e-3, tiny_repairs=0,
                  critic="head", lr=1e-4, kl_coef=0.02, max_new_tokens=112, tasks_per_step=8, samples_per_task=4,
                  minibatch_size=16, micro_batch_size=16, ppo_epochs=2, steps=20, time_weight=0.5,
                  gen_batch_size=64, eval_samples=4, eval_temperature=0.2, test_timeout=2.0, sandbox_workers=2),

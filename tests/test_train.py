@@ -22,6 +22,7 @@ from sft import demonstration, train_sft
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+INSTRUCTION = "Answer in a python block."  # the warm start and the RL runs must show the model the same prompt
 TASK = Task(task_id="seven", prompt="Print a number.", public_tests=[Test(kind="stdio", stdin="", expected="7")],
             private_tests=[Test(kind="stdio", stdin="", expected="7")])
 
@@ -37,7 +38,7 @@ def setup(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True)
     model = Transformer(config)
-    examples = [demonstration(tok, task_message(TASK), f"print({d})") for d in (1, 3, 5, 7)]
+    examples = [demonstration(tok, task_message(TASK, INSTRUCTION), f"print({d})") for d in (1, 3, 5, 7)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -51,9 +52,9 @@ def setup(tmp_path_factory):
 def args(setup, out, *extra):
     return ["--model_dir", str(setup / "init"), "--tokenizer", "bytes", "--dataset", "tasks",
             "--data_path", str(setup / "tasks.jsonl"), "--out_dir", str(out), "--tasks_per_step", "2",
-            "--samples_per_task", "8", "--max_turns", "1", "--max_new_tokens", "24", "--eval_samples", "16",
+            "--samples_per_task", "8", "--max_turns", "1", "--max_new_tokens", "24", "--eval_samples", "32",
             "--eval_temperature", "1.0", "--lr", "1e-3", "--minibatch_size", "16", "--micro_batch_size", "8",
-            "--kl_coef", "0.01", "--sandbox_workers", "2", *extra]
+            "--kl_coef", "0.01", "--sandbox_workers", "2", "--instruction", INSTRUCTION, *extra]
 
 
 def run_train(argv, env_extra=None, **kw):
@@ -70,7 +71,7 @@ def read_metrics(out: Path, kind: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_reward_rises_on_print_seven(setup, tmp_path, algo):
-    extra = ["--algo", algo, "--steps", "8"] + (["--kl_placement", "loss"] if algo == "grpo" else ["--critic", "head"])
+    extra = ["--algo", algo, "--steps", "12"] + (["--kl_placement", "loss"] if algo == "grpo" else ["--critic", "head"])
     proc = run_train(args(setup, tmp_path, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = read_metrics(tmp_path, "train")
