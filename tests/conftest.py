@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -25,3 +26,13 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.fail(f"test data not found at {path}: put ../shared beside the repo or set NANORLEF_DATA")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spin-waiting makes them ~20x
+    slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,13 +7,7 @@ from model import ModelConfig, Transformer, generate, nucleus, sample
 V = 101
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spin-waiting makes them ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(kind="llama3", seed=0):
