@@ -605,7 +605,8 @@ class Trainer:
                    "time_eval": time.perf_counter() - t0}
         if self.rank == 0:
             with open(self.out / f"samples-{label}.txt", "w") as f:
-                for ep in episodes[:4]:
+                # episodes with the most turns first: those show the sandbox's feedback to the model
+                for ep in sorted(episodes, key=lambda e: -len(e.turns))[:4]:
                     f.write(f"=== task {ep.task.task_id}  reward {ep.reward:+.2f}  passed {ep.passed}\n")
                     f.write(ep.text(self.tokenizer) + "\n\n")
         return metrics
