@@ -145,9 +145,10 @@ def run_train(argv, timeout=600):
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """The default pipeline end to end (warm start, eval, multi-turn PPO with the time reward, eval, table,
-    plot, samples), shortened to fit CI: 8 synthetic tasks that both train and evaluate, the preset's model
-    with a 150-step warm start, 8 RL steps at lr 1e-4. Run once; the tests below read its outputs."""
+    """The default pipeline end to end (warm start, eval, multi-turn PPO, eval, table, plot, samples),
+    shortened to fit CI: 8 synthetic tasks that both train and evaluate, the preset's model with a 150-step
+    warm start, 8 RL steps at lr 1e-4. The time reward is off: CPU timings vary from run to run, and without
+    them the run is deterministic, so the verdicts below are too. Run once; the tests below read its outputs."""
     root = tmp_path_factory.mktemp("short_run")
     tasks = data.synthetic_tasks("train", 0)
     picked = [t for t in tasks if "composition" in t.tags][::24][:7] + [t for t in tasks if t.slow_solution][:1]
@@ -156,7 +157,7 @@ def short_run(tmp_path_factory):
             "--warmstart_steps", "150"]
     argv = [*warm, "--out_dir", str(root / "out"), "--steps", "8", "--tasks_per_step", "4", "--samples_per_task",
             "8", "--lr", "1e-4", "--minibatch_size", "32", "--micro_batch_size", "16", "--eval_samples", "8",
-            "--eval_temperature", "1.0"]
+            "--eval_temperature", "1.0", "--time_weight", "0"]
     proc = run_train(argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, warm, proc
@@ -187,7 +188,7 @@ def test_shortened_default_run_writes_everything(short_run):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 6 open: RL on the tiny preset does not yet raise the pass rate "
-                   "(measured 0.750 -> 0.734 here; see the issue-6 report). strict: remove this mark once it does")
+                   "(measured 0.750 -> 0.703 here; see the issue-6 note). strict: remove this mark once it does")
 def test_shortened_default_run_learns(short_run):
     root, _, _ = short_run
     _, (before, after) = read_metrics(root / "out" / "metrics.jsonl")
