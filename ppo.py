@@ -51,6 +51,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from kernels import kl_k1, kl_k3  # noqa: F401  (re-exported: ppo.kl_k1, ppo.kl_k3)
+
 KL_PLACEMENTS = ("reward", "loss")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean")
 
@@ -129,22 +131,7 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 
 # ----------------------------------------------------------------------------------------------------------
 # KL estimators and controllers (Schulman 2020, "Approximating KL Divergence")
-# Kept local, not imported from kernels/: they are one-liners and ppo.py then imports nothing but torch.
-
-
-def kl_k1(logp: Tensor, logq: Tensor) -> Tensor:
-    """k1 = log p(x) - log q(x), x ~ p: unbiased estimate of KL(p || q), can be negative per sample."""
-    return logp - logq
-
-
-def kl_k3(logp: Tensor, logq: Tensor, max_log_ratio: float = 20.0, max_value: float = 10.0) -> Tensor:
-    """k3 = (r - 1) - log r with r = q(x) / p(x), x ~ p: unbiased for KL(p || q) and always >= 0.
-
-    The log ratio is clamped before exp so exp cannot overflow, and the result is clamped at max_value
-    (as verl does) so one extreme token cannot dominate the loss.
-    """
-    log_r = (logq - logp).clamp(-max_log_ratio, max_log_ratio)
-    return (torch.exp(log_r) - 1.0 - log_r).clamp(max=max_value)
+# k1 = log p - log q and the clamped k3 live in kernels/ (one definition); ppo.kl_k1 / ppo.kl_k3 re-export them.
 
 
 def per_turn_mean(x: Tensor, turn_ids: Tensor, num_turns: int) -> Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 import ppo
 import data
 from evaluate import summarize, task_results
-from kernels import fused_linear_logprobs, kl_k1
+from kernels import fused_linear_logprobs
 from model import ModelConfig, Transformer
 from plot import write_plot
 from reward import RewardConfig
@@ -335,7 +335,7 @@ def advantages(cfg: Config, b: dict, kl_coef: float, group_ids: torch.Tensor):
     """Rewards -> (token advantages, value targets, value mask, old values) for the chosen estimator."""
     mask = b["mask"]
     reward_kl = kl_coef if cfg.kl_placement == "reward" else 0.0
-    kl = kl_k1(b["old_logprobs"], b["ref_logprobs"]) if b["ref_logprobs"] is not None else None
+    kl = ppo.kl_k1(b["old_logprobs"], b["ref_logprobs"]) if b["ref_logprobs"] is not None else None
     penalty = ppo.apply_truncation_penalty(torch.zeros_like(b["rewards"]), b["truncated"], cfg.truncation_penalty)
     if cfg.algo == "grpo":
         scores = b["rewards"] + penalty
@@ -586,7 +586,7 @@ class Trainer:
                  "turns": sum(len(e.turns) for e in episodes) / len(episodes), **stats,
                  **{f"time_{k}": v for k, v in times.items()}}
         if b.get("ref_logprobs") is not None:
-            local["kl_ref"] = float(ppo.masked_mean(kl_k1(b["old_logprobs"], b["ref_logprobs"]), mask))
+            local["kl_ref"] = float(ppo.masked_mean(ppo.kl_k1(b["old_logprobs"], b["ref_logprobs"]), mask))
             self.kl_ctl.update(all_reduce_mean({"kl": local["kl_ref"]}, self.world)["kl"], len(episodes) * self.world)
         metrics = {"kind": "train", "step": step, **all_reduce_mean(local, self.world), "kl_coef": self.kl_ctl.value}
         return metrics
