@@ -249,7 +249,7 @@ def build_models(cfg: Config, model_dir: Path, device) -> Models:
     policy = Transformer.from_pretrained(model_dir, dtype=dtype, device=device,
                                          value_head=uses_critic and cfg.critic == "head")
     if cfg.lora_rank:
-        policy.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
+        add_lora(policy, cfg)
     reference = None
     if cfg.kl_coef > 0 and not cfg.lora_rank:
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -260,6 +260,10 @@ def build_models(cfg: Config, model_dir: Path, device) -> Models:
             critic.lm_head.requires_grad_(False)
     critic_scorer = Scorer(critic, cfg.temperature, cfg.logprob_chunk) if critic else None
     return Models(policy, critic, reference, Scorer(policy, cfg.temperature, cfg.logprob_chunk), critic_scorer)
+
+
+def add_lora(model: Transformer, cfg: Config) -> None:
+    model.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
 
 
 def wrap(module: Scorer, cfg: Config, world: int) -> nn.Module:
@@ -334,7 +338,7 @@ def forward_in_chunks(scorer: nn.Module, b: dict, micro: int, want_logprobs=True
 def advantages(cfg: Config, b: dict, kl_coef: float, group_ids: torch.Tensor):
     """Rewards -> (token advantages, value targets, value mask, old values) for the chosen estimator."""
     mask = b["mask"]
-    reward_kl = kl_coef if cfg.kl_placement == "reward" else 0.0
+    reward_kl, _ = ppo.split_kl_coef(cfg.kl_placement, kl_coef)
     kl = ppo.kl_k1(b["old_logprobs"], b["ref_logprobs"]) if b["ref_logprobs"] is not None else None
     penalty = ppo.apply_truncation_penalty(torch.zeros_like(b["rewards"]), b["truncated"], cfg.truncation_penalty)
     if cfg.algo == "grpo":
@@ -357,7 +361,7 @@ def ppo_update(cfg: Config, models: Models, optimizers: list, b: dict, kl_coef: 
     skips the optimizer step (the weights are untouched)."""
     stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "grad_norm")}
     skipped = 0
-    loss_kl = kl_coef if cfg.kl_placement == "loss" else 0.0
+    _, loss_kl = ppo.split_kl_coef(cfg.kl_placement, kl_coef)
     n = b["inputs"].shape[0]
     for micro_batches in ppo.minibatches(n, cfg.minibatch_size, cfg.micro_batch_size, cfg.ppo_epochs, generator):
         tokens_in_step = sum(int(b["mask"][idx].sum()) for idx in micro_batches)
@@ -463,6 +467,7 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed()
         if cfg.tasks_per_step % self.world:
             raise ValueError(f"--tasks_per_step {cfg.tasks_per_step} must be a multiple of the {self.world} ranks")
+        ppo.split_kl_coef(cfg.kl_placement, cfg.kl_coef)  # an unknown placement fails here, not at step 0
         if cfg.algo == "grpo" and cfg.kl_placement == "reward" and cfg.kl_coef > 0:
             raise ValueError("--algo grpo puts the KL in the loss (k3): use --kl_placement loss or --kl_coef 0")
         torch.manual_seed(cfg.seed)
@@ -650,10 +655,9 @@ class Trainer:
         model = unwrap(scorer).model
         copy_ = Transformer(model.config, value_head=model.value_head is not None)
         if self.cfg.lora_rank:
-            copy_.add_lora(self.cfg.lora_rank, self.cfg.lora_alpha, tuple(self.cfg.lora_targets.split(",")))
+            add_lora(copy_, self.cfg)
         copy_.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
         return copy_.to(DTYPES[self.cfg.dtype])
-
 
     def _load_checkpoint_weights(self) -> dict:
         """Load the saved policy/critic weights into the unwrapped models; return the trainer state."""
