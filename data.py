@@ -12,6 +12,7 @@ import ast
 import gzip
 import json
 import random
+import re
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -587,6 +588,21 @@ def synthetic_compositions() -> dict[str, list[tuple[str, str, str]]]:
             return {s: sorted(ts) for s, ts in splits.items()}
 
 
+def _run_own(code: str):
+    """The function f of one of our own generated programs (a reference, or one with classic bugs put in), to
+    compute expected values in-process; the sandbox tests check the references separately."""
+    namespace = {}
+    exec(code, namespace)
+    return namespace["f"]
+
+
+def _same(candidate, reference, xs) -> bool:
+    try:
+        return candidate(xs) == reference(xs)
+    except Exception:
+        return False
+
+
 def _composition_task(filt: str, mapping: str, reduction: str, rng: random.Random, split: str) -> Task:
     fk = rng.choice(_FILTER_K[filt]) if filt in _FILTER_K else None
     mk = rng.choice(_MAP_K[mapping]) if mapping in _MAP_K else None
@@ -599,14 +615,47 @@ def _composition_task(filt: str, mapping: str, reduction: str, rng: random.Rando
     else:
         body = body.format(G=generator)
     reference = f"def f(xs):\n    return {body}\n"
-    namespace = {}
-    exec(reference, namespace)   # our own reference, to compute expected values; checked in the sandbox by tests
     inputs = [[rng.randint(-9, 9) for _ in range(rng.randint(3, 8))] for _ in range(4)] + [[]]
-    tests = [Test(kind="call", call=f"f({xs!r})", expected=repr(namespace["f"](xs))) for xs in inputs]
+    f = _run_own(reference)
+    for site in bug_sites(reference):  # the tests must catch each classic bug that changes the result
+        buggy = _run_own(with_bugs(reference, [site]))
+        if all(_same(buggy, f, xs) for xs in inputs):
+            # one-element lists first: an off-by-one inside max/min shows only on the boundary value alone
+            draws = [[v] for v in range(-9, 10)] + [[rng.randint(-9, 9) for _ in range(rng.randint(3, 8))]
+                                                   for _ in range(50)]
+            catch = next((xs for xs in draws if not _same(buggy, f, xs)), None)
+            if catch is not None:  # None: harmless here (e.g. x <= 0 for x < 0 in a sum), another right answer
+                inputs.insert(-1, catch)
+    tests = [Test(kind="call", call=f"f({xs!r})", expected=repr(f(xs))) for xs in inputs]
     task_id = f"synth/{split}/{reduction}-{mapping}{mk or ''}-{filt}{fk or ''}"   # e.g. sum-plus3-gt2
     prompt = f"Write f(xs) that returns {sentence.format(M=m_text, F=f_text)}."
-    return Task(task_id=task_id, prompt=prompt, public_tests=tests[:1], private_tests=tests, entry_point="f",
-                reference_solution=reference, tags=("composition",))
+    # public: the first input and the empty list, so the feedback can show an empty max/min failing
+    return Task(task_id=task_id, prompt=prompt, public_tests=[tests[0], tests[-1]], private_tests=tests,
+                entry_point="f", reference_solution=reference, tags=("composition",))
+
+
+# Classic bugs, the near misses a code model learns from a real corpus. The warm start's demonstrations contain
+# them at a set rate (sft.warm_start_examples), so the warm-started policy writes them on held-out tasks too and
+# execution feedback has something general to remove. Each is (name, pattern, replacement) on a reference body.
+CLASSIC_BUGS = [("no default for an empty max/min", r", default=0\)", ")"),
+                ("off by one in a comparison", r"x (>|<) (\d+)", r"x \1= \2"),
+                ("remainder used as a truth value", r"x % (\d+) == 0", r"x % \1"),
+                ("x * 2 for the square", r"x \* x", "x * 2"),
+                ("~x for the negative", r"-x for", "~x for"),
+                ("sorted instead of in order", r"return \[(.*)\]$", r"return sorted([\1])"),
+                ("sum instead of a count", r"return len\(\[", "return sum([")]
+
+
+def bug_sites(code: str) -> list[tuple[str, str]]:
+    """(pattern, replacement) of every classic bug that applies to `code`."""
+    return [(pattern, repl) for _, pattern, repl in CLASSIC_BUGS if re.search(pattern, code, flags=re.M)]
+
+
+def with_bugs(code: str, sites: list[tuple[str, str]]) -> str:
+    """`code` with the given classic bugs put in."""
+    for pattern, repl in sites:
+        code = re.sub(pattern, repl, code, flags=re.M)
+    return code
 
 
 # Slow/fast pairs: both correct; the large private test makes the slow one cost tens of ms of CPU more.
@@ -643,20 +692,24 @@ def _lookup_task(k: int, split: str) -> Task:
 
 def _slow_fast_tasks(split: str) -> list[Task]:
     """The slow/fast family split by its constant k, with the same fixed seed as the compositions."""
-    pairs = [(_multiples_task, k) for k in range(1, 10)] + [(_lookup_task, k) for k in range(0, 10)]
+    pairs = [(_multiples_task, k) for k in range(1, 21)] + [(_lookup_task, k) for k in range(0, 20)]
     random.Random(_SPLIT_SEED).shuffle(pairs)
     n_test, n_val = round(0.2 * len(pairs)), round(0.1 * len(pairs))
     chosen = {"test": pairs[:n_test], "validation": pairs[n_test:n_test + n_val], "train": pairs[n_test + n_val:]}
     return [make(k, split) for make, k in chosen[split]]
 
 
-def synthetic_tasks(split: str, seed: int = 0, instances: int = 2) -> list[Task]:
+def synthetic_tasks(split: str, seed: int = 0, instances: int | None = None) -> list[Task]:
     """Synthetic tasks of one split ("train", "validation", "test"), deterministic given the seed.
 
     Which compositions (and slow/fast constants) belong to which split is fixed, independent of `seed`;
     `seed` draws the constants k and the test inputs. A composition with a constant gets `instances` tasks
-    (different k where possible); without one it gets one task. Tags: "composition" or "slow_fast".
+    (different k where possible; default 5 for train, so the model must read k from the prompt rather than
+    remember it, and 2 for the held-out splits); without one it gets one task. Tags: "composition" or
+    "slow_fast".
     """
+    if instances is None:
+        instances = 5 if split == "train" else 2
     if split not in ("train", "validation", "test"):
         raise ValueError(f"synthetic_tasks: split must be 'train', 'validation' or 'test', got {split!r}")
     rng = random.Random(f"{split}-{seed}")

@@ -9,7 +9,10 @@ A demonstration is a chat: the task message, then the assistant's answer "```pyt
 end-of-turn token. The loss is the mean negative log-likelihood of the trained assistant tokens only.
 
 The warm start's demonstrations (`warm_start_examples`):
-- every task's reference solution;
+- every task's reference solution, `copies` times, each copy carrying each applicable classic bug of
+  data.CLASSIC_BUGS (a missing `default=0`, `>=` for `>`, ...) with probability `bug_rate`. A real model learns
+  from a corpus with bugs in it; so does this one, and it writes them on held-out tasks too. Execution feedback
+  is what removes them, which is the part of RL for code the demo shows;
 - for slow/fast tasks also the slow solution, so the warm-started policy writes both and the time reward has a
   choice to act on (RL then shifts the mix; without the time reward nothing favours either);
 - repair demonstrations, the multi-turn format of RLEF: a wrong first answer (another task's reference), the
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from kernels import fused_linear_logprobs
+from data import bug_sites, with_bugs
 from reward import feedback_text
 from rollout import task_message
 
@@ -55,9 +59,9 @@ def repair_demonstration(tokenizer, user_message: str, wrong_code: str, feedback
 
 
 def repair_pairs(tasks, count: int, seed: int) -> list[tuple[object, str]]:
-    """Up to `count` (task, wrong program) pairs. The wrong program is the reference of another task with the
-    same signature (same first line), the kind of near miss a small model makes; it must still be checked
-    against the public tests, since two tasks can agree on them."""
+    """Up to `count` (task, wrong program) pairs. The wrong program is the task's reference with one classic bug
+    in it, or, for a task without one, the reference of another task with the same signature (same first line).
+    Either must still be checked against the public tests, which may not tell it apart."""
     rng = random.Random(seed)
     by_signature: dict[str, list] = {}
     for t in tasks:
@@ -66,6 +70,10 @@ def repair_pairs(tasks, count: int, seed: int) -> list[tuple[object, str]]:
     pairs = []
     candidates = [t for t in tasks if t.reference_solution and t.public_tests]
     for task in rng.sample(candidates, min(count, len(candidates))):
+        sites = bug_sites(task.reference_solution)
+        if sites:
+            pairs.append((task, with_bugs(task.reference_solution, [rng.choice(sites)])))
+            continue
         others = [o for o in by_signature[task.reference_solution.splitlines()[0]] if o is not task
                   and o.reference_solution != task.reference_solution]
         if others:
@@ -73,13 +81,21 @@ def repair_pairs(tasks, count: int, seed: int) -> list[tuple[object, str]]:
     return pairs
 
 
+def corpus_copy(code: str, bug_rate: float, rng: random.Random) -> str:
+    """One demonstration of `code`: each classic bug that applies goes in with probability `bug_rate`."""
+    return with_bugs(code, [site for site in bug_sites(code) if rng.random() < bug_rate])
+
+
 def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: bool = True, repairs: int = 0,
-                        pool=None, seed: int = 0) -> list[tuple[list[int], list[bool]]]:
+                        copies: int = 1, bug_rate: float = 0.0, pool=None,
+                        seed: int = 0) -> list[tuple[list[int], list[bool]]]:
     """The warm start's demonstrations (module docstring). `repairs` > 0 needs a SandboxPool for the feedback."""
+    rng = random.Random(seed)
     examples = []
     for t in tasks:
-        if t.reference_solution:
-            examples.append(demonstration(tokenizer, task_message(t, instruction), t.reference_solution))
+        for _ in range(copies if t.reference_solution else 0):
+            examples.append(demonstration(tokenizer, task_message(t, instruction),
+                                          corpus_copy(t.reference_solution, bug_rate, rng)))
         if slow_solutions and t.slow_solution:
             examples.append(demonstration(tokenizer, task_message(t, instruction), t.slow_solution))
     if repairs:
@@ -160,7 +176,8 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
 
 
 def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
-               seed: int, instruction: str, log=print, slow_solutions: bool = True, repairs: int = 0) -> Path:
+               seed: int, instruction: str, log=print, slow_solutions: bool = True, repairs: int = 0,
+               copies: int = 1, bug_rate: float = 0.0) -> Path:
     """Train a fresh model on demonstrations (`warm_start_examples`) and save it as an HF checkpoint.
 
     Cached: the folder name holds a hash of everything that determines the weights (model config, optimiser
@@ -174,6 +191,7 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
         raise ValueError("warm_start: none of the tasks has a reference_solution to learn from")
     key = json.dumps({"config": model_config.to_hf(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
                       "instruction": instruction, "slow": slow_solutions, "repairs": repairs,
+                      "copies": copies, "bug_rate": bug_rate,
                       "tasks": hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()},
                      sort_keys=True)
     path = Path(out_dir) / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -183,7 +201,7 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     pool = SandboxPool(2, Limits(timeout_s=2.0)) if repairs else None
     try:
         examples = warm_start_examples(tokenizer, tasks, instruction, slow_solutions=slow_solutions,
-                                       repairs=repairs, pool=pool, seed=seed)
+                                       repairs=repairs, copies=copies, bug_rate=bug_rate, pool=pool, seed=seed)
     finally:
         if pool is not None:
             pool.close()

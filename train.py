@@ -30,11 +30,11 @@ from torch import nn
 
 import ppo
 import data
-from evaluate import summarize, task_results
+from evaluate import fast_share_records, summarize, summarize_fast_share, task_results
 from kernels import fused_linear_logprobs
 from model import ModelConfig, Transformer
 from plot import write_plot
-from reward import RewardConfig
+from reward import RewardConfig, TimeReward
 from rollout import INSTRUCTION, RolloutConfig, RolloutWorker, collate, model_sampler
 from sandbox import Limits, SandboxPool
 from sft import train_sft, warm_start
@@ -77,6 +77,8 @@ class Config:
     max_grad_norm: float = arg(1.0, "gradient clipping")
     lr: float = arg(1e-6, "policy learning rate")
     critic_lr: float = arg(1e-5, "critic learning rate (critic=separate)")
+    warmup_steps: int = arg(0, "iterations of linear learning-rate warm-up: Adam's first updates are the size of "
+                               "the lr whatever the gradient's noise, before its moment estimates settle")
     ppo_epochs: int = arg(2, "passes over each batch of episodes")
     minibatch_size: int = arg(32, "episodes per optimizer step (per rank)")
     micro_batch_size: int = arg(8, "episodes per forward/backward (gradient accumulation)")
@@ -107,6 +109,8 @@ class Config:
     eval_tasks: int = arg(0, "held-out tasks to evaluate on (0 = all)")
     eval_samples: int = arg(5, "single-turn samples per task for pass@k")
     eval_temperature: float = arg(0.2, "sampling temperature for evaluation")
+    eval_episodes: int = arg(1, "multi-turn episodes per task for 1@3")
+    fast_share_samples: int = arg(0, "samples per held-out slow/fast task for the fast share (0 = skip)")
     out_dir: str = arg("out", "metrics.jsonl, checkpoint/, samples.txt, plot.png")
     save_every: int = arg(0, "checkpoint every k steps (0 = only at the end)")
     resume: bool = arg(False, "continue from out_dir/checkpoint exactly (same data order and metrics)")
@@ -117,16 +121,22 @@ class Config:
     tiny_hidden: int = arg(256, "hidden size of the tiny model")
     tiny_warmstart_lr: float = arg(3e-3, "peak learning rate of the tiny warm start (batch 32, cosine decay)")
     tiny_repairs: int = arg(0, "two-turn repair demos (wrong answer, feedback, right answer) in the warm start")
+    tiny_copies: int = arg(1, "demonstrations per training task in the warm start")
+    tiny_bug_rate: float = arg(0.0, "chance that each classic bug (data.CLASSIC_BUGS) is in a demonstration")
     cache_dir: str = arg(".cache", "where the tiny warm-start checkpoint is cached between runs")
 
 
 PRESETS = {
     # 0.8M parameters (hidden 128, 4 layers), byte-level tokens, synthetic tasks: about 7 min on 2 CPU cores.
     "tiny": dict(tokenizer="bytes", dataset="synthetic", instruction="",  # short prompts: bytes are tokens
-                 tiny_hidden=128, tiny_layers=4, warmstart_steps=300, tiny_warmstart_lr=3e-3, tiny_repairs=0,
-                 critic="head", lr=3e-5, kl_coef=0.05, max_new_tokens=112, tasks_per_step=16, samples_per_task=4,
-                 minibatch_size=32, micro_batch_size=16, ppo_epochs=2, steps=12, time_weight=0.5,
-                 gen_batch_size=64, eval_samples=4, eval_temperature=0.2, test_timeout=2.0, sandbox_workers=2),
+                 tiny_hidden=128, tiny_layers=4, warmstart_steps=600, tiny_warmstart_lr=3e-3, tiny_repairs=128,
+                 tiny_bug_rate=0.3,
+                 algo="expert_iteration", lr=3e-4, warmup_steps=2, critic="head", kl_coef=0.05, max_new_tokens=112,
+                 tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
+                 steps=12, time_weight=0.5, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
+                 eval_episodes=1, fast_share_samples=8, test_timeout=2.0, sandbox_workers=2,
+                 # policy-gradient updates on this small model collapse at the expert-iteration rate
+                 per_algo={"ppo": dict(lr=1e-4), "grpo": dict(lr=1e-4)}),
     # Real checkpoints: put the HF folder at --model_dir. bf16 weights; see README for memory notes.
     "llama-3.2-1b": dict(dtype="bfloat16", dataset="mbpp", lr=1e-6, critic_lr=1e-5, micro_batch_size=4),
     "qwen3-0.6b": dict(dtype="bfloat16", dataset="mbpp", lr=1e-6, critic_lr=1e-5, micro_batch_size=4),
@@ -151,7 +161,10 @@ def parse_config(argv=None) -> Config:
     preset = args.get("preset", Config.preset)
     if preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    return Config(**{**PRESETS[preset], **args})
+    defaults = dict(PRESETS[preset])
+    per_algo = defaults.pop("per_algo", {})
+    algo = args.get("algo", defaults.get("algo", Config.algo))
+    return Config(**{**defaults, **per_algo.get(algo, {}), **args})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,20 +454,28 @@ def maybe_no_sync(module, sync: bool):
 def expert_iteration_update(cfg: Config, models: Models, optimizers: list, b: dict, passed: torch.Tensor,
                             generator) -> dict:
     """ReST-EM (Singh et al. 2023): maximise the likelihood of the final turn of every passing episode.
+
+    Each kept turn is weighted by its reward (reward-weighted regression, Peters & Schaal 2007): 1 for a pass,
+    so with no time reward this is ReST-EM's binary filter exactly; with one, a fast program weighs up to
+    1 + time_weight and a slow one down to 1 - time_weight, which is how the time reward reaches this method.
     Failing episodes get weight 0 instead of being dropped, so every rank runs the same number of backward
     passes (DDP needs that)."""
-    last_turn = b["turn_ids"] == (b["turn_mask"].sum(1, keepdim=True) - 1)
-    keep = b["mask"] & last_turn & passed[:, None]
+    n_turns = b["turn_mask"].sum(1, keepdim=True)                                   # (B, 1)
+    last_turn = b["turn_ids"] == (n_turns - 1)
+    final_reward = b["turn_rewards"].gather(1, n_turns - 1).clamp(min=0)            # (B, 1)
+    keep = (b["mask"] & last_turn & passed[:, None]) * final_reward                 # (B, T) weights
     losses = []
     for micro_batches in ppo.minibatches(b["inputs"].shape[0], cfg.minibatch_size, cfg.micro_batch_size,
                                          cfg.ppo_epochs, generator):
-        kept = max(sum(int(keep[idx].sum()) for idx in micro_batches), 1)
+        kept = max(sum(int((keep[idx] > 0).sum()) for idx in micro_batches), 1)
+        minibatch_loss = 0.0  # each micro-batch's part is already divided by the minibatch's count: sum them
         for j, idx in enumerate(micro_batches):
             with maybe_no_sync(models.scorer, j == len(micro_batches) - 1):
                 logp, _, _ = models.scorer(b["inputs"][idx], b["targets"][idx])
                 loss = -(logp * keep[idx]).sum() / kept
                 loss.backward()
-            losses.append(loss.item())
+            minibatch_loss += loss.item()
+        losses.append(minibatch_loss)
         clip_and_step(optimizers, cfg.max_grad_norm, [])
     return {"sft_loss": sum(losses) / len(losses)}
 
@@ -499,6 +520,7 @@ class Trainer:
                                     gen_batch_size=cfg.gen_batch_size, instruction=cfg.instruction,
                                     max_episode_tokens=self.models.policy.config.max_position_embeddings)
         self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
+        self.eval_timer = TimeReward.from_config(self.pool, reward_cfg)  # times held-out programs: fast share
         self.start_step = self._load_trainer_state(state) if state is not None else 0
 
     # -- setup helpers -------------------------------------------------------------------------------------------
@@ -512,7 +534,7 @@ class Trainer:
         if self.rank == 0:
             path = warm_start(Path(cfg.cache_dir), self.tokenizer, self.train_tasks, config,
                               steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, seed=cfg.seed,
-                              repairs=cfg.tiny_repairs,
+                              repairs=cfg.tiny_repairs, copies=cfg.tiny_copies, bug_rate=cfg.tiny_bug_rate,
                               instruction=cfg.instruction, log=self.log)
         return Path(broadcast_object(path, self.world))
 
@@ -544,8 +566,16 @@ class Trainer:
     def generator(self, step: int, salt: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(hash((self.cfg.seed, step, self.rank, salt)) % 2**62)
 
+    def set_learning_rates(self, step: int):
+        """Linear warm-up over the first warmup_steps iterations; a function of the step, so resume is exact."""
+        scale = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
+        for opt, base in zip(self.optimizers, (self.cfg.lr, self.cfg.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = base * scale
+
     def train_step(self, step: int) -> dict:
         cfg, m = self.cfg, self.models
+        self.set_learning_rates(step)
         tasks, groups = self.step_tasks(step)
         times = {}
         t0 = time.perf_counter()
@@ -604,10 +634,14 @@ class Trainer:
                                 1.0, torch.Generator(self.device).manual_seed(cfg.seed + 12345))
         t0 = time.perf_counter()
         with full_params(self.models.scorer, cfg.fsdp):
-            records, episodes = task_results(self.worker, sampler, mine, cfg.eval_samples, cfg.max_turns)
-        records = gather_objects(records, self.world)
+            records, episodes = task_results(self.worker, sampler, mine, cfg.eval_samples, cfg.max_turns,
+                                             cfg.eval_episodes)
+            slow_fast = [t for t in mine if "slow_fast" in t.tags]
+            fast = fast_share_records(self.worker, sampler, slow_fast, cfg.fast_share_samples, self.eval_timer) \
+                if cfg.fast_share_samples and slow_fast else []
+        records, fast = gather_objects(records, self.world), gather_objects(fast, self.world)
         metrics = {"kind": "eval", "label": label, "step": step, **summarize(records, (1, cfg.eval_samples)),
-                   "time_eval": time.perf_counter() - t0}
+                   **(summarize_fast_share(fast) if fast else {}), "time_eval": time.perf_counter() - t0}
         if self.rank == 0:
             with open(self.out / f"samples-{label}.txt", "w") as f:
                 # episodes with the most turns first: those show the sandbox's feedback to the model
@@ -783,7 +817,8 @@ def format_step(m: dict, steps: int) -> str:
 
 
 def format_eval(m: dict) -> str:
-    scores = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("pass@", "1@", "turn1")))
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("pass@", "1@", "turn1"))
+                       or k == "fast_share")
     return f"eval[{m['label']}] {m['tasks']} tasks  {scores}  ({m['time_eval']:.0f}s)"
 
 
@@ -794,7 +829,7 @@ def main(argv=None):
         before, after = trainer.fit()
         if before is not None:
             trainer.log("\n" + "\n".join(f"{k:>12}: {before[k]:.3f} -> {after[k]:.3f}" for k in after
-                                         if k.startswith(("pass@", "1@", "turn1"))))
+                                         if k.startswith(("pass@", "1@", "turn1")) or k == "fast_share"))
     finally:
         trainer.pool.close()
         if dist.is_initialized():

@@ -426,7 +426,9 @@ def test_synthetic_task_shape():
     tasks = [t for s in SPLITS for t in data.synthetic_tasks(s, 0)]
     assert len({t.task_id for t in tasks}) == len(tasks)
     for task in tasks:
-        assert task.entry_point == "f" and task.public_tests == task.private_tests[:1]
+        # public: the first private test, and for compositions also the empty list (the last private test)
+        public = task.private_tests[:1] + (task.private_tests[-1:] if "composition" in task.tags else [])
+        assert task.entry_point == "f" and task.public_tests == public
         assert task.reference_solution.startswith("def f(") and len(task.prompt) < 160
         assert all(t.kind == "call" for t in task.private_tests)
         assert ("slow_fast" in task.tags) == (task.slow_solution is not None)

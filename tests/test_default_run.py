@@ -69,16 +69,18 @@ def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
     assert 1 <= len(repaired) <= 8
     for ids, mask in repaired:
         text = tok.decode(ids)
-        assert "Your code failed the following tests:" in text and "but got" in text
+        assert "Your code failed the following tests:" in text and ("but got" in text or "Error" in text)
         answer = tok.decode([x for x, m in zip(ids, mask) if m])
         assert text.endswith(answer) and text.count("```python") == 2  # only the second answer is trained
     with pytest.raises(ValueError, match="sandbox pool"):
         warm_start_examples(tok, tasks, "", repairs=4)
 
 
-def test_repair_pairs_use_another_task_of_the_same_signature():
-    tasks = data.synthetic_tasks("train", 0)
-    for task, wrong in repair_pairs(tasks, 40, seed=1):
+def test_repair_pairs_without_a_classic_bug_use_another_task_of_the_same_signature():
+    tasks = [t for t in data.synthetic_tasks("train", 0) if not data.bug_sites(t.reference_solution)]
+    pairs = repair_pairs(tasks, 40, seed=1)
+    assert len(pairs) >= 20
+    for task, wrong in pairs:
         assert wrong != task.reference_solution
         assert wrong.splitlines()[0] == task.reference_solution.splitlines()[0]
 
@@ -147,7 +149,8 @@ def run_train(argv, timeout=600):
 def short_run(tmp_path_factory):
     """The default pipeline end to end (warm start, eval, multi-turn PPO, eval, table, plot, samples),
     shortened to fit CI: 8 synthetic tasks that both train and evaluate, the preset's model with a 150-step
-    warm start, 8 RL steps at lr 1e-4. The time reward is off: CPU timings vary from run to run, and without
+    warm start (classic bugs in the demonstrations, as in the preset), 8 steps of the preset's algorithm (expert
+    iteration) at its learning rate. The time reward is off: CPU timings vary from run to run, and without
     them the run is deterministic, so the verdicts below are too. Run once; the tests below read its outputs."""
     root = tmp_path_factory.mktemp("short_run")
     tasks = data.synthetic_tasks("train", 0)
@@ -156,8 +159,7 @@ def short_run(tmp_path_factory):
     warm = ["--dataset", "tasks", "--data_path", str(root / "tasks.jsonl"), "--cache_dir", str(root / "cache"),
             "--warmstart_steps", "150"]
     argv = [*warm, "--out_dir", str(root / "out"), "--steps", "8", "--tasks_per_step", "4", "--samples_per_task",
-            "8", "--lr", "1e-4", "--minibatch_size", "32", "--micro_batch_size", "16", "--eval_samples", "8",
-            "--eval_temperature", "1.0", "--time_weight", "0"]
+            "8", "--minibatch_size", "32", "--micro_batch_size", "16", "--eval_samples", "8", "--time_weight", "0"]
     proc = run_train(argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, warm, proc
@@ -187,8 +189,6 @@ def test_shortened_default_run_writes_everything(short_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 6 open: RL on the tiny preset does not yet raise the pass rate "
-                   "(measured 0.750 -> 0.703 here; see the issue-6 note). strict: remove this mark once it does")
 def test_shortened_default_run_learns(short_run):
     root, _, _ = short_run
     _, (before, after) = read_metrics(root / "out" / "metrics.jsonl")
