@@ -110,7 +110,7 @@ class Config:
     eval_samples: int = arg(5, "single-turn samples per task for pass@k")
     eval_temperature: float = arg(0.2, "sampling temperature for evaluation")
     eval_episodes: int = arg(1, "multi-turn episodes per task for 1@3")
-    fast_share_samples: int = arg(0, "samples per held-out slow/fast task for the fast share (0 = skip)")
+    fast_share_samples: int = arg(0, "samples per training slow/fast task for the fast share (0 = skip)")
     out_dir: str = arg("out", "metrics.jsonl, checkpoint/, samples.txt, plot.png")
     save_every: int = arg(0, "checkpoint every k steps (0 = only at the end)")
     resume: bool = arg(False, "continue from out_dir/checkpoint exactly (same data order and metrics)")
@@ -134,7 +134,7 @@ PRESETS = {
                  algo="expert_iteration", lr=3e-4, warmup_steps=2, critic="head", kl_coef=0.05, max_new_tokens=112,
                  tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=12, time_weight=0.5, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
-                 eval_episodes=1, fast_share_samples=8, test_timeout=2.0, sandbox_workers=2,
+                 eval_episodes=1, fast_share_samples=4, test_timeout=2.0, sandbox_workers=2,
                  # policy-gradient updates on this small model collapse at the expert-iteration rate
                  per_algo={"ppo": dict(lr=1e-4), "grpo": dict(lr=1e-4)}),
     # Real checkpoints: put the HF folder at --model_dir. bf16 weights; see README for memory notes.
@@ -588,6 +588,10 @@ class Trainer:
         passed = torch.tensor([ep.passed for ep in episodes], device=self.device)
         t0 = time.perf_counter()
         if cfg.algo == "expert_iteration":
+            if self.ref_scorer is not None or cfg.lora_rank:  # no KL term in the loss; logged for the plot
+                with torch.no_grad():
+                    b["old_logprobs"], _ = forward_in_chunks(m.scorer, b, cfg.micro_batch_size)
+                b["ref_logprobs"] = self.reference_logprobs(b)
             stats = expert_iteration_update(cfg, m, self.optimizers, b, passed, self.generator(step, 1))
             times["update"] = time.perf_counter() - t0
             return self.step_metrics(step, episodes, b, stats, times)
@@ -636,7 +640,9 @@ class Trainer:
         with full_params(self.models.scorer, cfg.fsdp):
             records, episodes = task_results(self.worker, sampler, mine, cfg.eval_samples, cfg.max_turns,
                                              cfg.eval_episodes)
-            slow_fast = [t for t in mine if "slow_fast" in t.tags]
+            # the training split's slow/fast tasks: the held-out ones are too few, and too rarely solved, to
+            # give a share worth reading; the time reward's effect on the policy's choice shows on either
+            slow_fast = [t for t in self.train_tasks[self.rank::self.world] if "slow_fast" in t.tags]
             fast = fast_share_records(self.worker, sampler, slow_fast, cfg.fast_share_samples, self.eval_timer) \
                 if cfg.fast_share_samples and slow_fast else []
         records, fast = gather_objects(records, self.world), gather_objects(fast, self.world)
