@@ -588,6 +588,30 @@ def synthetic_compositions() -> dict[str, list[tuple[str, str, str]]]:
             return {s: sorted(ts) for s, ts in splits.items()}
 
 
+# Classic bugs, the near misses a code model learns from a real corpus. The warm start's demonstrations contain
+# them at a set rate (sft.warm_start_examples), so the warm-started policy writes them on held-out tasks too and
+# execution feedback has something general to remove. Each is (name, pattern, replacement) on a reference body.
+CLASSIC_BUGS = [("no default for an empty max/min", r", default=0\)", ")"),
+                ("off by one in a comparison", r"x (>|<) (\d+)", r"x \1= \2"),
+                ("remainder used as a truth value", r"x % (\d+) == 0", r"x % \1"),
+                ("x * 2 for the square", r"x \* x", "x * 2"),
+                ("~x for the negative", r"-x for", "~x for"),
+                ("sorted instead of in order", r"return \[(.*)\]$", r"return sorted([\1])"),
+                ("sum instead of a count", r"return len\(\[", "return sum([")]
+
+
+def bug_sites(code: str) -> list[tuple[str, str]]:
+    """(pattern, replacement) of every classic bug that applies to `code`."""
+    return [(pattern, repl) for _, pattern, repl in CLASSIC_BUGS if re.search(pattern, code, flags=re.M)]
+
+
+def with_bugs(code: str, sites: list[tuple[str, str]]) -> str:
+    """`code` with the given classic bugs put in."""
+    for pattern, repl in sites:
+        code = re.sub(pattern, repl, code, flags=re.M)
+    return code
+
+
 def _run_own(code: str):
     """The function f of one of our own generated programs (a reference, or one with classic bugs put in), to
     compute expected values in-process; the sandbox tests check the references separately."""
@@ -632,30 +656,6 @@ def _composition_task(filt: str, mapping: str, reduction: str, rng: random.Rando
     # public: the first input and the empty list, so the feedback can show an empty max/min failing
     return Task(task_id=task_id, prompt=prompt, public_tests=[tests[0], tests[-1]], private_tests=tests,
                 entry_point="f", reference_solution=reference, tags=("composition",))
-
-
-# Classic bugs, the near misses a code model learns from a real corpus. The warm start's demonstrations contain
-# them at a set rate (sft.warm_start_examples), so the warm-started policy writes them on held-out tasks too and
-# execution feedback has something general to remove. Each is (name, pattern, replacement) on a reference body.
-CLASSIC_BUGS = [("no default for an empty max/min", r", default=0\)", ")"),
-                ("off by one in a comparison", r"x (>|<) (\d+)", r"x \1= \2"),
-                ("remainder used as a truth value", r"x % (\d+) == 0", r"x % \1"),
-                ("x * 2 for the square", r"x \* x", "x * 2"),
-                ("~x for the negative", r"-x for", "~x for"),
-                ("sorted instead of in order", r"return \[(.*)\]$", r"return sorted([\1])"),
-                ("sum instead of a count", r"return len\(\[", "return sum([")]
-
-
-def bug_sites(code: str) -> list[tuple[str, str]]:
-    """(pattern, replacement) of every classic bug that applies to `code`."""
-    return [(pattern, repl) for _, pattern, repl in CLASSIC_BUGS if re.search(pattern, code, flags=re.M)]
-
-
-def with_bugs(code: str, sites: list[tuple[str, str]]) -> str:
-    """`code` with the given classic bugs put in."""
-    for pattern, repl in sites:
-        code = re.sub(pattern, repl, code, flags=re.M)
-    return code
 
 
 # Slow/fast pairs: both correct; the large private test makes the slow one cost tens of ms of CPU more.

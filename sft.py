@@ -15,9 +15,9 @@ The warm start's demonstrations (`warm_start_examples`):
   is what removes them, which is the part of RL for code the demo shows;
 - for slow/fast tasks also the slow solution, so the warm-started policy writes both and the time reward has a
   choice to act on (RL then shifts the mix; without the time reward nothing favours either);
-- repair demonstrations, the multi-turn format of RLEF: a wrong first answer (another task's reference), the
-  real sandbox feedback on the public tests, then the right answer. Only the right answer is trained, so the
-  model learns to read feedback, never to write the wrong program.
+- repair demonstrations, the multi-turn format of RLEF: a wrong first answer (the reference with one classic
+  bug, or another task's reference), the real sandbox feedback on the public tests, then the right answer.
+  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program.
 """
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def setup(tmp_path_factory):
 
 
 def args(setup, out, *extra):
-    return ["--model_dir", str(setup / "init"), "--tokenizer", "bytes", "--dataset", "tasks",
+    # PPO unless a test passes another --algo (the last flag wins); the tiny preset's default is expert iteration
+    return ["--model_dir", str(setup / "init"), "--tokenizer", "bytes", "--algo", "ppo", "--dataset", "tasks",
             "--data_path", str(setup / "tasks.jsonl"), "--out_dir", str(out), "--tasks_per_step", "2",
             "--samples_per_task", "8", "--max_turns", "1", "--max_new_tokens", "24", "--eval_samples", "32",
             "--eval_temperature", "1.0", "--lr", "1e-3", "--minibatch_size", "16", "--micro_batch_size", "8",
