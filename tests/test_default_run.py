@@ -139,7 +139,7 @@ def test_sft_batches_never_mix_single_turn_and_repair_demonstrations(pool):
     assert seen == {2, 4}
 
 
-def run_train(argv, timeout=600):
+def run_train(argv, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
