@@ -127,7 +127,7 @@ class Config:
 
 
 PRESETS = {
-    # 0.8M parameters (hidden 128, 4 layers), byte-level tokens, synthetic tasks: about 7 min on 2 CPU cores.
+    # 0.8M parameters (hidden 128, 4 layers), byte-level tokens, synthetic tasks; timings in the README.
     "tiny": dict(tokenizer="bytes", dataset="synthetic", instruction="",  # short prompts: bytes are tokens
                  tiny_hidden=128, tiny_layers=4, warmstart_steps=600, tiny_warmstart_lr=3e-3, tiny_repairs=128,
                  tiny_bug_rate=0.3,
@@ -520,7 +520,7 @@ class Trainer:
                                     gen_batch_size=cfg.gen_batch_size, instruction=cfg.instruction,
                                     max_episode_tokens=self.models.policy.config.max_position_embeddings)
         self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
-        self.eval_timer = TimeReward.from_config(self.pool, reward_cfg)  # times held-out programs: fast share
+        self.eval_timer = TimeReward.from_config(self.pool, reward_cfg)  # times programs for the fast share
         self.start_step = self._load_trainer_state(state) if state is not None else 0
 
     # -- setup helpers -------------------------------------------------------------------------------------------
