@@ -588,10 +588,10 @@ class Trainer:
         passed = torch.tensor([ep.passed for ep in episodes], device=self.device)
         t0 = time.perf_counter()
         if cfg.algo == "expert_iteration":
-            if self.ref_scorer is not None or cfg.lora_rank:  # no KL term in the loss; logged for the plot
+            b["ref_logprobs"] = self.reference_logprobs(b)  # no KL term in the loss; the KL is logged for the plot
+            if b["ref_logprobs"] is not None:
                 with torch.no_grad():
                     b["old_logprobs"], _ = forward_in_chunks(m.scorer, b, cfg.micro_batch_size)
-                b["ref_logprobs"] = self.reference_logprobs(b)
             stats = expert_iteration_update(cfg, m, self.optimizers, b, passed, self.generator(step, 1))
             times["update"] = time.perf_counter() - t0
             return self.step_metrics(step, episodes, b, stats, times)
