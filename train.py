@@ -133,7 +133,7 @@ PRESETS = {
                  tiny_bug_rate=0.3,
                  algo="expert_iteration", lr=3e-4, warmup_steps=2, critic="head", kl_coef=0.05, max_new_tokens=112,
                  tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
-                 steps=12, time_weight=0.5, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
+                 steps=12, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
                  eval_episodes=1, fast_share_samples=4, test_timeout=2.0, sandbox_workers=2,
                  # policy-gradient updates on this small model collapse at the expert-iteration rate
                  per_algo={"ppo": dict(lr=1e-4), "grpo": dict(lr=1e-4)}),
@@ -336,16 +336,43 @@ def shifted(batch: dict) -> dict:
             "turn_rewards": batch["turn_rewards"], "rewards": batch["rewards"], "truncated": batch["truncated"]}
 
 
+def used_length(mask: torch.Tensor) -> int:
+    """Columns up to the last action token of any row in `mask` (B, T): the rest is right padding shared by all
+    rows, and a causal model's outputs before it do not depend on it."""
+    return int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+
+
+def row_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) action mask -> (B,) columns each row needs: up to its last action token (episodes end on one)."""
+    return mask.shape[1] - mask.flip(1).int().argmax(1)
+
+
+def regroup_by_length(micro_batches: list[torch.Tensor], lengths: torch.Tensor, micro: int) -> list[torch.Tensor]:
+    """The same rows (one minibatch) in micro-batches of similar length, shortest first. The minibatch's
+    gradient is the sum over its rows either way; each micro-batch is cut to its own longest row, so grouping
+    one-turn episodes apart from three-turn ones (3x longer) saves most of the padding."""
+    rows = torch.cat(micro_batches)
+    return list(rows[lengths[rows].argsort()].split(micro))
+
+
 @torch.no_grad()
 def forward_in_chunks(scorer: nn.Module, b: dict, micro: int, want_logprobs=True):
-    """Old logprobs and values with the training forward (DESIGN: not the sampler's numbers)."""
-    logps, values = [], []
-    for i in range(0, b["inputs"].shape[0], micro):
-        logp, _, v = unwrap(scorer)(b["inputs"][i:i + micro], b["targets"][i:i + micro], want_logprobs)
-        logps.append(logp)
-        values.append(v)
-    cat = lambda xs: None if xs[0] is None else torch.cat(xs)
-    return cat(logps), cat(values)
+    """Old logprobs and values with the training forward (DESIGN: not the sampler's numbers). Padding holds
+    arbitrary numbers, as in any padded forward: every use masks it. Rows go through shortest first, each chunk cut to its own longest row: multi-turn episodes differ in length
+    up to 3x, and padding every chunk to the batch's longest episode would spend most of the time on padding."""
+    B, T = b["inputs"].shape
+    lengths = row_lengths(b["mask"])
+    logps = values = None
+    for rows in lengths.argsort().split(micro):
+        t = used_length(b["mask"][rows])
+        logp, _, v = unwrap(scorer)(b["inputs"][rows, :t], b["targets"][rows, :t], want_logprobs)
+        if logp is not None:
+            logps = logps if logps is not None else logp.new_zeros(B, T)
+            logps[rows, :t] = logp
+        if v is not None:
+            values = values if values is not None else v.new_zeros(B, T)
+            values[rows, :t] = v
+    return logps, values
 
 
 def advantages(cfg: Config, b: dict, kl_coef: float, group_ids: torch.Tensor):
@@ -375,8 +402,9 @@ def ppo_update(cfg: Config, models: Models, optimizers: list, b: dict, kl_coef: 
     stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "grad_norm")}
     skipped = 0
     _, loss_kl = ppo.split_kl_coef(cfg.kl_placement, kl_coef)
-    n = b["inputs"].shape[0]
+    n, lengths = b["inputs"].shape[0], row_lengths(b["mask"])
     for micro_batches in ppo.minibatches(n, cfg.minibatch_size, cfg.micro_batch_size, cfg.ppo_epochs, generator):
+        micro_batches = regroup_by_length(micro_batches, lengths, cfg.micro_batch_size)
         tokens_in_step = sum(int(b["mask"][idx].sum()) for idx in micro_batches)
         turns_in_step = sum(int(b["value_mask"][idx].sum()) for idx in micro_batches) if b["returns"] is not None else 0
         finite = True
@@ -413,7 +441,7 @@ def clip_and_step(optimizers: list, max_norm: float, norms: list, loss_finite: b
 
 
 def micro_batch_loss(cfg, models, b, idx, loss_kl, tokens_in_step, turns_in_step):
-    T = int(b["mask"][idx].any(0).nonzero().max()) + 1  # trim right padding shared by the micro-batch
+    T = used_length(b["mask"][idx])  # trim right padding shared by the micro-batch
     mask = b["mask"][idx, :T]
     logp, entropy, values = models.scorer(b["inputs"][idx, :T], b["targets"][idx, :T])
     pg, clipfrac, approx_kl = ppo.policy_loss(logp, b["old_logprobs"][idx, :T], b["advantages"][idx, :T], mask,
@@ -452,32 +480,49 @@ def maybe_no_sync(module, sync: bool):
 
 
 def expert_iteration_update(cfg: Config, models: Models, optimizers: list, b: dict, passed: torch.Tensor,
-                            generator) -> dict:
+                            generator, world: int = 1) -> dict:
     """ReST-EM (Singh et al. 2023): maximise the likelihood of the final turn of every passing episode.
 
     Each kept turn is weighted by its reward (reward-weighted regression, Peters & Schaal 2007): 1 for a pass,
     so with no time reward this is ReST-EM's binary filter exactly; with one, a fast program weighs up to
     1 + time_weight and a slow one down to 1 - time_weight, which is how the time reward reaches this method.
-    Failing episodes get weight 0 instead of being dropped, so every rank runs the same number of backward
-    passes (DDP needs that)."""
+    Only rows with weight go through the model (`kept_rows`)."""
     n_turns = b["turn_mask"].sum(1, keepdim=True)                                   # (B, 1)
     last_turn = b["turn_ids"] == (n_turns - 1)
     final_reward = b["turn_rewards"].gather(1, n_turns - 1).clamp(min=0)            # (B, 1)
     keep = (b["mask"] & last_turn & passed[:, None]) * final_reward                 # (B, T) weights
-    losses = []
-    for micro_batches in ppo.minibatches(b["inputs"].shape[0], cfg.minibatch_size, cfg.micro_batch_size,
-                                         cfg.ppo_epochs, generator):
+    rows = kept_rows(keep, world)
+    if rows.numel() == 0:  # nothing passed on any rank: no step (Adam's momentum would still move the weights)
+        return {"sft_loss": 0.0}
+    losses, lengths = [], row_lengths(b["mask"])
+    for micro_batches in ppo.minibatches(rows.numel(), cfg.minibatch_size, cfg.micro_batch_size, cfg.ppo_epochs,
+                                         generator):
+        micro_batches = regroup_by_length([rows[idx] for idx in micro_batches], lengths, cfg.micro_batch_size)
         kept = max(sum(int((keep[idx] > 0).sum()) for idx in micro_batches), 1)
         minibatch_loss = 0.0  # each micro-batch's part is already divided by the minibatch's count: sum them
         for j, idx in enumerate(micro_batches):
+            T = used_length(b["mask"][idx])
             with maybe_no_sync(models.scorer, j == len(micro_batches) - 1):
-                logp, _, _ = models.scorer(b["inputs"][idx], b["targets"][idx])
-                loss = -(logp * keep[idx]).sum() / kept
+                logp, _, _ = models.scorer(b["inputs"][idx, :T], b["targets"][idx, :T])
+                loss = -(logp * keep[idx, :T]).sum() / kept
                 loss.backward()
             minibatch_loss += loss.item()
         losses.append(minibatch_loss)
         clip_and_step(optimizers, cfg.max_grad_norm, [])
     return {"sft_loss": sum(losses) / len(losses)}
+
+
+def kept_rows(keep: torch.Tensor, world: int) -> torch.Tensor:
+    """Indices of the rows of `keep` (B, T) with any weight: the forward and backward passes of the others would
+    only add zeros. DDP needs the same number of backward passes on every rank, so each rank pads its list with
+    zero-weight rows up to the longest list on any rank."""
+    has_weight = (keep > 0).any(1)
+    rows = has_weight.nonzero().squeeze(1)
+    count = torch.tensor([rows.numel()], device=keep.device)
+    if world > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    padding = (~has_weight).nonzero().squeeze(1)[:int(count) - rows.numel()]
+    return torch.cat([rows, padding])
 
 
 class Trainer:
@@ -592,7 +637,7 @@ class Trainer:
             if b["ref_logprobs"] is not None:
                 with torch.no_grad():
                     b["old_logprobs"], _ = forward_in_chunks(m.scorer, b, cfg.micro_batch_size)
-            stats = expert_iteration_update(cfg, m, self.optimizers, b, passed, self.generator(step, 1))
+            stats = expert_iteration_update(cfg, m, self.optimizers, b, passed, self.generator(step, 1), self.world)
             times["update"] = time.perf_counter() - t0
             return self.step_metrics(step, episodes, b, stats, times)
         b["old_logprobs"], b["values"] = forward_in_chunks(m.scorer, b, cfg.micro_batch_size)

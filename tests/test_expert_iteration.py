@@ -220,3 +220,71 @@ def test_failing_episode_contributes_nothing(model0, micro_batch_size):
     _, g_changed = reference_grads(model0, changed, lambda ep, k: 1.0 if k == len(ep.turns) - 1 else 0.0,
                                    kept_tokens(changed) + len(changed[2].turns[-1].code) + 1)
     assert max_gap(base, g_changed) > 1e-3
+
+
+def test_no_passing_episode_leaves_the_weights_untouched(model0):
+    """Nothing to imitate: no optimizer step at all (Adam's momentum would otherwise still move the weights)."""
+    episodes = three_episodes()
+    for ep in episodes:
+        ep.private = sandbox.RunResult(tests=[sandbox.TestResult("wrong_answer")], cpu_time=0.01, wall_time=0.01)
+    stats, delta = run_update(model0, episodes, 2)
+    assert stats["sft_loss"] == 0.0
+    assert all(float(d.abs().max()) == 0.0 for d in delta.values())
+
+
+# --------------------------------------------------------------------------- 3. the batching behind the update
+
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_forward_in_chunks_matches_log_softmax_on_each_unpadded_episode(model0, micro):
+    """Rows go through shortest first, each chunk cut to its longest row; the result must still be every
+    episode's own log-probabilities in its own row."""
+    episodes = three_episodes() + [episode("Print 7.\n", [("act", "print(1)", -1.0), ("obs", "wrong: 1 != 7\n"),
+                                                          ("act", "print(7)", 1.0)], passed=True)]
+    b = train.shifted(collate(episodes, TOK.pad_id))
+    logps, _ = train.forward_in_chunks(train.Scorer(model0, 1.0, 1024), b, micro)
+    assert logps.shape == b["inputs"].shape
+    for row, ep in enumerate(episodes):
+        with torch.no_grad():
+            logp = torch.log_softmax(model0(torch.tensor([ep.tokens[:-1]]))[0].float(), dim=-1)   # (n-1, V)
+        expected = logp.gather(1, torch.tensor(ep.tokens[1:])[:, None]).squeeze(1)
+        n = len(ep.tokens) - 1
+        torch.testing.assert_close(logps[row, :n], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_kept_rows_single_rank_keeps_only_weighted_rows():
+    keep = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.5]])
+    assert train.kept_rows(keep, 1).tolist() == [1, 3]
+
+
+def _kept_rows_rank(rank: int, port: int, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        weighted = {0: [2], 1: [0, 1, 3]}[rank]   # rank 0 keeps 1 row of 4, rank 1 keeps 3
+        keep = torch.zeros(4, 3)
+        keep[weighted, 1] = 1.0
+        results[rank] = train.kept_rows(keep, 2).tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kept_rows_pads_every_rank_to_the_same_count():
+    """DDP needs one backward pass per micro-batch on every rank: the rank with fewer weighted rows pads with
+    zero-weight rows, its weighted rows first."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_kept_rows_rank, args=(port, results), nprocs=2)
+    assert results[1] == [0, 1, 3]
+    assert results[0][0] == 2 and len(results[0]) == 3 and set(results[0][1:]) <= {0, 1, 3}
+
+
+def test_regroup_by_length_keeps_the_rows_and_sorts_them():
+    lengths = torch.tensor([5, 1, 9, 3, 7])
+    groups = train.regroup_by_length([torch.tensor([0, 2]), torch.tensor([3, 4])], lengths, 3)
+    assert [g.tolist() for g in groups] == [[3, 0, 4], [2]]   # lengths 3, 5, 7 | 9; row 1 was never in it
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)   # (B, T) action tokens
+    assert train.row_lengths(mask).tolist() == [2, 3]
