@@ -2,7 +2,7 @@
 whose held-out pass rate must rise.
 
 The shortened run is the default `python train.py` with fewer warm-start steps, fewer RL steps and a subset of
-the held-out tasks; everything else (model, tasks, rewards, multi-turn PPO) is the tiny preset.
+the held-out tasks; everything else (model, tasks, rewards, multi-turn expert iteration) is the tiny preset.
 """
 import json
 import os
@@ -147,7 +147,7 @@ def run_train(argv, timeout=900):
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """The default pipeline end to end (warm start, eval, multi-turn PPO, eval, table, plot, samples),
+    """The default pipeline end to end (warm start, eval, multi-turn RL, eval, table, plot, samples),
     shortened to fit CI: 8 synthetic tasks that both train and evaluate, the preset's model with a 150-step
     warm start (classic bugs in the demonstrations, as in the preset), 8 steps of the preset's algorithm (expert
     iteration) at its learning rate. The time reward is off: CPU timings vary from run to run, and without
