@@ -357,9 +357,11 @@ def regroup_by_length(micro_batches: list[torch.Tensor], lengths: torch.Tensor, 
 
 @torch.no_grad()
 def forward_in_chunks(scorer: nn.Module, b: dict, micro: int, want_logprobs=True):
-    """Old logprobs and values with the training forward (DESIGN: not the sampler's numbers). Padding holds
-    arbitrary numbers, as in any padded forward: every use masks it. Rows go through shortest first, each chunk cut to its own longest row: multi-turn episodes differ in length
-    up to 3x, and padding every chunk to the batch's longest episode would spend most of the time on padding."""
+    """Old logprobs and values with the training forward (DESIGN: not the sampler's numbers).
+
+    Rows go through shortest first, each chunk cut to its own longest row: multi-turn episodes differ in length
+    up to 3x, and padding every chunk to the batch's longest episode would spend most of the time on padding.
+    The padding columns of the result hold arbitrary numbers, as in any padded forward: every use masks them."""
     B, T = b["inputs"].shape
     lengths = row_lengths(b["mask"])
     logps = values = None

@@ -1,6 +1,6 @@
 """The README's "What you should see" table: the default run for several seeds, algorithms and time rewards.
 
-    python bench/experiment_table.py [--seeds 0 1 2] [--algos ppo grpo expert_iteration] [--time_weights 0.5 0]
+    python bench/experiment_table.py [--seeds 0 1 2] [--algos ppo grpo expert_iteration] [--time_weights 1 0]
                                      [--out out/table] [any train.py flag, passed to every run]
 
 Each cell is one `python train.py --seed S --algo A --time_weight W` (the tiny preset), run one after the other
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--algos", nargs="+", default=["ppo", "grpo", "expert_iteration"])
-    ap.add_argument("--time_weights", type=float, nargs="+", default=[0.5, 0.0])
+    ap.add_argument("--time_weights", type=float, nargs="+", default=[1.0, 0.0])
     ap.add_argument("--out", default="out/table")
     return ap.parse_known_args(argv)
 
@@ -60,13 +60,13 @@ def mean_spread(values: list[float]) -> str:
 
 def table(rows: dict) -> str:
     """rows: (algo, time_weight) -> list of {"before", "after"} per seed."""
-    lines = ["| algorithm | time reward | pass@1 before | pass@1 after | 1@3 after | fast share before | "
-             "fast share after |", "|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | time reward | seeds | pass@1 before | pass@1 after | 1@3 after | fast share before | "
+             "fast share after |", "|---|---|---|---|---|---|---|---|"]
     for (algo, tw), runs in rows.items():
         def col(label, key):
             return mean_spread([r[label].get(key) for r in runs])
         one_at_3 = next(k for k in runs[0]["after"] if k.startswith("1@"))
-        lines.append(f"| {algo} | {'on' if tw else 'off'} ({tw:g}) | {col('before', 'pass@1')} | "
+        lines.append(f"| {algo} | {'on' if tw else 'off'} ({tw:g}) | {len(runs)} | {col('before', 'pass@1')} | "
                      f"{col('after', 'pass@1')} | {col('after', one_at_3)} | {col('before', 'fast_share')} | "
                      f"{col('after', 'fast_share')} |")
     return "\n".join(lines)
@@ -82,13 +82,19 @@ def main(argv=None):
             for tw in args.time_weights:
                 rows.setdefault((algo, tw), []).append(run_cell(out, seed, algo, tw, extra))
     print("\n" + table(rows))
-    print("\nper run (pass@1 before -> after, 1@3 after, fast share before -> after):")
+    print("\nper run (pass@1 before -> after, 1@3 after, fast share before -> after (passing slow/fast programs)):")
     for (algo, tw), runs in rows.items():
         for seed, r in zip(args.seeds, runs):
             b, a = r["before"], r["after"]
             one_at_3 = next(k for k in a if k.startswith("1@"))
             print(f"  {algo:17s} tw={tw:g} seed={seed}: {b['pass@1']:.3f} -> {a['pass@1']:.3f}  "
-                  f"{one_at_3} {a[one_at_3]:.3f}  fast {b.get('fast_share')} -> {a.get('fast_share')}")
+                  f"{one_at_3} {a[one_at_3]:.3f}  fast {fast(b)} -> {fast(a)}")
+
+
+def fast(record: dict) -> str:
+    """The fast share and, in brackets, how many passing slow/fast programs it is a share of."""
+    share = record.get("fast_share")
+    return "n/a" if share is None else f"{share:.2f} ({record.get('fast_share_passing')})"
 
 
 if __name__ == "__main__":
