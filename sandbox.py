@@ -87,6 +87,7 @@ class Limits:
 
 @dataclass
 class TestResult:
+    __test__ = False              # not a pytest test class, despite the name
     status: str
     detail: str = ""              # exception + short traceback, or "Expected ... but got ..." (truncated)
     expected: str | None = None   # truncated repr (wrong_answer)
