@@ -7,8 +7,10 @@ Each cell is one `python train.py --seed S --algo A --time_weight W` (the tiny p
 in fresh processes; the warm start of each seed is trained once and cached. A run whose metrics.jsonl already
 holds an "after" evaluation is not run again, so a killed table resumes. Prints a markdown table of the mean and
 sample standard deviation over seeds of held-out pass@1 before and after RL, 1@3 after, and the fast share on
-the slow/fast subset before and after, then the individual runs. 18 runs of the default take about 2 hours on
-2 CPU cores.
+the slow/fast subset before and after, then the individual runs. On 2 CPU cores a seed's warm start takes about
+7 minutes and a run 5-10 (expert iteration is the fastest): about 3 hours for the 18 cells. Two copies of this
+script with OMP_NUM_THREADS=1 and disjoint cells use the 2 cores about as well; let the first run of each seed
+finish its warm start before another run of that seed starts, or both will train it.
 """
 import argparse
 import json
