@@ -10,7 +10,8 @@ sample standard deviation over seeds of held-out pass@1 before and after RL, 1@3
 the slow/fast subset before and after, then the individual runs. On 2 CPU cores a seed's warm start takes about
 7 minutes and a run 5-10 (expert iteration is the fastest): about 3 hours for the 18 cells. Two copies of this
 script with OMP_NUM_THREADS=1 and disjoint cells use the 2 cores about as well; let the first run of each seed
-finish its warm start before another run of that seed starts, or both will train it.
+finish its warm start before another run of that seed starts: two runs would both train it, into the same
+temporary folder, and one of them can fail.
 """
 import argparse
 import json
@@ -60,6 +61,12 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
+def fast(record: dict) -> str:
+    """The fast share and, in brackets, how many passing slow/fast programs it is a share of."""
+    share = record.get("fast_share")
+    return "n/a" if share is None else f"{share:.2f} ({record.get('fast_share_passing')})"
+
+
 def table(rows: dict) -> str:
     """rows: (algo, time_weight) -> list of {"before", "after"} per seed."""
     lines = ["| algorithm | time reward | seeds | pass@1 before | pass@1 after | 1@3 after | fast share before | "
@@ -91,12 +98,6 @@ def main(argv=None):
             one_at_3 = next(k for k in a if k.startswith("1@"))
             print(f"  {algo:17s} tw={tw:g} seed={seed}: {b['pass@1']:.3f} -> {a['pass@1']:.3f}  "
                   f"{one_at_3} {a[one_at_3]:.3f}  fast {fast(b)} -> {fast(a)}")
-
-
-def fast(record: dict) -> str:
-    """The fast share and, in brackets, how many passing slow/fast programs it is a share of."""
-    share = record.get("fast_share")
-    return "n/a" if share is None else f"{share:.2f} ({record.get('fast_share_passing')})"
 
 
 if __name__ == "__main__":
