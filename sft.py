@@ -24,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
 
+import psutil
 import torch
 
 from kernels import fused_linear_logprobs
@@ -211,8 +213,26 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     model = Transformer(model_config)
     train_sft(model, examples, steps=steps, batch_size=batch_size, lr=lr, pad_id=tokenizer.pad_id, seed=seed,
               log=log)
-    tmp = path.with_name(path.name + ".tmp")
+    publish_checkpoint(model, path, log)
+    return path
+
+
+def publish_checkpoint(model, path: Path, log=print) -> None:
+    """Save into a folder of this process's own, then rename it to `path` in one step: a killed run never leaves
+    a half-written cache entry, and two runs training the same warm start at once (two seeds' table cells, two
+    shells) never write into one folder. When the other run renamed first, its checkpoint, trained from the
+    same settings, is kept and ours dropped. Temporary folders of runs that died are removed here."""
+    for stale in path.parent.glob(path.name + ".tmp-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tmp.rename(path)  # atomic: a killed run never leaves a half-written cache entry
-    return path
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+        log(f"warm start: another run saved {path} first; using it")
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -10,8 +10,8 @@ sample standard deviation over seeds of held-out pass@1 before and after RL, 1@3
 the slow/fast subset before and after, then the individual runs. On 2 CPU cores a seed's warm start takes about
 7 minutes and a run 5-10 (expert iteration is the fastest): about 3 hours for the 18 cells. Two copies of this
 script with OMP_NUM_THREADS=1 and disjoint cells use the 2 cores about as well; let the first run of each seed
-finish its warm start before another run of that seed starts: two runs would both train it, into the same
-temporary folder, and one of them can fail.
+finish its warm start before another run of that seed starts, or both will train it (the first one saved is
+kept, `sft.publish_checkpoint`).
 """
 import argparse
 import json

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import data
-from model import ModelConfig
+from model import ModelConfig, Transformer
 from plot import read_metrics, write_plot
 from reward import RewardConfig, feedback_text
 from rollout import RolloutConfig, RolloutWorker, task_message
 from sandbox import SandboxPool
-from sft import format_answer, repair_demonstration, repair_pairs, warm_start, warm_start_examples
+from sft import (format_answer, publish_checkpoint, repair_demonstration, repair_pairs, warm_start,
+                 warm_start_examples)
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,28 @@ def test_warm_start_is_cached(tmp_path):
     assert again == first and len(logs) == trained + 1 and "cached" in logs[-1]
     other = warm_start(tmp_path, tok, tasks, config, **{**kw, "steps": 3})
     assert other != first
+
+
+def test_two_runs_saving_one_warm_start_both_use_a_whole_checkpoint(tmp_path):
+    """Two runs that trained the same warm start at once: the first rename wins, the second keeps that
+    checkpoint and leaves no temporary folder; a temporary folder of a dead process is swept away."""
+    config = ModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    path = tmp_path / "warmstart-abc"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"warmstart-abc.tmp-{int(dead.stdout)}"
+    stale.mkdir()
+    torch.manual_seed(0)
+    first, second = Transformer(config), Transformer(config)
+    logs = []
+    publish_checkpoint(first, path, logs.append)
+    assert not stale.exists() and (path / "config.json").exists() and logs == []
+    publish_checkpoint(second, path, logs.append)
+    assert "another run saved" in logs[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["warmstart-abc"]
+    saved = Transformer.from_pretrained(path)
+    assert torch.equal(saved.lm_head.weight, first.lm_head.weight)
+    assert not torch.equal(saved.lm_head.weight, second.lm_head.weight)
 
 
 def test_plot_reads_metrics_and_skips_cleanly(tmp_path, capsys):
