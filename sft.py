@@ -218,10 +218,11 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
 
 
 def publish_checkpoint(model, path: Path, log=print) -> None:
-    """Save into a folder of this process's own, then rename it to `path` in one step: a killed run never leaves
-    a half-written cache entry, and two runs training the same warm start at once (two seeds' table cells, two
-    shells) never write into one folder. When the other run renamed first, its checkpoint, trained from the
-    same settings, is kept and ours dropped. Temporary folders of runs that died are removed here."""
+    """Save into a folder of this process's own, then rename it to `path` in one step: a killed run never
+    leaves a half-written cache entry, and two runs training the same warm start at once (two table cells of
+    one seed, two shells) never write into one folder. When the other run renamed first, its checkpoint,
+    trained from the same settings, is kept and ours dropped. Temporary folders of runs that died are removed
+    here."""
     for stale in path.parent.glob(path.name + ".tmp-*"):
         pid = stale.name.rsplit("-", 1)[1]
         if not (pid.isdigit() and psutil.pid_exists(int(pid))):
