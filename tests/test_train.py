@@ -69,6 +69,17 @@ def read_metrics(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def test_lr_scale_warms_up_then_decays_by_cosine_to_a_tenth():
+    from train import lr_scale
+    warm = [lr_scale(step, 12, 3, "cosine") for step in range(3)]
+    assert warm == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lr_scale(7, 12, 3, "cosine") == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert lr_scale(11, 12, 3, "cosine") == pytest.approx(0.1)              # the last iteration
+    assert [lr_scale(step, 12, 3, "constant") for step in range(3, 12)] == [1.0] * 9
+    with pytest.raises(ValueError, match="--lr_decay"):
+        lr_scale(5, 12, 3, "linear")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "expert_iteration"])
 def test_reward_rises_on_print_seven(setup, tmp_path, algo):
