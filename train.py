@@ -133,7 +133,7 @@ PRESETS = {
                  tiny_hidden=128, tiny_layers=4, warmstart_steps=600, tiny_warmstart_lr=3e-3, tiny_repairs=128,
                  tiny_bug_rate=0.3,
                  # lr 1e-4 for all three algorithms: at 3e-4 expert iteration gains more on some seeds and
-                 # collapses on others (README, "What you should see")
+                 # falls on others (README, "What you should see")
                  algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="head", kl_coef=0.05, max_new_tokens=112,
                  tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=12, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
