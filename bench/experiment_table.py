@@ -8,7 +8,7 @@ in fresh processes; the warm start of each seed is trained once and cached. A ru
 holds an "after" evaluation is not run again, so a killed table resumes. Prints a markdown table of the mean and
 sample standard deviation over seeds of held-out pass@1 before and after RL, 1@3 after, and the fast share on
 the slow/fast subset before and after, then the individual runs. On 2 CPU cores a seed's warm start takes about
-7 minutes and a run 5-10 (expert iteration is the fastest): about 3 hours for the 18 cells. Two copies of this
+14 minutes and a run 5-10 (expert iteration is the fastest): about 3.5 hours for the 18 cells. Two copies of this
 script with OMP_NUM_THREADS=1 and disjoint cells use the 2 cores about as well; let the first run of each seed
 finish its warm start before another run of that seed starts, or both will train it (the first one saved is
 kept, `sft.publish_checkpoint`).
@@ -67,6 +67,11 @@ def fast(record: dict) -> str:
     return "n/a" if share is None else f"{share:.2f} ({record.get('fast_share_passing')})"
 
 
+def multi_turn_key(record: dict) -> str:
+    """The evaluation's multi-turn metric, "1@3" for the preset's 3 turns."""
+    return next(k for k in record if k.startswith("1@"))
+
+
 def table(rows: dict) -> str:
     """rows: (algo, time_weight) -> list of {"before", "after"} per seed."""
     lines = ["| algorithm | time reward | seeds | pass@1 before | pass@1 after | 1@3 after | fast share before | "
@@ -74,7 +79,7 @@ def table(rows: dict) -> str:
     for (algo, tw), runs in rows.items():
         def col(label, key):
             return mean_spread([r[label].get(key) for r in runs])
-        one_at_3 = next(k for k in runs[0]["after"] if k.startswith("1@"))
+        one_at_3 = multi_turn_key(runs[0]["after"])
         lines.append(f"| {algo} | {'on' if tw else 'off'} ({tw:g}) | {len(runs)} | {col('before', 'pass@1')} | "
                      f"{col('after', 'pass@1')} | {col('after', one_at_3)} | {col('before', 'fast_share')} | "
                      f"{col('after', 'fast_share')} |")
@@ -91,13 +96,14 @@ def main(argv=None):
             for tw in args.time_weights:
                 rows.setdefault((algo, tw), []).append(run_cell(out, seed, algo, tw, extra))
     print("\n" + table(rows))
-    print("\nper run (pass@1 before -> after, 1@3 after, fast share before -> after (passing slow/fast programs)):")
+    print("\nper run (pass@1 before -> after, 1@3 after and the pass rate of its episodes' first turns, fast share "
+          "before -> after (passing slow/fast programs)):")
     for (algo, tw), runs in rows.items():
         for seed, r in zip(args.seeds, runs):
             b, a = r["before"], r["after"]
-            one_at_3 = next(k for k in a if k.startswith("1@"))
+            one_at_3, first_turns = multi_turn_key(a), a.get("turn1_pass", float("nan"))
             print(f"  {algo:17s} tw={tw:g} seed={seed}: {b['pass@1']:.3f} -> {a['pass@1']:.3f}  "
-                  f"{one_at_3} {a[one_at_3]:.3f}  fast {fast(b)} -> {fast(a)}")
+                  f"{one_at_3} {a[one_at_3]:.3f} (first turns {first_turns:.3f})  fast {fast(b)} -> {fast(a)}")
 
 
 if __name__ == "__main__":

@@ -450,3 +450,17 @@ def test_synthetic_references_and_slow_solutions_pass_in_sandbox(pool):
     assert not failed, describe(failed)
     buggy = failures(pool, tasks, [mutated(t.reference_solution, "f") for t in tasks])
     assert len(buggy) == len(tasks)
+
+
+def test_warm_start_errors_sorts_failing_answers_by_kind():
+    from bench.warm_start_errors import error_kind
+    reference = "def f(xs):\n    return max((x + 7 for x in xs if x > 2), default=0)\n"
+    no_default = "def f(xs):\n    return max((x + 7 for x in xs if x > 2))\n"
+    assert error_kind(reference, True, reference) == "pass"
+    assert error_kind(no_default, False, reference) == "classic bugs"
+    assert error_kind("def f(xs):\n    return max((x + 7 for x in xs if x >= 2))\n", False, reference) == "classic bugs"
+    assert error_kind(reference.replace("+ 7", "+ 8"), False, reference) == "wrong constant"
+    assert error_kind(no_default.replace("> 2", "> 4"), False, reference) == "wrong constant"
+    assert error_kind(reference.replace("max", "min"), False, reference) == "other"
+    assert error_kind(reference.replace("default=0)", "default=0"), False, reference) == "syntax error"
+    assert error_kind(None, False, reference) == "no code block"

@@ -1,0 +1,94 @@
+"""What the tiny preset's warm-started policy gets wrong: single-turn samples sorted into kinds of error.
+
+    python bench/warm_start_errors.py [--seed 0] [--split test] [--samples 4] [--checkpoint DIR]
+
+Samples `--samples` answers per synthetic composition task at temperature 1 (the evaluation's setting), runs
+them on the private tests in the sandbox, and sorts each failing answer by its text against the reference:
+- "classic bugs": the reference with some of data.CLASSIC_BUGS put in (what execution feedback should remove);
+- "wrong constant": one of those with other digits, e.g. `x + 8` for "each plus 7" (the constant not copied
+  from the prompt);
+- "syntax error", "no code block", and "other" (a wrong composition, or anything else).
+Without --checkpoint it uses the preset's warm start for --seed, trained first when it is not cached.
+The README's "What you should see" quotes its output for the 600- and 1200-step warm starts.
+"""
+import argparse
+import collections
+import itertools
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import data  # noqa: E402
+from model import Transformer  # noqa: E402
+from reward import extract_code  # noqa: E402
+from rollout import model_sampler, task_message  # noqa: E402
+from sandbox import Limits, SandboxPool  # noqa: E402
+from sft import warm_start  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from train import parse_config, tiny_model_config  # noqa: E402
+
+
+def buggy_variants(reference: str) -> set[str]:
+    """The reference with every non-empty subset of its classic bugs put in."""
+    sites = data.bug_sites(reference)
+    return {data.with_bugs(reference, list(chosen)) for r in range(1, len(sites) + 1)
+            for chosen in itertools.combinations(sites, r)}
+
+
+def error_kind(code: str | None, passed: bool, reference: str) -> str:
+    if code is None:
+        return "no code block"
+    if passed:
+        return "pass"
+    try:
+        compile(code, "<answer>", "exec")
+    except SyntaxError:
+        return "syntax error"
+    variants = {v.strip() for v in buggy_variants(reference)}
+    if code.strip() in variants:
+        return "classic bugs"
+    digits_blind = {re.sub(r"\d", "#", v) for v in variants | {reference.strip()}}
+    return "wrong constant" if re.sub(r"\d", "#", code.strip()) in digits_blind else "other"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--checkpoint", default=None)
+    args, preset_flags = ap.parse_known_args(argv)
+    cfg = parse_config([*preset_flags, "--seed", str(args.seed)])
+    tokenizer = Tokenizer.byte_level()
+    checkpoint = args.checkpoint or warm_start(
+        Path(cfg.cache_dir), tokenizer, data.synthetic_tasks("train", cfg.seed), tiny_model_config(cfg, tokenizer),
+        steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, seed=cfg.seed, repairs=cfg.tiny_repairs,
+        copies=cfg.tiny_copies, bug_rate=cfg.tiny_bug_rate, instruction=cfg.instruction)
+    model = Transformer.from_pretrained(checkpoint).eval()
+    tasks = [t for t in data.synthetic_tasks(args.split, cfg.seed) if "composition" in t.tags]
+    prompts = [tokenizer.encode_dialog_prompt([{"role": "user", "content": task_message(t, cfg.instruction)}])
+               for t in tasks for _ in range(args.samples)]
+    sampler = model_sampler(model, tokenizer, cfg.max_new_tokens, temperature=1.0,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad():
+        answers = [row for i in range(0, len(prompts), 64) for row in sampler(prompts[i:i + 64])]
+    codes = [extract_code(tokenizer.decode(tokens[:-1] if stopped else tokens)) for tokens, stopped in answers]
+    owners = [t for t in tasks for _ in range(args.samples)]
+    pool = SandboxPool(2, Limits(timeout_s=cfg.test_timeout))
+    try:
+        results = pool.map([(code or "", t.private_tests, t.setup_code) for code, t in zip(codes, owners)])
+    finally:
+        pool.close()
+    kinds = collections.Counter(error_kind(code, result.passed, t.reference_solution)
+                                for code, result, t in zip(codes, results, owners))
+    print(f"{checkpoint}: {args.split} split, {len(tasks)} composition tasks x {args.samples} samples")
+    for kind, count in kinds.most_common():
+        print(f"  {kind:15s} {count / len(codes):.3f}")
+
+
+if __name__ == "__main__":
+    main()
