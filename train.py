@@ -227,6 +227,14 @@ def tiny_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
                        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eot_id)
 
 
+def tiny_warm_start(cfg: Config, tokenizer: Tokenizer, train_tasks, log=print) -> Path:
+    """The tiny preset's warm-start checkpoint for cfg.seed (sft.warm_start: trained once, then cached)."""
+    return warm_start(Path(cfg.cache_dir), tokenizer, train_tasks, tiny_model_config(cfg, tokenizer),
+                      steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, seed=cfg.seed,
+                      repairs=cfg.tiny_repairs, copies=cfg.tiny_copies, bug_rate=cfg.tiny_bug_rate,
+                      instruction=cfg.instruction, log=log)
+
+
 class Scorer(nn.Module):
     """The training forward in one module (so DDP/FSDP see a single forward): per-token logprobs of `targets`
     at the sampling temperature, their entropy, and values from the value head when the model has one.
@@ -590,13 +598,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.warmstart_steps:
             raise ValueError("--model_dir is empty and --warmstart_steps is 0: nothing to start from")
-        config = tiny_model_config(cfg, self.tokenizer)
-        path = None
-        if self.rank == 0:
-            path = warm_start(Path(cfg.cache_dir), self.tokenizer, self.train_tasks, config,
-                              steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, seed=cfg.seed,
-                              repairs=cfg.tiny_repairs, copies=cfg.tiny_copies, bug_rate=cfg.tiny_bug_rate,
-                              instruction=cfg.instruction, log=self.log)
+        path = tiny_warm_start(cfg, self.tokenizer, self.train_tasks, log=self.log) if self.rank == 0 else None
         return Path(broadcast_object(path, self.world))
 
     def log(self, message: str):

@@ -24,12 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
 from model import Transformer  # noqa: E402
-from reward import extract_code  # noqa: E402
-from rollout import model_sampler, task_message  # noqa: E402
+from reward import RewardConfig  # noqa: E402
+from rollout import RolloutConfig, RolloutWorker, model_sampler  # noqa: E402
 from sandbox import Limits, SandboxPool  # noqa: E402
-from sft import warm_start  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from train import parse_config, tiny_model_config  # noqa: E402
+from train import parse_config, tiny_warm_start  # noqa: E402
 
 
 def buggy_variants(reference: str) -> set[str]:
@@ -64,30 +63,25 @@ def main(argv=None):
     args, preset_flags = ap.parse_known_args(argv)
     cfg = parse_config([*preset_flags, "--seed", str(args.seed)])
     tokenizer = Tokenizer.byte_level()
-    checkpoint = args.checkpoint or warm_start(
-        Path(cfg.cache_dir), tokenizer, data.synthetic_tasks("train", cfg.seed), tiny_model_config(cfg, tokenizer),
-        steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, seed=cfg.seed, repairs=cfg.tiny_repairs,
-        copies=cfg.tiny_copies, bug_rate=cfg.tiny_bug_rate, instruction=cfg.instruction)
+    checkpoint = args.checkpoint or tiny_warm_start(cfg, tokenizer, data.synthetic_tasks("train", cfg.seed))
     model = Transformer.from_pretrained(checkpoint).eval()
     tasks = [t for t in data.synthetic_tasks(args.split, cfg.seed) if "composition" in t.tags]
-    prompts = [tokenizer.encode_dialog_prompt([{"role": "user", "content": task_message(t, cfg.instruction)}])
-               for t in tasks for _ in range(args.samples)]
     sampler = model_sampler(model, tokenizer, cfg.max_new_tokens, temperature=1.0,
                             generator=torch.Generator().manual_seed(cfg.seed))
-    with torch.no_grad():
-        answers = [row for i in range(0, len(prompts), 64) for row in sampler(prompts[i:i + 64])]
-    codes = [extract_code(tokenizer.decode(tokens[:-1] if stopped else tokens)) for tokens, stopped in answers]
-    owners = [t for t in tasks for _ in range(args.samples)]
-    pool = SandboxPool(2, Limits(timeout_s=cfg.test_timeout))
-    try:
-        results = pool.map([(code or "", t.private_tests, t.setup_code) for code, t in zip(codes, owners)])
+    rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size,
+                                instruction=cfg.instruction)
+    pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
+    try:  # single-turn episodes, scored on the private tests as the evaluation's pass@1 samples are
+        with torch.no_grad():
+            episodes = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig()).run(
+                sampler, [t for t in tasks for _ in range(args.samples)], max_turns=1)
     finally:
         pool.close()
-    kinds = collections.Counter(error_kind(code, result.passed, t.reference_solution)
-                                for code, result, t in zip(codes, results, owners))
+    kinds = collections.Counter(error_kind(ep.turns[0].code, ep.passed, ep.task.reference_solution)
+                                for ep in episodes)
     print(f"{checkpoint}: {args.split} split, {len(tasks)} composition tasks x {args.samples} samples")
     for kind, count in kinds.most_common():
-        print(f"  {kind:15s} {count / len(codes):.3f}")
+        print(f"  {kind:15s} {count / len(episodes):.3f}")
 
 
 if __name__ == "__main__":
