@@ -288,3 +288,48 @@ def test_regroup_by_length_keeps_the_rows_and_sorts_them():
     assert [g.tolist() for g in groups] == [[3, 0, 4], [2]]   # lengths 3, 5, 7 | 9; row 1 was never in it
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)   # (B, T) action tokens
     assert train.row_lengths(mask).tolist() == [2, 3]
+
+
+def test_self_repair_relabels_a_failed_episode_with_a_siblings_passing_answer():
+    """The relabelled episode is exactly the one the policy would have written had its second turn been the
+    sibling's passing answer: built here by hand with the same helper, then compared token by token."""
+    failed = episode("Print 7.\n", [("act", "print(8)", 0.0), ("obs", "\nFailed: got 8. Again.\n"),
+                                    ("act", "print(9)", 0.0), ("obs", "\nFailed: got 9. Again.\n"),
+                                    ("act", "print(6)", -1.0)], passed=False)
+    donor = episode("Print 7.\n", [("act", "print(7)", 1.3)], passed=True)
+    one_turn_failure = episode("Print 7.\n", [("act", "print(5)", -1.0)], passed=False)  # no feedback turn
+    repairs = train.self_repair_episodes([failed, donor, one_turn_failure])
+
+    expected = episode("Print 7.\n", [("act", "print(8)", 0.0), ("obs", "\nFailed: got 8. Again.\n"),
+                                      ("act", "print(7)", 1.3)], passed=True)
+    assert len(repairs) == 1
+    got = repairs[0]
+    assert got.tokens == expected.tokens and got.action_mask == expected.action_mask
+    assert [(t.start, t.end, t.code, t.reward) for t in got.turns] == \
+        [(t.start, t.end, t.code, t.reward) for t in expected.turns]
+    assert got.passed and got.reward == pytest.approx(1.3)
+    assert failed.tokens[-len(TOK.encode("print(6)")) - 1:] == TOK.encode("print(6)") + [TOK.eot_id]  # untouched
+
+
+def test_self_repair_needs_a_passing_sibling_of_the_same_task():
+    other_task = Task(task_id="eight", prompt="Print 8.", public_tests=TASK.public_tests,
+                      private_tests=TASK.private_tests)
+    failed = episode("Print 7.\n", [("act", "print(8)", 0.0), ("obs", "\nFailed.\n"), ("act", "print(9)", -1.0)],
+                     passed=False)
+    elsewhere = episode("Print 8.\n", [("act", "print(8)", 1.0)], passed=True)
+    elsewhere.task = other_task
+    assert train.self_repair_episodes([failed, elsewhere]) == []
+
+
+def test_self_repairs_are_trained_as_final_turns_of_passing_episodes(model0):
+    """With --self_repairs the update is the reward-weighted final-turn NLL over the sampled episodes plus the
+    relabelled ones (the same reference as the tests above); the sampled failure itself still adds nothing."""
+    failed = episode("Print 7.\n", [("act", "print(8)", 0.0), ("obs", "\nFailed: got 8. Again.\n"),
+                                    ("act", "print(6)", -1.0)], passed=False)
+    donor = episode("Print 7.\n", [("act", "print(7)", 1.0)], passed=True)
+    by_hand = episode("Print 7.\n", [("act", "print(8)", 0.0), ("obs", "\nFailed: got 8. Again.\n"),
+                                     ("act", "print(7)", 1.0)], passed=True)
+    _, delta = run_update(model0, [failed, donor] + train.self_repair_episodes([failed, donor]), micro_batch_size=2)
+    reference = [failed, donor, by_hand]
+    _, grads = reference_grads(model0, reference, final_turn_of_passing, kept_tokens(reference))
+    assert_update_is_minus_grad(delta, grads)
