@@ -6,9 +6,10 @@
 Each cell is one `python train.py --seed S --algo A --time_weight W` (the tiny preset), run one after the other
 in fresh processes; the warm start of each seed is trained once and cached. A run whose metrics.jsonl already
 holds an "after" evaluation is not run again, so a killed table resumes. Prints a markdown table of the mean and
-sample standard deviation over seeds of held-out pass@1 before and after RL, 1@3 after, and the fast share on
-the slow/fast subset before and after, then the individual runs. On 2 CPU cores a seed's warm start takes about
-26 minutes and a run 6-15 (expert iteration is the fastest): about 4 hours for the 18 cells. Two copies of this
+sample standard deviation over seeds of held-out pass@1 before and after RL, 1@3 after (and the pass rate of the
+first turns of its episodes), and the fast share on the slow/fast subset before and after, then the individual
+runs. On 2 CPU cores a seed's warm start takes about 26 minutes and a run 10-25 (expert iteration is the
+fastest): about 6 hours for the 18 cells. Two copies of this
 script with OMP_NUM_THREADS=1 and disjoint cells use the 2 cores about as well; let the first run of each seed
 finish its warm start before another run of that seed starts, or both will train it (the first one saved is
 kept, `sft.publish_checkpoint`).
@@ -74,14 +75,15 @@ def multi_turn_key(record: dict) -> str:
 
 def table(rows: dict) -> str:
     """rows: (algo, time_weight) -> list of {"before", "after"} per seed."""
-    lines = ["| algorithm | time reward | seeds | pass@1 before | pass@1 after | 1@3 after | fast share before | "
-             "fast share after |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | time reward | seeds | pass@1 before | pass@1 after | 1@3 after (first turns) | "
+             "fast share before | fast share after |", "|---|---|---|---|---|---|---|---|"]
     for (algo, tw), runs in rows.items():
         def col(label, key):
             return mean_spread([r[label].get(key) for r in runs])
         one_at_3 = multi_turn_key(runs[0]["after"])
         lines.append(f"| {algo} | {'on' if tw else 'off'} ({tw:g}) | {len(runs)} | {col('before', 'pass@1')} | "
-                     f"{col('after', 'pass@1')} | {col('after', one_at_3)} | {col('before', 'fast_share')} | "
+                     f"{col('after', 'pass@1')} | {col('after', one_at_3)} ({col('after', 'turn1_pass')}) | "
+                     f"{col('before', 'fast_share')} | "
                      f"{col('after', 'fast_share')} |")
     return "\n".join(lines)
 
