@@ -599,6 +599,8 @@ class Trainer:
         lr_scale(cfg.warmup_steps, cfg.steps, cfg.warmup_steps, cfg.lr_decay)  # so does an unknown --lr_decay
         if cfg.algo == "grpo" and cfg.kl_placement == "reward" and cfg.kl_coef > 0:
             raise ValueError("--algo grpo puts the KL in the loss (k3): use --kl_placement loss or --kl_coef 0")
+        if cfg.self_repairs and cfg.algo != "expert_iteration":
+            raise ValueError(f"--self_repairs relabels episodes for --algo expert_iteration, not --algo {cfg.algo}")
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,13 @@ def test_lr_scale_warms_up_then_decays_by_cosine_to_a_tenth():
         lr_scale(5, 12, 3, "linear")
 
 
+def test_self_repairs_only_with_expert_iteration(tmp_path):
+    import train
+    cfg = train.parse_config(["--algo", "ppo", "--self_repairs", "--out_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--self_repairs .* not --algo ppo"):
+        train.Trainer(cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "expert_iteration"])
 def test_reward_rises_on_print_seven(setup, tmp_path, algo):
