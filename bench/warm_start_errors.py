@@ -27,8 +27,7 @@ from model import Transformer  # noqa: E402
 from reward import RewardConfig  # noqa: E402
 from rollout import RolloutConfig, RolloutWorker, model_sampler  # noqa: E402
 from sandbox import Limits, SandboxPool  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
-from train import parse_config, tiny_warm_start  # noqa: E402
+from train import load_tasks, load_tokenizer, parse_config, tiny_warm_start  # noqa: E402
 
 
 def buggy_variants(reference: str) -> set[str]:
@@ -62,8 +61,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None)
     args, preset_flags = ap.parse_known_args(argv)
     cfg = parse_config([*preset_flags, "--seed", str(args.seed)])
-    tokenizer = Tokenizer.byte_level()
-    checkpoint = args.checkpoint or tiny_warm_start(cfg, tokenizer, data.synthetic_tasks("train", cfg.seed))
+    tokenizer = load_tokenizer(cfg)  # the tokenizer and training tasks train.py gives the same warm start
+    checkpoint = args.checkpoint or tiny_warm_start(cfg, tokenizer, load_tasks(cfg)[0])
     model = Transformer.from_pretrained(checkpoint).eval()
     tasks = [t for t in data.synthetic_tasks(args.split, cfg.seed) if "composition" in t.tags]
     sampler = model_sampler(model, tokenizer, cfg.max_new_tokens, temperature=1.0,
