@@ -37,7 +37,7 @@ from plot import write_plot
 from reward import RewardConfig, TimeReward
 from rollout import INSTRUCTION, Episode, RolloutConfig, RolloutWorker, collate, model_sampler
 from sandbox import Limits, SandboxPool
-from sft import train_sft, warm_start
+from sft import warm_start
 from tokenizer import Tokenizer
 
 
@@ -123,7 +123,7 @@ class Config:
     tiny_layers: int = arg(4, "layers of the tiny model")
     tiny_hidden: int = arg(256, "hidden size of the tiny model")
     tiny_warmstart_lr: float = arg(3e-3, "peak learning rate of the tiny warm start (batch 32, cosine decay)")
-    tiny_repairs: int = arg(0, "two-turn repair demos (wrong answer, feedback, right answer) in the warm start")
+    tiny_repairs: int = arg(0, "up to N two-turn repair demos (wrong answer, feedback, fix) in the warm start")
     tiny_copies: int = arg(1, "demonstrations per training task in the warm start")
     tiny_bug_rate: float = arg(0.0, "chance that each classic bug (data.CLASSIC_BUGS) is in a demonstration")
     cache_dir: str = arg(".cache", "where the tiny warm-start checkpoint is cached between runs")

@@ -1,0 +1,85 @@
+"""Time of one warm-start step of the tiny preset (forward + backward of a batch of 32 demonstrations), with
+the whole batch padded to its longest demonstration against `sft.backward_by_length` (micro-batches of
+similar length, the same gradient):
+
+    python bench/bench_warm_start.py [--batches 6] [--threads 2] [--micro 4 8 16] [--seed 0]
+
+The batches are the warm start's own (`sft.batches_by_turns` over `sft.warm_start_examples` of the preset),
+one-turn and two-turn repair batches timed apart, since repair demonstrations are 2-3x longer. Both ways run
+on the same batches, interleaved in one process, so the ratio holds on a busy machine when the seconds do not.
+The step's total is the two kinds weighted by their share of the warm start's steps.
+"""
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import sft  # noqa: E402
+import train  # noqa: E402
+from model import Transformer  # noqa: E402
+from sandbox import Limits, SandboxPool  # noqa: E402
+
+
+def padded_backward(model, batch, pad_id) -> None:
+    """The warm start before `backward_by_length`: one batch padded to its longest demonstration."""
+    tokens, mask = sft.pad_batch(batch, pad_id)
+    sft.sft_loss(model, tokens, mask).backward()
+
+
+def seconds_per_batch(step, batches) -> float:
+    step(batches[0])  # warm-up: allocator, thread pool
+    start = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    return (time.perf_counter() - start) / len(batches)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, default=6, help="timed batches of each kind")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--micro", type=int, nargs="+", default=[4, 8, 16], help="micro-batch sizes to time")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = train.parse_config(["--seed", str(args.seed)])
+    tokenizer = train.load_tokenizer(cfg)
+    with SandboxPool(2, Limits(timeout_s=2.0)) as pool:
+        examples = sft.warm_start_examples(tokenizer, train.load_tasks(cfg)[0], cfg.instruction,
+                                           repairs=cfg.tiny_repairs, copies=cfg.tiny_copies,
+                                           bug_rate=cfg.tiny_bug_rate, pool=pool, seed=cfg.seed)
+    eot = tokenizer.eot_id
+    kinds = {"one-turn": [], "repair": []}
+    for batch in sft.batches_by_turns(examples, 32, random.Random(args.seed)):
+        kind = kinds["repair" if batch[0][0].count(eot) > 2 else "one-turn"]
+        if len(kind) < args.batches:
+            kind.append(batch)
+        if all(len(k) == args.batches for k in kinds.values()):
+            break
+    share = {"repair": sum(ex[0].count(eot) > 2 for ex in examples) / len(examples)}
+    share["one-turn"] = 1 - share["repair"]
+    torch.manual_seed(0)
+    model = Transformer(train.tiny_model_config(cfg, tokenizer))
+    ways = {"padded": lambda b: padded_backward(model, b, tokenizer.pad_id)}
+    for micro in args.micro:
+        ways[f"by length, micro {micro}"] = lambda b, m=micro: sft.backward_by_length(model, b, tokenizer.pad_id, m)
+    print(f"{len(examples)} demonstrations; share of steps: one-turn {share['one-turn']:.2f}, "
+          f"repair {share['repair']:.2f}; {args.threads} threads")
+    print(f"{'':24s} {'one-turn s':>10s} {'repair s':>10s} {'per step s':>10s} {'vs padded':>10s}")
+    baseline = None
+    for name, step in ways.items():
+        seconds = {kind: seconds_per_batch(step, batches) for kind, batches in kinds.items()}
+        per_step = sum(share[kind] * s for kind, s in seconds.items())
+        baseline = baseline or per_step
+        print(f"{name:24s} {seconds['one-turn']:10.3f} {seconds['repair']:10.3f} {per_step:10.3f} "
+              f"{per_step / baseline:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
