@@ -139,7 +139,7 @@ def backward_by_length(model, batch: list[tuple[list[int], list[bool]]], pad_id:
 
     The gradient is the same: the model is causal, so right padding changes nothing before it, and every
     micro-batch's sum is divided by the token count of the whole batch. Repair demonstrations run from about
-    370 to 840 tokens, and padding 32 of them to the longest spent a quarter of their compute on padding."""
+    370 to 840 tokens, and padding 32 of them to the longest spent nearly a third of their compute on padding."""
     n_tokens = sum(sum(mask[1:]) for _, mask in batch)
     ordered = sorted(batch, key=lambda example: len(example[0]))
     total = 0.0
