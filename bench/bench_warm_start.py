@@ -5,9 +5,9 @@ similar length, the same gradient):
     python bench/bench_warm_start.py [--batches 6] [--threads 2] [--micro 4 8 16] [--seed 0]
 
 The batches are the warm start's own (`sft.batches_by_turns` over `sft.warm_start_examples` of the preset),
-one-turn and two-turn repair batches timed apart, since repair demonstrations are 2-3x longer. Both ways run
-on the same batches, interleaved in one process, so the ratio holds on a busy machine when the seconds do not.
-The step's total is the two kinds weighted by their share of the warm start's steps.
+one-turn and two-turn repair batches timed apart, since repair demonstrations are 2-3x longer. Every way runs
+on the same batches, one after the other in one process, against the padded baseline of the same run. The
+step's total is the two kinds weighted by their share of the warm start's steps.
 """
 import argparse
 import random
@@ -40,6 +40,18 @@ def seconds_per_batch(step, batches) -> float:
     return (time.perf_counter() - start) / len(batches)
 
 
+def batches_of_each_kind(examples, eot_id: int, count: int, seed: int) -> dict[str, list]:
+    """The warm start's first `count` one-turn and `count` repair batches of 32 (a repair demonstration has
+    four end-of-turn tokens, a one-turn one two)."""
+    kinds = {"one-turn": [], "repair": []}
+    for batch in sft.batches_by_turns(examples, 32, random.Random(seed)):
+        kind = kinds["repair" if batch[0][0].count(eot_id) > 2 else "one-turn"]
+        if len(kind) < count:
+            kind.append(batch)
+        if all(len(k) == count for k in kinds.values()):
+            return kinds
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=6, help="timed batches of each kind")
@@ -54,15 +66,8 @@ def main(argv=None):
         examples = sft.warm_start_examples(tokenizer, train.load_tasks(cfg)[0], cfg.instruction,
                                            repairs=cfg.tiny_repairs, copies=cfg.tiny_copies,
                                            bug_rate=cfg.tiny_bug_rate, pool=pool, seed=cfg.seed)
-    eot = tokenizer.eot_id
-    kinds = {"one-turn": [], "repair": []}
-    for batch in sft.batches_by_turns(examples, 32, random.Random(args.seed)):
-        kind = kinds["repair" if batch[0][0].count(eot) > 2 else "one-turn"]
-        if len(kind) < args.batches:
-            kind.append(batch)
-        if all(len(k) == args.batches for k in kinds.values()):
-            break
-    share = {"repair": sum(ex[0].count(eot) > 2 for ex in examples) / len(examples)}
+    kinds = batches_of_each_kind(examples, tokenizer.eot_id, args.batches, args.seed)
+    share = {"repair": sum(ex[0].count(tokenizer.eot_id) > 2 for ex in examples) / len(examples)}
     share["one-turn"] = 1 - share["repair"]
     torch.manual_seed(0)
     model = Transformer(train.tiny_model_config(cfg, tokenizer))
