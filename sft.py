@@ -140,12 +140,12 @@ def backward_by_length(model, batch: list[tuple[list[int], list[bool]]], pad_id:
     The gradient is the same: the model is causal, so right padding changes nothing before it, and every
     micro-batch's sum is divided by the token count of the whole batch. Repair demonstrations run from about
     370 to 840 tokens, and padding 32 of them to the longest spent nearly a third of their compute on padding."""
-    n_tokens = sum(sum(mask[1:]) for _, mask in batch)
+    n_tokens = max(sum(sum(mask[1:]) for _, mask in batch), 1)   # the trained (shifted) tokens of the batch
     ordered = sorted(batch, key=lambda example: len(example[0]))
     total = 0.0
     for start in range(0, len(ordered), micro_batch_size):
         tokens, mask = pad_batch(ordered[start:start + micro_batch_size], pad_id)
-        loss = sft_loss(model, tokens, mask, n_tokens=max(n_tokens, 1))
+        loss = sft_loss(model, tokens, mask, n_tokens=n_tokens)
         loss.backward()
         total += loss.item()
     return total

@@ -231,12 +231,17 @@ def tiny_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
                        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eot_id)
 
 
+def tiny_demonstrations(cfg: Config) -> dict:
+    """The settings of the tiny warm start's demonstration mix (keyword arguments of sft.warm_start_examples)."""
+    return dict(instruction=cfg.instruction, seed=cfg.seed, repairs=cfg.tiny_repairs, copies=cfg.tiny_copies,
+                bug_rate=cfg.tiny_bug_rate)
+
+
 def tiny_warm_start(cfg: Config, tokenizer: Tokenizer, train_tasks, log=print) -> Path:
     """The tiny preset's warm-start checkpoint for cfg.seed (sft.warm_start: trained once, then cached)."""
     return warm_start(Path(cfg.cache_dir), tokenizer, train_tasks, tiny_model_config(cfg, tokenizer),
-                      steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, seed=cfg.seed,
-                      repairs=cfg.tiny_repairs, copies=cfg.tiny_copies, bug_rate=cfg.tiny_bug_rate,
-                      instruction=cfg.instruction, log=log)
+                      steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, log=log,
+                      **tiny_demonstrations(cfg))
 
 
 class Scorer(nn.Module):

@@ -40,12 +40,17 @@ def seconds_per_batch(step, batches) -> float:
     return (time.perf_counter() - start) / len(batches)
 
 
+def is_repair(example, eot_id: int) -> bool:
+    """A repair demonstration has four end-of-turn tokens (two messages per turn), a one-turn one two."""
+    return example[0].count(eot_id) > 2
+
+
 def batches_of_each_kind(examples, eot_id: int, count: int, seed: int) -> dict[str, list]:
-    """The warm start's first `count` one-turn and `count` repair batches of 32 (a repair demonstration has
-    four end-of-turn tokens, a one-turn one two)."""
+    """The warm start's first `count` one-turn and `count` repair batches of 32 (`sft.batches_by_turns` never
+    mixes the two kinds in a batch)."""
     kinds = {"one-turn": [], "repair": []}
     for batch in sft.batches_by_turns(examples, 32, random.Random(seed)):
-        kind = kinds["repair" if batch[0][0].count(eot_id) > 2 else "one-turn"]
+        kind = kinds["repair" if is_repair(batch[0], eot_id) else "one-turn"]
         if len(kind) < count:
             kind.append(batch)
         if all(len(k) == count for k in kinds.values()):
@@ -63,11 +68,10 @@ def main(argv=None):
     cfg = train.parse_config(["--seed", str(args.seed)])
     tokenizer = train.load_tokenizer(cfg)
     with SandboxPool(2, Limits(timeout_s=2.0)) as pool:
-        examples = sft.warm_start_examples(tokenizer, train.load_tasks(cfg)[0], cfg.instruction,
-                                           repairs=cfg.tiny_repairs, copies=cfg.tiny_copies,
-                                           bug_rate=cfg.tiny_bug_rate, pool=pool, seed=cfg.seed)
+        examples = sft.warm_start_examples(tokenizer, train.load_tasks(cfg)[0], pool=pool,
+                                           **train.tiny_demonstrations(cfg))
     kinds = batches_of_each_kind(examples, tokenizer.eot_id, args.batches, args.seed)
-    share = {"repair": sum(ex[0].count(tokenizer.eot_id) > 2 for ex in examples) / len(examples)}
+    share = {"repair": sum(is_repair(ex, tokenizer.eot_id) for ex in examples) / len(examples)}
     share["one-turn"] = 1 - share["repair"]
     torch.manual_seed(0)
     model = Transformer(train.tiny_model_config(cfg, tokenizer))
