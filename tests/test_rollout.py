@@ -124,3 +124,20 @@ def test_truncated_response_is_closed_and_flagged(pool):
     assert ep.tokens[first.end] == tok.eot_id and ep.action_mask[first.end] is False
     assert ep.truncated and collate([ep], tok.pad_id)["truncated"].tolist() == [True]
     assert ep.reward == -1.0  # the cut-off code is a syntax error: it fails
+
+
+def test_repair_turns_bench_sorts_later_turns_and_computes_the_fresh_sample_baseline(pool):
+    """bench/repair_turns.py on scripted episodes: what each later turn did, and 1 - (1 - p)^2 by hand."""
+    from bench.repair_turns import fresh_sample_baseline, got_feedback, later_turn_kind
+    tok = Tokenizer.byte_level()
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=3), RewardConfig())
+    [repeat_then_fix] = worker.run(scripted(tok, [WRONG, WRONG, RIGHT])[0], [TASK])
+    [silent] = worker.run(scripted(tok, [WRONG, NO_CODE, WRONG.replace("a - b", "a * b")])[0], [TASK])
+    [first_try] = worker.run(scripted(tok, [RIGHT])[0], [TASK])
+    assert [later_turn_kind(repeat_then_fix, k) for k in (1, 2)] == ["repeats an earlier answer",
+                                                                     "passes the public tests"]
+    assert [later_turn_kind(silent, k) for k in (1, 2)] == ["no code block", "fails the public tests"]
+    assert got_feedback(repeat_then_fix) and got_feedback(silent) and not got_feedback(first_try)
+    # singles: one of four passes (p = 1/4), so two fresh tries solve 1 - (3/4)^2 = 7/16 of the episodes
+    singles = [first_try] + worker.run(scripted(tok, [WRONG])[0], [TASK] * 3, max_turns=1)
+    assert fresh_sample_baseline(singles, [repeat_then_fix, silent]) == pytest.approx(7 / 16)

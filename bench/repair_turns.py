@@ -1,0 +1,97 @@
+"""What the repair turns of a tiny-preset policy do: multi-turn episodes on held-out tasks, turn by turn.
+
+    python bench/repair_turns.py [--seed 0] [--checkpoint DIR] [--episodes 4] [--samples 4] [--split test]
+
+1@3 counts an episode as solved when its final code passes the private tests. Turns 2 and 3 can only add to
+the first turn's pass rate where the first answer failed the public tests (an answer that passes them but
+fails the private tests ends the episode with no feedback). For every later turn this sorts the answer into:
+- "repeats an earlier answer": the same code, whitespace aside, as a previous turn of the episode;
+- "passes the public tests", "fails the public tests", "no code block".
+It then sets the repaired share of the episodes that got feedback against what fresh samples would do: a task
+whose single-turn samples pass with rate p would be solved by two more independent tries 1 - (1 - p)^2 of
+the time. A repair turn that reads the feedback should beat that; one that only resamples would match it.
+Without --checkpoint it uses the preset's warm start for --seed, trained first when it is not cached.
+"""
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import data  # noqa: E402
+from model import Transformer  # noqa: E402
+from reward import RewardConfig  # noqa: E402
+from rollout import RolloutConfig, RolloutWorker, model_sampler  # noqa: E402
+from sandbox import Limits, SandboxPool  # noqa: E402
+from train import load_tasks, load_tokenizer, parse_config, tiny_warm_start  # noqa: E402
+
+
+def later_turn_kind(episode, k: int) -> str:
+    """What turn k (k >= 1) of an episode did."""
+    code = episode.turns[k].code
+    if code is None:
+        return "no code block"
+    if code.strip() in {t.code.strip() for t in episode.turns[:k] if t.code is not None}:
+        return "repeats an earlier answer"
+    return "passes the public tests" if episode.turns[k].public.passed else "fails the public tests"
+
+
+def got_feedback(episode) -> bool:
+    return len(episode.turns) > 1
+
+
+def fresh_sample_baseline(singles, repaired, tries: int = 2) -> float:
+    """The share of the `repaired` episodes that `tries` independent single-turn samples would solve: for a task
+    whose `singles` pass with rate p, 1 - (1 - p)^tries, averaged over the episodes."""
+    outcomes: dict[str, list[bool]] = collections.defaultdict(list)
+    for ep in singles:
+        outcomes[ep.task.task_id].append(ep.passed)
+    rates = [sum(outcomes[ep.task.task_id]) / len(outcomes[ep.task.task_id]) for ep in repaired]
+    return sum(1 - (1 - p) ** tries for p in rates) / len(rates)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ap.add_argument("--episodes", type=int, default=4, help="3-turn episodes per task")
+    ap.add_argument("--samples", type=int, default=4, help="single-turn samples per task (the fresh-sample rate)")
+    ap.add_argument("--checkpoint", default=None)
+    args, preset_flags = ap.parse_known_args(argv)
+    cfg = parse_config([*preset_flags, "--seed", str(args.seed)])
+    tokenizer = load_tokenizer(cfg)  # the tokenizer and training tasks train.py gives the same warm start
+    checkpoint = args.checkpoint or tiny_warm_start(cfg, tokenizer, load_tasks(cfg)[0])
+    model = Transformer.from_pretrained(checkpoint).eval()
+    tasks = data.synthetic_tasks(args.split, cfg.seed)
+    sampler = model_sampler(model, tokenizer, cfg.max_new_tokens, temperature=cfg.eval_temperature,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size,
+                                instruction=cfg.instruction)
+    pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
+    try:
+        worker = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig())
+        with torch.no_grad():
+            singles = worker.run(sampler, [t for t in tasks for _ in range(args.samples)], max_turns=1)
+            episodes = worker.run(sampler, [t for t in tasks for _ in range(args.episodes)], max_turns=3)
+    finally:
+        pool.close()
+    repaired = [ep for ep in episodes if got_feedback(ep)]
+    kinds = collections.Counter(later_turn_kind(ep, k) for ep in repaired for k in range(1, len(ep.turns)))
+    first_public_only = sum(len(ep.turns) == 1 and not ep.passed for ep in episodes)
+
+    print(f"{checkpoint}: {args.split} split, {len(tasks)} tasks x {args.episodes} episodes")
+    print(f"  episodes with feedback after turn 1: {len(repaired)} of {len(episodes)}")
+    print(f"  first answer passes the public tests, fails the private ones (no feedback): {first_public_only}")
+    print(f"  later turns: {sum(kinds.values())}")
+    for kind, count in kinds.most_common():
+        print(f"    {kind:27s} {count / sum(kinds.values()):.3f}")
+    if repaired:
+        print(f"  episodes with feedback solved by turns 2-3: {sum(ep.passed for ep in repaired) / len(repaired):.3f}"
+              f"  (two fresh samples would solve {fresh_sample_baseline(singles, repaired):.3f})")
+
+
+if __name__ == "__main__":
+    main()
