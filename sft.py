@@ -50,6 +50,17 @@ def demonstration(tokenizer, user_message: str, code: str) -> tuple[list[int], l
     return prompt + answer, [False] * len(prompt) + [True] * len(answer)
 
 
+def chat_demonstration(tokenizer, exchanges: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+    """(tokens, loss_mask) of one chat of several tasks, each (user message, code) answered in turn; every answer
+    is trained. Its first exchange is exactly `demonstration`; later ones follow as rollout.py lays out turns."""
+    tokens, mask = demonstration(tokenizer, *exchanges[0])
+    for user_message, code in exchanges[1:]:
+        context = tokenizer.encode_message("user", user_message) + tokenizer.encode_header("assistant")
+        answer = tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
+        tokens, mask = tokens + context + answer, mask + [False] * len(context) + [True] * len(answer)
+    return tokens, mask
+
+
 def repair_demonstration(tokenizer, user_message: str, wrong_code: str, feedback: str,
                          code: str) -> tuple[list[int], list[bool]]:
     """(tokens, loss_mask) of a two-turn episode laid out exactly as rollout.py builds it: task, wrong answer,
@@ -89,17 +100,19 @@ def corpus_copy(code: str, bug_rate: float, rng: random.Random) -> str:
 
 
 def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: bool = True, repairs: int = 0,
-                        copies: int = 1, bug_rate: float = 0.0, pool=None,
+                        copies: int = 1, bug_rate: float = 0.0, chat_share: float = 0.0, pool=None,
                         seed: int = 0) -> list[tuple[list[int], list[bool]]]:
-    """The warm start's demonstrations (module docstring). `repairs` > 0 needs a SandboxPool for the feedback."""
+    """The warm start's demonstrations (module docstring). `repairs` > 0 needs a SandboxPool for the feedback.
+    `chat_share` of the one-turn demonstrations are paired into two-task chats (`two_task_chats`)."""
     rng = random.Random(seed)
-    examples = []
+    answers = []  # (user message, code) of the one-turn demonstrations
     for t in tasks:
         for _ in range(copies if t.reference_solution else 0):
-            examples.append(demonstration(tokenizer, task_message(t, instruction),
-                                          corpus_copy(t.reference_solution, bug_rate, rng)))
+            answers.append((task_message(t, instruction), corpus_copy(t.reference_solution, bug_rate, rng)))
         if slow_solutions and t.slow_solution:
-            examples.append(demonstration(tokenizer, task_message(t, instruction), t.slow_solution))
+            answers.append((task_message(t, instruction), t.slow_solution))
+    examples = two_task_chats(tokenizer, answers, chat_share, seed) if chat_share else \
+        [demonstration(tokenizer, message, code) for message, code in answers]
     if repairs:
         if pool is None:
             raise ValueError("warm_start_examples: repairs > 0 needs a sandbox pool to produce the feedback")
@@ -110,6 +123,19 @@ def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: b
                 examples.append(repair_demonstration(tokenizer, task_message(t, instruction), wrong,
                                                      feedback_text(result, t.public_tests), t.reference_solution))
     return examples
+
+
+def two_task_chats(tokenizer, answers: list[tuple[str, str]], share: float, seed: int) -> list:
+    """One-turn demonstrations, `share` of them paired at random into chats of two tasks (`chat_demonstration`).
+
+    A later turn of an episode writes its code hundreds of tokens into the chat. A small model trained only on
+    answers at the start of a chat cannot: after one solved exchange of another task, the tiny warm start's
+    pass rate on a held-out task fell from 0.41 to 0.09 (README, "What the repair turns do"). Chats of two
+    tasks train answers at those positions, with the same answers and tokens as the two demonstrations."""
+    order = random.Random(seed + 1).sample(range(len(answers)), len(answers))
+    paired = order[:int(share * len(answers)) // 2 * 2]
+    chats = [chat_demonstration(tokenizer, [answers[i], answers[j]]) for i, j in zip(paired[::2], paired[1::2])]
+    return chats + [demonstration(tokenizer, *answers[i]) for i in sorted(order[len(paired):])]
 
 
 def pad_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +223,7 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
 
 def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
                seed: int, instruction: str, log=print, slow_solutions: bool = True, repairs: int = 0,
-               copies: int = 1, bug_rate: float = 0.0) -> Path:
+               copies: int = 1, bug_rate: float = 0.0, chat_share: float = 0.0) -> Path:
     """Train a fresh model on demonstrations (`warm_start_examples`) and save it as an HF checkpoint.
 
     Cached: the folder name holds a hash of everything that determines the weights (model config, optimiser
@@ -209,11 +235,12 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
 
     if not any(t.reference_solution for t in tasks):
         raise ValueError("warm_start: none of the tasks has a reference_solution to learn from")
-    key = json.dumps({"config": model_config.to_hf(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
-                      "instruction": instruction, "slow": slow_solutions, "repairs": repairs,
-                      "copies": copies, "bug_rate": bug_rate,
-                      "tasks": hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()},
-                     sort_keys=True)
+    settings = {"config": model_config.to_hf(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
+                "instruction": instruction, "slow": slow_solutions, "repairs": repairs, "copies": copies,
+                "bug_rate": bug_rate, "tasks": hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()}
+    if chat_share:  # a setting added later enters the key only when used, so older cached warm starts stay valid
+        settings["chat_share"] = chat_share
+    key = json.dumps(settings, sort_keys=True)
     path = Path(out_dir) / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
         log(f"warm start: cached checkpoint {path}")
@@ -221,7 +248,8 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     pool = SandboxPool(2, Limits(timeout_s=2.0)) if repairs else None
     try:
         examples = warm_start_examples(tokenizer, tasks, instruction, slow_solutions=slow_solutions,
-                                       repairs=repairs, copies=copies, bug_rate=bug_rate, pool=pool, seed=seed)
+                                       repairs=repairs, copies=copies, bug_rate=bug_rate, chat_share=chat_share,
+                                       pool=pool, seed=seed)
     finally:
         if pool is not None:
             pool.close()

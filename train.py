@@ -126,6 +126,7 @@ class Config:
     tiny_repairs: int = arg(0, "up to N two-turn repair demos (wrong answer, feedback, fix) in the warm start")
     tiny_copies: int = arg(1, "demonstrations per training task in the warm start")
     tiny_bug_rate: float = arg(0.0, "chance that each classic bug (data.CLASSIC_BUGS) is in a demonstration")
+    tiny_chat_share: float = arg(0.0, "share of the one-turn demonstrations paired into chats of two tasks")
     cache_dir: str = arg(".cache", "where the tiny warm-start checkpoint is cached between runs")
 
 
@@ -234,7 +235,7 @@ def tiny_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
 def tiny_demonstrations(cfg: Config) -> dict:
     """The settings of the tiny warm start's demonstration mix (keyword arguments of sft.warm_start_examples)."""
     return dict(instruction=cfg.instruction, seed=cfg.seed, repairs=cfg.tiny_repairs, copies=cfg.tiny_copies,
-                bug_rate=cfg.tiny_bug_rate)
+                bug_rate=cfg.tiny_bug_rate, chat_share=cfg.tiny_chat_share)
 
 
 def tiny_warm_start(cfg: Config, tokenizer: Tokenizer, train_tasks, log=print) -> Path:

@@ -10,10 +10,14 @@ fails the private tests ends the episode with no feedback). For every later turn
 It then sets the repaired share of the episodes that got feedback against what fresh samples would do: a task
 whose single-turn samples pass with rate p would be solved by two more independent tries 1 - (1 - p)^2 of
 the time. A repair turn that reads the feedback should beat that; one that only resamples would match it.
+It also samples each task once more per single-turn sample with one solved exchange of a random training
+task before it (its reference answer as the assistant's), so the answer sits as far into the chat as a second
+turn's: a pass rate far below the fresh one means the policy cannot write code that far in, feedback or not.
 Without --checkpoint it uses the preset's warm start for --seed, trained first when it is not cached.
 """
 import argparse
 import collections
+import random
 import sys
 from pathlib import Path
 
@@ -23,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
 from model import Transformer  # noqa: E402
-from reward import RewardConfig  # noqa: E402
-from rollout import RolloutConfig, RolloutWorker, model_sampler  # noqa: E402
+from reward import RewardConfig, extract_code  # noqa: E402
+from rollout import RolloutConfig, RolloutWorker, model_sampler, task_message  # noqa: E402
 from sandbox import Limits, SandboxPool  # noqa: E402
+from sft import format_answer  # noqa: E402
 from train import load_tasks, load_tokenizer, parse_config, tiny_warm_start  # noqa: E402
 
 
@@ -53,6 +58,28 @@ def fresh_sample_baseline(singles, repaired, tries: int = 2) -> float:
     return sum(1 - (1 - p) ** tries for p in rates) / len(rates)
 
 
+def after_another_task(tokenizer, task, other, instruction: str) -> list[int]:
+    """The prompt of `task` with one solved exchange of `other` before it."""
+    return tokenizer.encode_dialog_prompt([
+        {"role": "user", "content": task_message(other, instruction)},
+        {"role": "assistant", "content": format_answer(other.reference_solution)},
+        {"role": "user", "content": task_message(task, instruction)}])
+
+
+def pass_rate_after_another_task(tokenizer, sampler, pool, tasks, others, samples: int, cfg) -> float:
+    """Private-test pass rate of `samples` answers per task, each after a solved exchange of a random `other`."""
+    rng = random.Random(cfg.seed)
+    jobs = [(t, after_another_task(tokenizer, t, rng.choice(others), cfg.instruction))
+            for t in tasks for _ in range(samples)]
+    futures = []
+    for start in range(0, len(jobs), cfg.gen_batch_size):
+        chunk = jobs[start:start + cfg.gen_batch_size]
+        for (task, _), (response, stopped) in zip(chunk, sampler([prompt for _, prompt in chunk])):
+            code = extract_code(tokenizer.decode(response[:-1] if stopped else response))
+            futures.append(pool.submit(code, task.private_tests, task.setup_code) if code is not None else None)
+    return sum(f is not None and f.result().passed for f in futures) / len(futures)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -76,6 +103,7 @@ def main(argv=None):
         with torch.no_grad():
             singles = worker.run(sampler, [t for t in tasks for _ in range(args.samples)], max_turns=1)
             episodes = worker.run(sampler, [t for t in tasks for _ in range(args.episodes)], max_turns=3)
+            later = pass_rate_after_another_task(tokenizer, sampler, pool, tasks, load_tasks(cfg)[0], args.samples, cfg)
     finally:
         pool.close()
     repaired = [ep for ep in episodes if got_feedback(ep)]
@@ -83,6 +111,8 @@ def main(argv=None):
     first_public_only = sum(len(ep.turns) == 1 and not ep.passed for ep in episodes)
 
     print(f"{checkpoint}: {args.split} split, {len(tasks)} tasks x {args.episodes} episodes")
+    print(f"  single-turn pass rate: {sum(ep.passed for ep in singles) / len(singles):.3f} fresh, {later:.3f} "
+          f"after one solved exchange of another task")
     print(f"  episodes with feedback after turn 1: {len(repaired)} of {len(episodes)}")
     print(f"  first answer passes the public tests, fails the private ones (no feedback): {first_public_only}")
     print(f"  later turns: {sum(kinds.values())}")

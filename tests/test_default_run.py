@@ -19,8 +19,8 @@ from plot import read_metrics, write_plot
 from reward import RewardConfig, feedback_text
 from rollout import RolloutConfig, RolloutWorker, task_message
 from sandbox import SandboxPool
-from sft import (format_answer, publish_checkpoint, repair_demonstration, repair_pairs, warm_start,
-                 warm_start_examples)
+from sft import (chat_demonstration, format_answer, publish_checkpoint, repair_demonstration, repair_pairs,
+                 warm_start, warm_start_examples)
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,32 @@ def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
         warm_start_examples(tok, tasks, "", repairs=4)
 
 
+def test_chat_demonstration_is_the_chat_template_of_two_tasks_with_both_answers_trained():
+    tok = Tokenizer.byte_level()
+    first, second = data.synthetic_tasks("train", 0)[:2]
+    a, b = format_answer(first.reference_solution), format_answer(second.reference_solution)
+    tokens, mask = chat_demonstration(tok, [(first.prompt, first.reference_solution),
+                                            (second.prompt, second.reference_solution)])
+    prompt = tok.encode_dialog_prompt([{"role": "user", "content": first.prompt},
+                                       {"role": "assistant", "content": a},
+                                       {"role": "user", "content": second.prompt}])
+    assert tokens == prompt + tok.encode(b) + [tok.eot_id]
+    assert tok.decode([t for t, m in zip(tokens, mask) if m]) == f"{a}<|eot_id|>{b}<|eot_id|>"
+
+
+def test_two_task_chats_keep_every_answer_once():
+    tok = Tokenizer.byte_level()
+    tasks = data.synthetic_tasks("train", 0)
+    answers = lambda examples: sorted(piece for ids, mask in examples
+                                      for piece in tok.decode([t for t, m in zip(ids, mask) if m]).split("<|eot_id|>")
+                                      if piece)
+    plain = warm_start_examples(tok, tasks, "", bug_rate=0.3)
+    chats = warm_start_examples(tok, tasks, "", bug_rate=0.3, chat_share=0.5)
+    two_task = [ex for ex in chats if ex[0].count(tok.eot_id) == 4]
+    assert len(two_task) == len(plain) // 4 and len(chats) == len(plain) - len(two_task)
+    assert answers(chats) == answers(plain)  # the same answers, bugs included, each trained once
+
+
 def test_repair_pairs_without_a_classic_bug_use_another_task_of_the_same_signature():
     tasks = [t for t in data.synthetic_tasks("train", 0) if not data.bug_sites(t.reference_solution)]
     pairs = repair_pairs(tasks, 40, seed=1)
@@ -102,6 +128,9 @@ def test_warm_start_is_cached(tmp_path):
     assert again == first and len(logs) == trained + 1 and "cached" in logs[-1]
     other = warm_start(tmp_path, tok, tasks, config, **{**kw, "steps": 3})
     assert other != first
+    # the name the settings had before chat_share existed: a setting added later must not retrain old caches
+    assert first.name == "warmstart-90fee3456467"
+    assert warm_start(tmp_path, tok, tasks, config, **{**kw, "steps": 3, "chat_share": 0.5}) != other
 
 
 def test_two_runs_saving_one_warm_start_both_use_a_whole_checkpoint(tmp_path):
