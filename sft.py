@@ -17,7 +17,9 @@ The warm start's demonstrations (`warm_start_examples`):
   choice to act on (RL then shifts the mix; without the time reward nothing favours either);
 - repair demonstrations, the multi-turn format of RLEF: a wrong first answer (the reference with one classic
   bug, or another task's reference), the real sandbox feedback on the public tests, then the right answer.
-  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program.
+  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program;
+- with `chat_share` > 0 (an experiment, off in the preset), that share of the one-turn demonstrations paired
+  into chats of two tasks, so that answers are also trained where a later turn writes them.
 """
 from __future__ import annotations
 
