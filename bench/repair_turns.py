@@ -26,12 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
-from model import Transformer  # noqa: E402
+from bench.warm_start_errors import preset_policy  # noqa: E402
 from reward import RewardConfig, extract_code  # noqa: E402
-from rollout import RolloutConfig, RolloutWorker, model_sampler, task_message  # noqa: E402
-from sandbox import Limits, SandboxPool  # noqa: E402
+from rollout import RolloutWorker, task_message  # noqa: E402
 from sft import format_answer  # noqa: E402
-from train import load_tasks, load_tokenizer, parse_config, tiny_warm_start  # noqa: E402
+from train import load_tasks  # noqa: E402
 
 
 def later_turn_kind(episode, k: int) -> str:
@@ -88,16 +87,9 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=4, help="single-turn samples per task (the fresh-sample rate)")
     ap.add_argument("--checkpoint", default=None)
     args, preset_flags = ap.parse_known_args(argv)
-    cfg = parse_config([*preset_flags, "--seed", str(args.seed)])
-    tokenizer = load_tokenizer(cfg)  # the tokenizer and training tasks train.py gives the same warm start
-    checkpoint = args.checkpoint or tiny_warm_start(cfg, tokenizer, load_tasks(cfg)[0])
-    model = Transformer.from_pretrained(checkpoint).eval()
+    cfg, tokenizer, checkpoint, _, sampler, rollout_cfg, pool = preset_policy(args.seed, args.checkpoint,
+                                                                              preset_flags)
     tasks = data.synthetic_tasks(args.split, cfg.seed)
-    sampler = model_sampler(model, tokenizer, cfg.max_new_tokens, temperature=cfg.eval_temperature,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-    rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size,
-                                instruction=cfg.instruction)
-    pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
     try:
         worker = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig())
         with torch.no_grad():

@@ -53,6 +53,21 @@ def error_kind(code: str | None, passed: bool, reference: str) -> str:
     return "wrong constant" if re.sub(r"\d", "#", code.strip()) in digits_blind else "other"
 
 
+def preset_policy(seed: int, checkpoint: str | None, preset_flags: list[str]):
+    """(config, tokenizer, checkpoint, model, sampler at temperature 1, rollout config, sandbox pool) of the tiny
+    preset for `seed`. Without a checkpoint, the preset's warm start (trained first when it is not cached)."""
+    cfg = parse_config([*preset_flags, "--seed", str(seed)])
+    tokenizer = load_tokenizer(cfg)  # the tokenizer and training tasks train.py gives the same warm start
+    checkpoint = checkpoint or tiny_warm_start(cfg, tokenizer, load_tasks(cfg)[0])
+    model = Transformer.from_pretrained(checkpoint).eval()
+    sampler = model_sampler(model, tokenizer, cfg.max_new_tokens, temperature=1.0,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size,
+                                instruction=cfg.instruction)
+    pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
+    return cfg, tokenizer, checkpoint, model, sampler, rollout_cfg, pool
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -60,16 +75,9 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--checkpoint", default=None)
     args, preset_flags = ap.parse_known_args(argv)
-    cfg = parse_config([*preset_flags, "--seed", str(args.seed)])
-    tokenizer = load_tokenizer(cfg)  # the tokenizer and training tasks train.py gives the same warm start
-    checkpoint = args.checkpoint or tiny_warm_start(cfg, tokenizer, load_tasks(cfg)[0])
-    model = Transformer.from_pretrained(checkpoint).eval()
+    cfg, tokenizer, checkpoint, model, sampler, rollout_cfg, pool = preset_policy(args.seed, args.checkpoint,
+                                                                                  preset_flags)
     tasks = [t for t in data.synthetic_tasks(args.split, cfg.seed) if "composition" in t.tags]
-    sampler = model_sampler(model, tokenizer, cfg.max_new_tokens, temperature=1.0,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-    rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size,
-                                instruction=cfg.instruction)
-    pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
     try:  # single-turn episodes, scored on the private tests as the evaluation's pass@1 samples are
         with torch.no_grad():
             episodes = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig()).run(
