@@ -132,8 +132,9 @@ def two_task_chats(tokenizer, answers: list[tuple[str, str]], share: float, seed
 
     A later turn of an episode writes its code hundreds of tokens into the chat. A small model trained only on
     answers at the start of a chat cannot: after one solved exchange of another task, the tiny warm start's
-    pass rate on a held-out task fell from 0.41 to 0.09 (README, "What the repair turns do"). Chats of two
-    tasks train answers at those positions, with the same answers and tokens as the two demonstrations."""
+    pass rate on a held-out task fell from 0.41 to 0.08 (README, "What the repair turns do"). Chats of two
+    tasks train answers at those positions, with the same answers and tokens as the two demonstrations. (They
+    hold four messages, as repair demonstrations do, so `batches_by_turns` batches them together.)"""
     order = random.Random(seed + 1).sample(range(len(answers)), len(answers))
     paired = order[:int(share * len(answers)) // 2 * 2]
     chats = [chat_demonstration(tokenizer, [answers[i], answers[j]]) for i, j in zip(paired[::2], paired[1::2])]
@@ -237,9 +238,10 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
 
     if not any(t.reference_solution for t in tasks):
         raise ValueError("warm_start: none of the tasks has a reference_solution to learn from")
+    tasks_hash = hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()
     settings = {"config": model_config.to_hf(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
                 "instruction": instruction, "slow": slow_solutions, "repairs": repairs, "copies": copies,
-                "bug_rate": bug_rate, "tasks": hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()}
+                "bug_rate": bug_rate, "tasks": tasks_hash}
     if chat_share:  # a setting added later enters the key only when used, so older cached warm starts stay valid
         settings["chat_share"] = chat_share
     key = json.dumps(settings, sort_keys=True)
