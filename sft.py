@@ -45,21 +45,33 @@ def format_answer(code: str) -> str:
     return f"```python\n{code.rstrip()}\n```"
 
 
+def answer_tokens(tokenizer, code: str) -> list[int]:
+    """The assistant's answer for `code` and its end-of-turn token: what a demonstration trains."""
+    return tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
+
+
 def demonstration(tokenizer, user_message: str, code: str) -> tuple[list[int], list[bool]]:
     """(tokens, loss_mask): the prompt is context (False), the answer and its end-of-turn token are trained."""
     prompt = tokenizer.encode_dialog_prompt([{"role": "user", "content": user_message}])
-    answer = tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
+    answer = answer_tokens(tokenizer, code)
     return prompt + answer, [False] * len(prompt) + [True] * len(answer)
+
+
+def next_turn(tokenizer, tokens: list[int], mask: list[bool], user_message: str,
+              code: str) -> tuple[list[int], list[bool]]:
+    """(tokens, loss_mask) continued by one more user turn (context) and a trained answer to it, laid out as
+    rollout.py appends a turn: the user message, the assistant header, the answer."""
+    context = tokenizer.encode_message("user", user_message) + tokenizer.encode_header("assistant")
+    answer = answer_tokens(tokenizer, code)
+    return tokens + context + answer, mask + [False] * len(context) + [True] * len(answer)
 
 
 def chat_demonstration(tokenizer, exchanges: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
     """(tokens, loss_mask) of one chat of several tasks, each (user message, code) answered in turn; every answer
-    is trained. Its first exchange is exactly `demonstration`; later ones follow as rollout.py lays out turns."""
+    is trained. Its first exchange is exactly `demonstration`."""
     tokens, mask = demonstration(tokenizer, *exchanges[0])
     for user_message, code in exchanges[1:]:
-        context = tokenizer.encode_message("user", user_message) + tokenizer.encode_header("assistant")
-        answer = tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
-        tokens, mask = tokens + context + answer, mask + [False] * len(context) + [True] * len(answer)
+        tokens, mask = next_turn(tokenizer, tokens, mask, user_message, code)
     return tokens, mask
 
 
@@ -68,9 +80,7 @@ def repair_demonstration(tokenizer, user_message: str, wrong_code: str, feedback
     """(tokens, loss_mask) of a two-turn episode laid out exactly as rollout.py builds it: task, wrong answer,
     feedback as the next user turn, right answer. Only the right answer and its end-of-turn are trained."""
     first, _ = demonstration(tokenizer, user_message, wrong_code)
-    context = first + tokenizer.encode_message("user", feedback) + tokenizer.encode_header("assistant")
-    answer = tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
-    return context + answer, [False] * len(context) + [True] * len(answer)
+    return next_turn(tokenizer, first, [False] * len(first), feedback, code)
 
 
 def repair_pairs(tasks, count: int, seed: int) -> list[tuple[object, str]]:
