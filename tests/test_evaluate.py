@@ -176,7 +176,9 @@ def test_fast_share_counts_fast_and_slow_passing_programs(tok, pool):
             out.append((tok.encode(format_answer(programs[prompt][kind])) + [tok.eot_id], True))
         return out
 
-    records = fast_share_records(worker_for(tok, pool), sampler, tasks, 4, TimeReward(pool))
+    # median of 5 timings, not 3: on a clean-clone CI run the median of 3 once put the reference itself past
+    # e^0.5 of its own time (the sandbox's two workers share the machine's two cores)
+    records = fast_share_records(worker_for(tok, pool), sampler, tasks, 4, TimeReward(pool, repeats=5))
     assert records == [{"task_id": tasks[0].task_id, "passing": 3, "fast": 2},
                        {"task_id": tasks[1].task_id, "passing": 2, "fast": 0}]
     assert summarize_fast_share(records) == {"fast_share": pytest.approx(2 / 5), "fast_share_passing": 5}
