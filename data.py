@@ -722,3 +722,28 @@ def synthetic_tasks(split: str, seed: int = 0, instances: int | None = None) -> 
                 ids.add(task.task_id)
                 tasks.append(task)
     return tasks + _slow_fast_tasks(split)
+
+
+def composition_of(task: Task) -> str:
+    """A synthetic task's composition without its constants: "sum-plus-gt" for "synth/train/sum-plus3-gt2"."""
+    return re.sub(r"\d+", "", task.task_id.rsplit("/", 1)[-1])
+
+
+def split_for_rl(tasks: list[Task], rl_share: float) -> tuple[list[Task], list[Task]]:
+    """(warm-start tasks, RL tasks) of the synthetic training split: `rl_share` of the compositions go to RL
+    alone, so that RL, like the held-out evaluation, meets compositions the warm start never demonstrated
+    (RLEF and CodeRL also run RL on problems apart from their fine-tuning data). The slow/fast tasks go to
+    both: the warm start shows both of their solutions, and RL's time reward chooses between them. Which
+    compositions go to RL is fixed, whatever the seed, as the held-out splits are. rl_share 0: all go to both."""
+    if not rl_share:
+        return tasks, tasks
+    if not 0 < rl_share < 1:
+        raise ValueError(f"split_for_rl: the share of compositions for RL must be in [0, 1), got {rl_share}")
+    compositions = sorted({composition_of(t) for t in tasks if "composition" in t.tags})
+    if not compositions:
+        raise ValueError("split_for_rl: no synthetic composition tasks to split (the share is for --dataset synthetic)")
+    random.Random(_SPLIT_SEED).shuffle(compositions)
+    for_rl = set(compositions[:round(rl_share * len(compositions))])
+    held_back = {t.task_id for t in tasks if "composition" in t.tags and composition_of(t) in for_rl}
+    return ([t for t in tasks if t.task_id not in held_back],
+            [t for t in tasks if t.task_id in held_back or "slow_fast" in t.tags])

@@ -127,6 +127,8 @@ class Config:
     tiny_copies: int = arg(1, "demonstrations per training task in the warm start")
     tiny_bug_rate: float = arg(0.0, "chance that each classic bug (data.CLASSIC_BUGS) is in a demonstration")
     tiny_chat_share: float = arg(0.0, "share of the one-turn demonstrations paired into chats of two tasks")
+    tiny_rl_share: float = arg(0.0, "share of the synthetic training compositions kept out of the warm start for "
+                                    "RL alone (data.split_for_rl); 0 = RL and the warm start share all tasks")
     cache_dir: str = arg(".cache", "where the tiny warm-start checkpoint is cached between runs")
 
 
@@ -239,8 +241,10 @@ def tiny_demonstrations(cfg: Config) -> dict:
 
 
 def tiny_warm_start(cfg: Config, tokenizer: Tokenizer, train_tasks, log=print) -> Path:
-    """The tiny preset's warm-start checkpoint for cfg.seed (sft.warm_start: trained once, then cached)."""
-    return warm_start(Path(cfg.cache_dir), tokenizer, train_tasks, tiny_model_config(cfg, tokenizer),
+    """The tiny preset's warm-start checkpoint for cfg.seed (sft.warm_start: trained once, then cached), trained
+    on the training tasks that `--tiny_rl_share` leaves to it."""
+    demonstrated, _ = data.split_for_rl(train_tasks, cfg.tiny_rl_share)
+    return warm_start(Path(cfg.cache_dir), tokenizer, demonstrated, tiny_model_config(cfg, tokenizer),
                       steps=cfg.warmstart_steps, batch_size=32, lr=cfg.tiny_warmstart_lr, log=log,
                       **tiny_demonstrations(cfg))
 
@@ -612,6 +616,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = load_tokenizer(cfg)
         self.train_tasks, self.eval_tasks = load_tasks(cfg)
+        _, self.rl_tasks = data.split_for_rl(self.train_tasks, cfg.tiny_rl_share)  # the tasks RL samples
         if cfg.eval_tasks:
             self.eval_tasks = self.eval_tasks[:cfg.eval_tasks]
         self.model_dir = Path(cfg.model_dir) if cfg.model_dir else self._tiny_warm_start()
@@ -666,10 +671,10 @@ class Trainer:
         cfg = self.cfg
         rng = random.Random(cfg.seed * 1_000_003 + step)
         k = cfg.tasks_per_step
-        chosen = rng.sample(range(len(self.train_tasks)), k) if k <= len(self.train_tasks) else \
-            [rng.randrange(len(self.train_tasks)) for _ in range(k)]
+        chosen = rng.sample(range(len(self.rl_tasks)), k) if k <= len(self.rl_tasks) else \
+            [rng.randrange(len(self.rl_tasks)) for _ in range(k)]
         mine = list(range(self.rank, k, self.world))
-        tasks = [self.train_tasks[chosen[g]] for g in mine for _ in range(cfg.samples_per_task)]
+        tasks = [self.rl_tasks[chosen[g]] for g in mine for _ in range(cfg.samples_per_task)]
         groups = torch.tensor([g for g in mine for _ in range(cfg.samples_per_task)])
         return tasks, groups
 

@@ -87,6 +87,26 @@ def test_self_repairs_only_with_expert_iteration(tmp_path):
         train.Trainer(cfg)
 
 
+def test_rl_share_keeps_the_rl_tasks_out_of_the_warm_start(setup, tmp_path, monkeypatch):
+    """--tiny_rl_share: RL draws only the compositions held back for it (and the slow/fast tasks); the warm
+    start is given only the others."""
+    import data
+    import train
+    cfg = train.parse_config(["--model_dir", str(setup / "init"), "--tiny_rl_share", "0.5", "--out_dir",
+                              str(tmp_path), "--sandbox_workers", "1"])
+    demonstrated, for_rl = data.split_for_rl(data.synthetic_tasks("train", cfg.seed), 0.5)
+    trainer = train.Trainer(cfg)
+    try:
+        drawn = {t.task_id for step in range(20) for t in trainer.step_tasks(step)[0]}
+        given = []
+        monkeypatch.setattr(train, "warm_start", lambda out_dir, tokenizer, tasks, *a, **kw: given.append(tasks))
+        train.tiny_warm_start(cfg, trainer.tokenizer, trainer.train_tasks)
+    finally:
+        trainer.pool.close()
+    assert drawn <= {t.task_id for t in for_rl} and len(drawn) > 100   # 20 steps x 16 tasks from about 200
+    assert [t.task_id for t in given[0]] == [t.task_id for t in demonstrated]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "expert_iteration"])
 def test_reward_rises_on_print_seven(setup, tmp_path, algo):
