@@ -392,6 +392,11 @@ def test_mbpp_references_pass_and_bugs_fail_in_sandbox(pool, mbpp):
 SPLITS = ("train", "validation", "test")
 
 
+def id_composition(task) -> tuple[str, str, str]:
+    """(reduction, map, filter) read off a synthetic task id, constants stripped: independent of data.py."""
+    return tuple(p.rstrip("0123456789") for p in task.task_id.split("/")[2].split("-"))
+
+
 def test_synthetic_deterministic_and_seeded():
     for split in SPLITS:
         a, b = data.synthetic_tasks(split, seed=3), data.synthetic_tasks(split, seed=3)
@@ -415,7 +420,7 @@ def test_synthetic_held_out_are_new_compositions_of_seen_primitives():
         for seed in (0, 1):
             for task in data.synthetic_tasks(split, seed):
                 if "composition" in task.tags:
-                    reduction, mapping, filt = (p.rstrip("0123456789") for p in task.task_id.split("/")[2].split("-"))
+                    reduction, mapping, filt = id_composition(task)
                     assert (filt, mapping, reduction) in splits[split]
     slow_fast = {s: {t.task_id.split("/")[2] for t in data.synthetic_tasks(s, 0) if "slow_fast" in t.tags}
                  for s in SPLITS}
@@ -423,14 +428,11 @@ def test_synthetic_held_out_are_new_compositions_of_seen_primitives():
 
 
 def test_split_for_rl_keeps_rl_compositions_out_of_the_warm_start():
-    def composition(task):  # independent of data.composition_of: the id's three parts, constants stripped
-        return tuple(p.rstrip("0123456789") for p in task.task_id.split("/")[2].split("-"))
-
     train = data.synthetic_tasks("train", 0)
     demonstrated, for_rl = data.split_for_rl(train, 1 / 3)
-    shown = {composition(t) for t in demonstrated if "composition" in t.tags}
-    rl_only = {composition(t) for t in for_rl if "composition" in t.tags}
-    assert not shown & rl_only and shown | rl_only == {composition(t) for t in train if "composition" in t.tags}
+    shown = {id_composition(t) for t in demonstrated if "composition" in t.tags}
+    rl_only = {id_composition(t) for t in for_rl if "composition" in t.tags}
+    assert not shown & rl_only and shown | rl_only == {id_composition(t) for t in train if "composition" in t.tags}
     assert len(rl_only) == round(len(shown | rl_only) / 3)
     # every instance of a composition on one side; the slow/fast tasks on both
     for task in train:
@@ -439,8 +441,8 @@ def test_split_for_rl_keeps_rl_compositions_out_of_the_warm_start():
     # RL's compositions are still made of primitives the warm start shows, and they do not depend on the seed
     for triple in rl_only:
         assert all(p in {c[i] for c in shown} for i, p in enumerate(triple)), triple
-    assert {composition(t) for t in data.split_for_rl(data.synthetic_tasks("train", 1), 1 / 3)[1]} == \
-        {composition(t) for t in for_rl}
+    assert {id_composition(t) for t in data.split_for_rl(data.synthetic_tasks("train", 1), 1 / 3)[1]} == \
+        {id_composition(t) for t in for_rl}
     assert data.split_for_rl(train, 0) == (train, train)
     with pytest.raises(ValueError, match="must be in"):
         data.split_for_rl(train, 1.0)
