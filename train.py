@@ -142,9 +142,9 @@ PRESETS = {
                  # lr 1e-4 for all three algorithms: at 3e-4 expert iteration gains more on some seeds and
                  # falls on others. 24 iterations: 12 more raised held-out pass@1 on five of six warm starts
                  # (by 1.3 to 3.6 points; the sixth lost 0.9) (README, "What you should see")
-                 # critic "head": expert iteration uses none. For --algo ppo, the value loss through the shared
-                 # trunk drove the policy off the reference after 16 iterations; --critic separate did not
-                 # (README, "PPO's drift and the value head on the trunk")
+                 # critic "head": expert iteration uses none. With --algo ppo and this head (its value loss
+                 # trains the shared trunk) the policy drifted off the reference after 16 iterations; with
+                 # --critic separate it did not (README, "PPO's drift and the value head on the trunk")
                  algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="head", kl_coef=0.05, max_new_tokens=112,
                  tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=24, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
