@@ -100,11 +100,13 @@ class TimeReward:
       interpreter start-up and harness cost that every run pays, which would otherwise swamp a difference of
       a few ms.
     - floor: both times below it (most short programs) give r = 0 instead of a ratio of noise.
-    - Every call times candidate, reference and baseline side by side, interleaved (cand, ref, baseline, cand,
-      ...) so the load of the moment hits all alike, and the median drops outliers. Nothing is cached: with
-      the reference timed once (beside a quick candidate) and reused, a slow program against itself scored
-      a median of -0.20 and as low as -0.58 over 20 calls on a loaded 2-core machine (timed side by side:
-      median 0.01, all within 0.27). Each call costs 3 x 3 sandbox runs.
+    - Every call times candidate, reference and baseline side by side, in rounds of one run each, so the load
+      of the moment hits all three alike; the median over rounds drops outliers. Nothing is cached: with the
+      reference timed once (beside a quick candidate) and reused, a slow program against itself scored a
+      median of -0.20 and as low as -0.58 over 20 calls on a loaded 2-core machine (timed side by side:
+      median 0.01, all within 0.27).
+    - Rounds stop early once both medians are under the floor, where r = 0: most programs cost one round (3
+      runs), measurable ones `repeats` rounds.
     Returns 0.0 when the task has no reference solution, the reference fails its own tests, or the
     candidate fails any run (time is only rewarded for correct programs).
     """
@@ -126,28 +128,26 @@ class TimeReward:
         return max(-self.clip, min(self.clip, math.log(t_ref / t_cand)))
 
     def net_cpu_times(self, task: Task, program: str) -> tuple[float, float] | None:
-        """(reference, candidate) median CPU seconds minus the baseline's, timed together; None when there is
-        no reference or either program fails a run."""
+        """(reference, candidate): median CPU seconds over the rounds, less the baseline's median; None when
+        there is no reference or either program fails a run."""
         if task.reference_solution is None:
             return None
-        times = self._median_cpu({"cand": (program, task.private_tests, task.setup_code),
-                                  "ref": (task.reference_solution, task.private_tests, task.setup_code),
-                                  "base": ("pass\n", [Test(kind="assert", code="pass")], "")})
-        if times["base"] is None:
-            raise RuntimeError("TimeReward: the sandbox failed the empty baseline program")
-        if times["ref"] is None or times["cand"] is None:
-            return None
-        return times["ref"] - times["base"], times["cand"] - times["base"]
-
-    def _median_cpu(self, jobs: dict[str, tuple]) -> dict[str, float | None]:
-        """Median CPU seconds per job name over interleaved repeats; None when any run did not pass."""
-        names = list(jobs) * self.repeats
-        results = self.pool.map([jobs[n] for n in names])
-        out = {}
-        for name in jobs:
-            runs = [r for n, r in zip(names, results) if n == name]
-            out[name] = statistics.median(r.cpu_time for r in runs) if all(r.passed for r in runs) else None
-        return out
+        jobs = {"cand": (program, task.private_tests, task.setup_code),
+                "ref": (task.reference_solution, task.private_tests, task.setup_code),
+                "base": ("pass\n", [Test(kind="assert", code="pass")], "")}
+        cpu = {name: [] for name in jobs}
+        for _ in range(self.repeats):
+            for name, result in zip(jobs, self.pool.map(list(jobs.values()))):
+                if not result.passed:
+                    if name == "base":
+                        raise RuntimeError("TimeReward: the sandbox failed the empty baseline program")
+                    return None
+                cpu[name].append(result.cpu_time)
+            base = statistics.median(cpu["base"])
+            t_ref, t_cand = statistics.median(cpu["ref"]) - base, statistics.median(cpu["cand"]) - base
+            if max(t_ref, t_cand) < self.floor_s:
+                break
+        return t_ref, t_cand
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -146,11 +146,10 @@ def test_time_reward_orders_slow_and_fast_timing_the_reference_beside_each_candi
         time_reward = TimeReward(counting, repeats=3, clip=1.0)
         fast_task = sum_task(FAST, "sum-fast-ref")
         slow_vs_fast = time_reward(fast_task, SLOW)
-        assert len(counting.programs) == 9                    # (candidate, reference, baseline) x 3, interleaved
-        assert counting.programs[:3] == [SLOW, FAST, "pass\n"]
+        assert counting.programs == [SLOW, FAST, "pass\n"] * 3  # 3 rounds of (candidate, reference, baseline)
         assert slow_vs_fast == -1.0                           # the loop takes >100 ms, the formula ~0: clipped
         assert time_reward(fast_task, FAST) == 0.0            # both under the floor: no reward for noise
-        assert len(counting.programs) == 18                   # nothing cached: each call times all three again
+        assert len(counting.programs) == 12                   # nothing cached; under the floor after one round
         slow_task = sum_task(SLOW, "sum-slow-ref")
         assert time_reward(slow_task, FAST) == 1.0
         assert time_reward(slow_task, "def total(n):\n    return 0\n") == 0.0   # failing candidate: no time reward
