@@ -92,7 +92,9 @@ class TimeReward:
     """Reward for running faster than the task's reference solution, on the private tests.
 
     r = clip(ln(t_ref / t_cand), -clip, clip), with t = max(median CPU time - baseline, floor).
-    - CPU time of the child (read by the parent), not wall time: other workers' load barely moves it.
+    - CPU time of the child (read by the parent), not wall time, which waiting for a core inflates. CPU time
+      moves with load too (on a 2-core VM the benchmark's loop was charged 0.09-0.12 s while sharing its core
+      with a busy process, 0.17 s alone), hence the timing side by side below.
     - ln of the speed ratio is symmetric (2x faster = +0.69, 2x slower = -0.69) and scale-free across tasks;
       the clip keeps time_weight * r from ever outweighing correctness (cf. Shypula et al. 2024 "Learning
       performance-improving code edits", which scores speedup ratios against a reference).
@@ -101,10 +103,10 @@ class TimeReward:
       a few ms.
     - floor: both times below it (most short programs) give r = 0 instead of a ratio of noise.
     - Every call times candidate, reference and baseline side by side, in rounds of one run each, so the load
-      of the moment hits all three alike; the median over rounds drops outliers. Nothing is cached: with the
-      reference timed once (beside a quick candidate) and reused, a slow program against itself scored a
-      median of -0.20 and as low as -0.58 over 20 calls on a loaded 2-core machine (timed side by side:
-      median 0.01, all within 0.27).
+      of the moment hits all three alike; the median over rounds drops outliers. Nothing is cached: a
+      reference timed once and reused carries its measurement error into every later call of the task (on a
+      busy 2-core machine a slow program against itself then scored a median of up to +0.28 over 20 calls;
+      side by side within 0.03: bench/bench_time_reward.py).
     - Rounds stop early once both medians are under the floor, where r = 0: most programs cost one round (3
       runs), measurable ones `repeats` rounds.
     Returns 0.0 when the task has no reference solution, the reference fails its own tests, or the
