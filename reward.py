@@ -124,9 +124,11 @@ class TimeReward:
 
     def __call__(self, task: Task, program: str) -> float:
         times = self.net_cpu_times(task, program)
-        if times is None:
-            return 0.0
-        t_ref, t_cand = (max(t, self.floor_s) for t in times)
+        return 0.0 if times is None else self.score(*times)
+
+    def score(self, t_ref: float, t_cand: float) -> float:
+        """clip(ln(t_ref / t_cand), -clip, clip) of net CPU times, each raised to the floor."""
+        t_ref, t_cand = max(t_ref, self.floor_s), max(t_cand, self.floor_s)
         return max(-self.clip, min(self.clip, math.log(t_ref / t_cand)))
 
     def net_cpu_times(self, task: Task, program: str) -> tuple[float, float] | None:

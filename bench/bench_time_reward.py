@@ -10,7 +10,6 @@ Prints the median, the minimum and the maximum reward over the calls, and the se
 other load (a training run) to see what a busy machine does to each.
 """
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -32,8 +31,7 @@ def timed_once(time_reward: TimeReward, task: Task, calls: int) -> list[float]:
     rewards = []
     for _ in range(calls):
         _, t_cand = time_reward.net_cpu_times(task, SLOW)   # the reference's fresh time here goes unused
-        ratio = max(t_ref, time_reward.floor_s) / max(t_cand, time_reward.floor_s)
-        rewards.append(max(-time_reward.clip, min(time_reward.clip, math.log(ratio))))
+        rewards.append(time_reward.score(t_ref, t_cand))
     return rewards
 
 
