@@ -142,9 +142,10 @@ def two_task_chats(tokenizer, answers: list[tuple[str, str]], share: float, seed
 
     A later turn of an episode writes its code hundreds of tokens into the chat. A small model trained only on
     answers at the start of a chat cannot: after one solved exchange of another task, the tiny warm start's
-    pass rate on a held-out task fell from 0.41 to 0.08 (README, "What the repair turns do"). Chats of two
-    tasks train answers at those positions, with the same answers and tokens as the two demonstrations. (They
-    hold four messages, as repair demonstrations do, so `batches_by_turns` batches them together.)"""
+    pass rate on a held-out task fell from 0.41 to 0.08 (docs/experiments.md, "What the repair turns do").
+    Chats of two tasks train answers at those positions, with the same answers and tokens as the two
+    demonstrations. (They hold four messages, as repair demonstrations do, so `batches_by_turns` batches them
+    together.)"""
     order = random.Random(seed + 1).sample(range(len(answers)), len(answers))
     paired = order[:int(share * len(answers)) // 2 * 2]
     chats = [chat_demonstration(tokenizer, [answers[i], answers[j]]) for i, j in zip(paired[::2], paired[1::2])]

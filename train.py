@@ -134,17 +134,17 @@ class Config:
 
 PRESETS = {
     # 0.8M parameters (hidden 128, 4 layers), byte-level tokens, synthetic tasks; timings in the README.
-    # 1200 warm-start steps: at 600 the model had not learned to copy a constant from the prompt ("What you
-    # should see" in the README, bench/warm_start_errors.py).
+    # 1200 warm-start steps: at 600 the model had not learned to copy a constant from the prompt (docs/experiments.md,
+    # "What the warm start gets wrong"; bench/warm_start_errors.py).
     "tiny": dict(tokenizer="bytes", dataset="synthetic", instruction="",  # short prompts: bytes are tokens
                  tiny_hidden=128, tiny_layers=4, warmstart_steps=1200, tiny_warmstart_lr=3e-3, tiny_repairs=128,
                  tiny_bug_rate=0.3,
                  # lr 1e-4 for all three algorithms: at 3e-4 expert iteration gains more on some seeds and
                  # falls on others. 24 iterations: 12 more raised held-out pass@1 on five of six warm starts
-                 # (by 1.3 to 3.6 points; the sixth lost 0.9) (README, "What you should see")
+                 # (by 1.3 to 3.6 points; the sixth lost 0.9) (docs/experiments.md)
                  # critic "head": expert iteration uses none. With --algo ppo and this head (its value loss
                  # trains the shared trunk) the policy drifted off the reference after 16 iterations; with
-                 # --critic separate it did not (README, "PPO's drift and the value head on the trunk")
+                 # --critic separate it did not (docs/experiments.md, "PPO's drift and the value head on the trunk")
                  algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="head", kl_coef=0.05, max_new_tokens=112,
                  tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=24, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
@@ -548,11 +548,12 @@ def self_repair_episodes(episodes: list[Episode]) -> list[Episode]:
     the same step), it becomes a two-turn episode whose second turn is a right repair, in exactly the context
     the policy saw. ReST-EM keeps only what passes, and most episodes pass at their first turn, so without
     these the repair turns get little training: after 12 iterations turns 2 and 3 added 0.4-4.9 points of
-    held-out 1@3 where the warm start's added 7.8-9.2 (README). Like hindsight relabelling, the new episode
-    is one the policy could have produced, scored with the sibling's reward.
+    held-out 1@3 where the warm start's added 7.8-9.2 (docs/experiments.md). Like hindsight relabelling, the
+    new episode is one the policy could have produced, scored with the sibling's reward.
 
-    Off by default. In the README's runs it kept what the repair turns add (about 4 points) but pass@1 gained
-    less, and from a weak warm start (the shortened run of tests/test_default_run.py) it wrecked the policy.
+    Off by default. In the runs of docs/experiments.md it kept what the repair turns add (about 4 points) but
+    pass@1 gained less, and from a weak warm start (the shortened run of tests/test_default_run.py) it wrecked
+    the policy.
     """
     passing: dict[str, list[Episode]] = {}
     for ep in episodes:

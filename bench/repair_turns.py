@@ -13,6 +13,9 @@ the time. A repair turn that reads the feedback should beat that; one that only 
 It also samples each task once more per single-turn sample with one solved exchange of a random training
 task before it (its reference answer as the assistant's), so the answer sits as far into the chat as a second
 turn's: a pass rate far below the fresh one means the policy cannot write code that far in, feedback or not.
+With --fresh_chat it also replays the same episodes' failed first answers with later turns that each start
+a new chat, one user message holding the task, the last answer and the feedback, or the task and the
+feedback alone: does the policy repair better at the start of a chat, where it writes code best?
 Without --checkpoint it uses the preset's warm start for --seed, trained first when it is not cached.
 """
 import argparse
@@ -20,6 +23,7 @@ import collections
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
 from bench.warm_start_errors import preset_policy  # noqa: E402
-from reward import RewardConfig, extract_code  # noqa: E402
+from reward import RewardConfig, extract_code, feedback_text  # noqa: E402
 from rollout import RolloutWorker, task_message  # noqa: E402
 from sft import format_answer  # noqa: E402
 from train import load_tasks  # noqa: E402
@@ -79,6 +83,37 @@ def pass_rate_after_another_task(tokenizer, sampler, pool, tasks, others, sample
     return sum(f is not None and f.result().passed for f in futures) / len(futures)
 
 
+def fresh_chat_message(task, code: str, public, instruction: str, show_code: bool) -> str:
+    """A later turn as a new chat: the task, the last answer (if show_code) and the feedback on it."""
+    parts = [task_message(task, instruction)]
+    if show_code:
+        parts.append("A previous answer:\n" + format_answer(code))
+    parts.append(feedback_text(public, task.public_tests))
+    return "\n\n".join(parts)
+
+
+def fresh_chat_repairs(tokenizer, sampler, pool, episodes, cfg, show_code: bool, later_turns: int = 2):
+    """The episodes whose first answer had code and failed the public tests, replayed from that answer with up
+    to `later_turns` tries that each start a new chat (fresh_chat_message). Returns (the replayed episodes'
+    tasks, whether each one's final code passes the private tests)."""
+    replays = [dict(task=ep.task, code=ep.turns[0].code, public=ep.turns[0].public, done=False)
+               for ep in episodes if ep.turns[0].code is not None and not ep.turns[0].public.passed]
+    for _ in range(later_turns):
+        active = [r for r in replays if not r["done"]]
+        prompts = [tokenizer.encode_dialog_prompt([{"role": "user", "content": fresh_chat_message(
+            r["task"], r["code"], r["public"], cfg.instruction, show_code)}]) for r in active]
+        responses = [out for start in range(0, len(prompts), cfg.gen_batch_size)
+                     for out in sampler(prompts[start:start + cfg.gen_batch_size])]
+        for r, (response, stopped) in zip(active, responses):
+            code = extract_code(tokenizer.decode(response[:-1] if stopped else response))
+            if code is not None:  # no code block: the last answer and its feedback stand for the next try
+                r["code"] = code
+                r["public"] = pool.submit(code, r["task"].public_tests, r["task"].setup_code).result()
+                r["done"] = r["public"].passed
+    passed = [pool.submit(r["code"], r["task"].private_tests, r["task"].setup_code).result().passed for r in replays]
+    return [r["task"] for r in replays], passed
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -86,6 +121,8 @@ def main(argv=None):
     ap.add_argument("--episodes", type=int, default=4, help="3-turn episodes per task")
     ap.add_argument("--samples", type=int, default=4, help="single-turn samples per task (the fresh-sample rate)")
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--fresh_chat", action="store_true", help="also replay the failed first answers with later "
+                                                               "turns that each start a new chat")
     args, preset_flags = ap.parse_known_args(argv)
     cfg, tokenizer, checkpoint, _, sampler, rollout_cfg, pool = preset_policy(args.seed, args.checkpoint,
                                                                               preset_flags)
@@ -96,6 +133,8 @@ def main(argv=None):
             singles = worker.run(sampler, [t for t in tasks for _ in range(args.samples)], max_turns=1)
             episodes = worker.run(sampler, [t for t in tasks for _ in range(args.episodes)], max_turns=3)
             later = pass_rate_after_another_task(tokenizer, sampler, pool, tasks, load_tasks(cfg)[0], args.samples, cfg)
+            fresh_chats = {show_code: fresh_chat_repairs(tokenizer, sampler, pool, episodes, cfg, show_code)
+                           for show_code in ((True, False) if args.fresh_chat else ())}
     finally:
         pool.close()
     repaired = [ep for ep in episodes if got_feedback(ep)]
@@ -113,6 +152,11 @@ def main(argv=None):
     if repaired:
         print(f"  episodes with feedback solved by turns 2-3: {sum(ep.passed for ep in repaired) / len(repaired):.3f}"
               f"  (two fresh samples would solve {fresh_sample_baseline(singles, repaired):.3f})")
+    for show_code, (replayed, passed) in fresh_chats.items():
+        baseline = fresh_sample_baseline(singles, [SimpleNamespace(task=task) for task in replayed])
+        print(f"  later turns as new chats ({'task, last answer' if show_code else 'task'} and feedback): "
+              f"{sum(passed) / max(1, len(passed)):.3f} of {len(passed)} failed first answers solved "
+              f"(two fresh samples would solve {baseline:.3f})")
 
 
 if __name__ == "__main__":

@@ -267,8 +267,8 @@ def test_shortened_default_run_writes_everything(short_run):
 @pytest.mark.slow
 def test_shortened_default_run_learns(short_run):
     """RL must raise pass@1 on the run's tasks by 10 points. Measured 0.594 -> 0.742 (AVX-512 kernels) and
-    0.531 -> 0.758 (AVX2), +10.1 to +14.1 with seeds 1 and 2 (README, status against issue 6); the standard
-    error of a difference of two pass rates on 128 samples each is about 6 points."""
+    0.531 -> 0.758 (AVX2), +10.1 to +14.1 with seeds 1 and 2 (docs/experiments.md, status against issue 6); the
+    standard error of a difference of two pass rates on 128 samples each is about 6 points."""
     root, _, _ = short_run
     _, (before, after) = read_metrics(root / "out" / "metrics.jsonl")
     assert after["pass@1"] >= before["pass@1"] + 0.1, (before, after)

@@ -4,7 +4,7 @@ import torch
 
 from data import Task, Test
 from reward import RewardConfig, feedback_text
-from rollout import NO_CODE_FEEDBACK, RolloutConfig, RolloutWorker, collate, task_message
+from rollout import INSTRUCTION, NO_CODE_FEEDBACK, RolloutConfig, RolloutWorker, collate, task_message
 from sandbox import SandboxPool
 from tokenizer import Tokenizer
 
@@ -141,3 +141,31 @@ def test_repair_turns_bench_sorts_later_turns_and_computes_the_fresh_sample_base
     # singles: one of four passes (p = 1/4), so two fresh tries solve 1 - (3/4)^2 = 7/16 of the episodes
     singles = [first_try] + worker.run(scripted(tok, [WRONG])[0], [TASK] * 3, max_turns=1)
     assert fresh_sample_baseline(singles, [repeat_then_fix, silent]) == pytest.approx(7 / 16)
+
+
+def test_repair_turns_bench_replays_failed_first_answers_in_new_chats(pool):
+    """bench/repair_turns.py --fresh_chat: each later try is a one-message chat (task, last answer, feedback);
+    a no-code try keeps the last answer; the final code is scored on the private tests."""
+    from types import SimpleNamespace
+
+    from bench.repair_turns import fresh_chat_message, fresh_chat_repairs
+    tok = Tokenizer.byte_level()
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=1), RewardConfig())
+    [failed] = worker.run(scripted(tok, [WRONG])[0], [TASK])
+    [passed] = worker.run(scripted(tok, [RIGHT])[0], [TASK])
+    seen = []
+
+    def sampler(prompts):  # turn 2: no code; turn 3: the right answer
+        seen.append(prompts)
+        return [(tok.encode(NO_CODE if len(seen) == 1 else RIGHT) + [tok.eot_id], True) for _ in prompts]
+    cfg = SimpleNamespace(instruction=INSTRUCTION, gen_batch_size=8)
+    tasks, solved = fresh_chat_repairs(tok, sampler, pool, [failed, passed], cfg, show_code=True)
+    assert [t.task_id for t in tasks] == ["add"] and solved == [True]   # only the failed episode is replayed
+    feedback = feedback_text(failed.turns[0].public, TASK.public_tests)
+    expected = (f"{task_message(TASK)}\n\nA previous answer:\n```python\ndef add(a, b):\n    return a - b\n```"
+                f"\n\n{feedback}")
+    assert fresh_chat_message(TASK, failed.turns[0].code, failed.turns[0].public, INSTRUCTION, True) == expected
+    both_prompts = tok.encode_dialog_prompt([{"role": "user", "content": expected}])
+    assert seen == [[both_prompts], [both_prompts]]   # the no-code try left the last answer and feedback in place
+    without_code = fresh_chat_message(TASK, failed.turns[0].code, failed.turns[0].public, INSTRUCTION, False)
+    assert without_code == f"{task_message(TASK)}\n\n{feedback}"
