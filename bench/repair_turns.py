@@ -69,17 +69,22 @@ def after_another_task(tokenizer, task, other, instruction: str) -> list[int]:
         {"role": "user", "content": task_message(task, instruction)}])
 
 
+def sampled_codes(tokenizer, sampler, prompts: list[list[int]], batch_size: int):
+    """Yields the code block (None without one) of one sampled answer per prompt, `batch_size` prompts per
+    sampler call; a generator, so the caller can hand each program to the sandbox while the next batch samples."""
+    for start in range(0, len(prompts), batch_size):
+        for response, stopped in sampler(prompts[start:start + batch_size]):
+            yield extract_code(tokenizer.decode(response[:-1] if stopped else response))
+
+
 def pass_rate_after_another_task(tokenizer, sampler, pool, tasks, others, samples: int, cfg) -> float:
     """Private-test pass rate of `samples` answers per task, each after a solved exchange of a random `other`."""
     rng = random.Random(cfg.seed)
     jobs = [(t, after_another_task(tokenizer, t, rng.choice(others), cfg.instruction))
             for t in tasks for _ in range(samples)]
-    futures = []
-    for start in range(0, len(jobs), cfg.gen_batch_size):
-        chunk = jobs[start:start + cfg.gen_batch_size]
-        for (task, _), (response, stopped) in zip(chunk, sampler([prompt for _, prompt in chunk])):
-            code = extract_code(tokenizer.decode(response[:-1] if stopped else response))
-            futures.append(pool.submit(code, task.private_tests, task.setup_code) if code is not None else None)
+    codes = sampled_codes(tokenizer, sampler, [prompt for _, prompt in jobs], cfg.gen_batch_size)
+    futures = [pool.submit(code, task.private_tests, task.setup_code) if code is not None else None
+               for (task, _), code in zip(jobs, codes)]
     return sum(f is not None and f.result().passed for f in futures) / len(futures)
 
 
@@ -102,16 +107,16 @@ def fresh_chat_repairs(tokenizer, sampler, pool, episodes, cfg, show_code: bool,
         active = [r for r in replays if not r["done"]]
         prompts = [tokenizer.encode_dialog_prompt([{"role": "user", "content": fresh_chat_message(
             r["task"], r["code"], r["public"], cfg.instruction, show_code)}]) for r in active]
-        responses = [out for start in range(0, len(prompts), cfg.gen_batch_size)
-                     for out in sampler(prompts[start:start + cfg.gen_batch_size])]
-        for r, (response, stopped) in zip(active, responses):
-            code = extract_code(tokenizer.decode(response[:-1] if stopped else response))
+        retried = []
+        for r, code in zip(active, sampled_codes(tokenizer, sampler, prompts, cfg.gen_batch_size)):
             if code is not None:  # no code block: the last answer and its feedback stand for the next try
                 r["code"] = code
-                r["public"] = pool.submit(code, r["task"].public_tests, r["task"].setup_code).result()
-                r["done"] = r["public"].passed
-    passed = [pool.submit(r["code"], r["task"].private_tests, r["task"].setup_code).result().passed for r in replays]
-    return [r["task"] for r in replays], passed
+                retried.append((r, pool.submit(code, r["task"].public_tests, r["task"].setup_code)))
+        for r, future in retried:
+            r["public"] = future.result()
+            r["done"] = r["public"].passed
+    futures = [pool.submit(r["code"], r["task"].private_tests, r["task"].setup_code) for r in replays]
+    return [r["task"] for r in replays], [future.result().passed for future in futures]
 
 
 def main(argv=None):
