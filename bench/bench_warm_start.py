@@ -1,8 +1,8 @@
-"""Time of one warm-start step of the tiny preset (forward + backward of a batch of 32 demonstrations), with
-the whole batch padded to its longest demonstration against `sft.backward_by_length` (micro-batches of
-similar length, the same gradient):
+"""Time of one warm-start step of the tiny preset (forward + backward of a batch of demonstrations, 32 in the
+preset), with the whole batch padded to its longest demonstration against `sft.backward_by_length`
+(micro-batches of similar length, the same gradient):
 
-    python bench/bench_warm_start.py [--batches 6] [--threads 2] [--micro 4 8 16] [--seed 0]
+    python bench/bench_warm_start.py [--batches 6] [--batch 32] [--threads 2] [--micro 4 8 16] [--seed 0]
 
 The batches are the warm start's own (`sft.batches_by_turns` over `sft.warm_start_examples` of the preset),
 one-turn and two-turn repair batches timed apart, since repair demonstrations are 2-3x longer. Every way runs
@@ -45,11 +45,11 @@ def is_repair(example, eot_id: int) -> bool:
     return example[0].count(eot_id) > 2
 
 
-def batches_of_each_kind(examples, eot_id: int, count: int, seed: int) -> dict[str, list]:
-    """The warm start's first `count` one-turn and `count` repair batches of 32 (`sft.batches_by_turns` never
-    mixes the two kinds in a batch)."""
+def batches_of_each_kind(examples, eot_id: int, count: int, batch_size: int, seed: int) -> dict[str, list]:
+    """The warm start's first `count` one-turn and `count` repair batches (`sft.batches_by_turns` never mixes the
+    two kinds in a batch)."""
     kinds = {"one-turn": [], "repair": []}
-    for batch in sft.batches_by_turns(examples, 32, random.Random(seed)):
+    for batch in sft.batches_by_turns(examples, batch_size, random.Random(seed)):
         kind = kinds["repair" if is_repair(batch[0], eot_id) else "one-turn"]
         if len(kind) < count:
             kind.append(batch)
@@ -60,6 +60,7 @@ def batches_of_each_kind(examples, eot_id: int, count: int, seed: int) -> dict[s
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=6, help="timed batches of each kind")
+    ap.add_argument("--batch", type=int, default=None, help="demonstrations per step (default: the preset's)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--micro", type=int, nargs="+", default=[4, 8, 16], help="micro-batch sizes to time")
     ap.add_argument("--seed", type=int, default=0)
@@ -70,7 +71,8 @@ def main(argv=None):
     with SandboxPool(2, Limits(timeout_s=2.0)) as pool:
         examples = sft.warm_start_examples(tokenizer, train.load_tasks(cfg)[0], pool=pool,
                                            **train.tiny_demonstrations(cfg))
-    kinds = batches_of_each_kind(examples, tokenizer.eot_id, args.batches, args.seed)
+    batch_size = args.batch or cfg.tiny_warmstart_batch
+    kinds = batches_of_each_kind(examples, tokenizer.eot_id, args.batches, batch_size, args.seed)
     share = {"repair": sum(is_repair(ex, tokenizer.eot_id) for ex in examples) / len(examples)}
     share["one-turn"] = 1 - share["repair"]
     torch.manual_seed(0)
@@ -78,8 +80,8 @@ def main(argv=None):
     ways = {"padded": lambda b: padded_backward(model, b, tokenizer.pad_id)}
     for micro in args.micro:
         ways[f"by length, micro {micro}"] = lambda b, m=micro: sft.backward_by_length(model, b, tokenizer.pad_id, m)
-    print(f"{len(examples)} demonstrations; share of steps: one-turn {share['one-turn']:.2f}, "
-          f"repair {share['repair']:.2f}; {args.threads} threads")
+    print(f"{len(examples)} demonstrations, batches of {batch_size}; share of steps: "
+          f"one-turn {share['one-turn']:.2f}, repair {share['repair']:.2f}; {args.threads} threads")
     print(f"{'':24s} {'one-turn s':>10s} {'repair s':>10s} {'per step s':>10s} {'vs padded':>10s}")
     baseline = None
     for name, step in ways.items():

@@ -107,6 +107,19 @@ def test_rl_share_keeps_the_rl_tasks_out_of_the_warm_start(setup, tmp_path, monk
     assert [t.task_id for t in given[0]] == [t.task_id for t in demonstrated]
 
 
+def test_tiny_warm_start_trains_with_the_flags_given(monkeypatch):
+    """--warmstart_steps, --tiny_warmstart_batch and --tiny_warmstart_lr reach sft.warm_start (they also
+    name its cache entry): the preset's batch of 32, and any other given on the command line."""
+    import data
+    import train
+    calls = []
+    monkeypatch.setattr(train, "warm_start", lambda *a, **kw: calls.append(kw))
+    for argv in ([], ["--tiny_warmstart_batch", "24", "--warmstart_steps", "7", "--tiny_warmstart_lr", "1e-3"]):
+        cfg = train.parse_config(argv)
+        train.tiny_warm_start(cfg, train.load_tokenizer(cfg), data.synthetic_tasks("train", 0)[:4])
+    assert [(kw["batch_size"], kw["steps"], kw["lr"]) for kw in calls] == [(32, 1200, 3e-3), (24, 7, 1e-3)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "expert_iteration"])
 def test_reward_rises_on_print_seven(setup, tmp_path, algo):
