@@ -137,7 +137,7 @@ PRESETS = {
     # 0.8M parameters (hidden 128, 4 layers), byte-level tokens, synthetic tasks; timings in the README.
     # 1200 warm-start steps: at 600 the model had not learned to copy a constant from the prompt (docs/experiments.md,
     # "What the warm start gets wrong"; bench/warm_start_errors.py). Batches of 32: 16 halved the warm start's
-    # time but left weaker warm starts, and one seed gained 6 points from its own (docs/experiments.md).
+    # time but trained weaker warm starts, one of which RL raised by only 6 points (docs/experiments.md).
     "tiny": dict(tokenizer="bytes", dataset="synthetic", instruction="",  # short prompts: bytes are tokens
                  tiny_hidden=128, tiny_layers=4, warmstart_steps=1200, tiny_warmstart_batch=32,
                  tiny_warmstart_lr=3e-3, tiny_repairs=128, tiny_bug_rate=0.3,
