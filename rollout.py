@@ -86,6 +86,11 @@ def task_message(task: Task, instruction: str = INSTRUCTION) -> str:
     return f"{task.prompt.rstrip()}\n\n{instruction}" if instruction else task.prompt.rstrip()
 
 
+def response_code(tokenizer, response: list[int], stopped: bool) -> str | None:
+    """The code block of a sampled response (None without one), decoded without its stop token."""
+    return extract_code(tokenizer.decode(response[:-1] if stopped else response))
+
+
 def model_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> Sampler:
     """A Sampler backed by model.generate (KV cache, per-row stop ids)."""
@@ -143,8 +148,7 @@ class RolloutWorker:
                 start = len(ep.tokens)
                 ep.tokens += response
                 ep.action_mask += [True] * len(response)
-                text = self.tokenizer.decode(response[:-1] if stopped else response)  # without the stop token
-                code = extract_code(text)
+                code = response_code(self.tokenizer, response, stopped)
                 ep.turns.append(Turn(start, len(ep.tokens), stopped, code))
                 future = None
                 if code is not None and ep.task.public_tests:

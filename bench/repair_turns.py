@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
 from bench.warm_start_errors import preset_policy  # noqa: E402
-from reward import RewardConfig, extract_code, feedback_text  # noqa: E402
-from rollout import RolloutWorker, task_message  # noqa: E402
+from reward import RewardConfig, feedback_text  # noqa: E402
+from rollout import RolloutWorker, response_code, task_message  # noqa: E402
 from sft import format_answer  # noqa: E402
 from train import load_tasks  # noqa: E402
 
@@ -74,7 +74,7 @@ def sampled_codes(tokenizer, sampler, prompts: list[list[int]], batch_size: int)
     sampler call; a generator, so the caller can hand each program to the sandbox while the next batch samples."""
     for start in range(0, len(prompts), batch_size):
         for response, stopped in sampler(prompts[start:start + batch_size]):
-            yield extract_code(tokenizer.decode(response[:-1] if stopped else response))
+            yield response_code(tokenizer, response, stopped)
 
 
 def pass_rate_after_another_task(tokenizer, sampler, pool, tasks, others, samples: int, cfg) -> float:
