@@ -62,7 +62,9 @@ class Config:
     algo: str = arg("ppo", "ppo | grpo | expert_iteration")
     self_repairs: bool = arg(False, "expert iteration: also train on repairs relabelled from each step's own "
                                     "episodes (self_repair_episodes)")
-    critic: str = arg("separate", "separate (a copy of the policy with a fresh value head, as RLEF) | head")
+    critic: str = arg("separate", "separate (a copy of the policy with a fresh value head, as RLEF) | head (a "
+                                  "value head on the policy trunk; its loss trains the trunk) | probe (the same head "
+                                  "on the trunk's hidden states with the gradient stopped: its loss trains the head)")
     advantage: str = arg("turn", "turn (RLEF turn-level value) | token (token-level GAE)")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
@@ -72,7 +74,7 @@ class Config:
     kl_horizon: int = arg(10000, "adaptive KL controller horizon, in episodes")
     clip_eps: float = arg(0.2, "PPO ratio clip")
     value_clip: float = arg(0.2, "value clip range (0 = off)")
-    vf_coef: float = arg(0.5, "value loss weight (critic=head)")
+    vf_coef: float = arg(0.5, "value loss weight (critic=head or probe)")
     ent_coef: float = arg(0.0, "entropy bonus weight")
     whiten: bool = arg(True, "whiten advantages over the batch's action tokens")
     truncation_penalty: float = arg(0.5, "subtracted from episodes whose last response hit max_new_tokens")
@@ -144,10 +146,11 @@ PRESETS = {
                  # lr 1e-4 for all three algorithms: at 3e-4 expert iteration gains more on some seeds and
                  # falls on others. 24 iterations: 12 more raised held-out pass@1 on five of six warm starts
                  # (by 1.3 to 3.6 points; the sixth lost 0.9) (docs/experiments.md)
-                 # critic "head": expert iteration uses none. With --algo ppo and this head (its value loss
-                 # trains the shared trunk) the policy drifted off the reference after 16 iterations; with
-                 # --critic separate it did not (docs/experiments.md, "PPO's drift and the value head on the trunk")
-                 algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="head", kl_coef=0.05, max_new_tokens=112,
+                 # critic "probe" (for --algo ppo; expert iteration uses none): with "head", whose value loss
+                 # trains the shared trunk, PPO drifted off the reference after 14-16 iterations and collapsed on
+                 # one seed; with the probe, or --critic separate, it stayed near it (docs/experiments.md,
+                 # "PPO's drift and the value head on the trunk")
+                 algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="probe", kl_coef=0.05, max_new_tokens=112,
                  tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=24, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
                  # 4 episodes per task: 1@3 on as many samples as pass@1, and the first turns of the same
@@ -159,6 +162,11 @@ PRESETS = {
     "llama-3.1-8b": dict(dtype="bfloat16", dataset="mbpp", critic="head", lora_rank=64, lr=2e-5, fsdp=True,
                          micro_batch_size=2, logprob_chunk=512),
 }
+
+
+CHOICES = {"algo": ("ppo", "grpo", "expert_iteration"), "critic": ("separate", "head", "probe"),
+           "advantage": ("turn", "token"), "kl_placement": ("reward", "loss"), "lr_decay": ("constant", "cosine"),
+           "dtype": tuple(DTYPES)}
 
 
 def parse_config(argv=None) -> Config:
@@ -177,7 +185,11 @@ def parse_config(argv=None) -> Config:
     preset = args.get("preset", Config.preset)
     if preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    return Config(**{**PRESETS[preset], **args})
+    cfg = Config(**{**PRESETS[preset], **args})
+    for name, allowed in CHOICES.items():  # a misspelt choice fails here, not deep inside the first update
+        if getattr(cfg, name) not in allowed:
+            parser.error(f"--{name} must be one of {' | '.join(allowed)}, got {getattr(cfg, name)!r}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,13 +272,16 @@ class Scorer(nn.Module):
     at the sampling temperature, their entropy, and values from the value head when the model has one.
     The fused lm_head kernel means the (tokens, vocab) logits never exist in full."""
 
-    def __init__(self, model: Transformer, temperature: float, chunk: int):
+    def __init__(self, model: Transformer, temperature: float, chunk: int, probe: bool = False):
         super().__init__()
         self.model, self.temperature, self.chunk = model, temperature, chunk
+        self.probe = probe  # critic "probe": the value loss reaches the value head, never the trunk
 
     def forward(self, inputs, targets, want_logprobs: bool = True):
         h = self.model.hidden_states(inputs)                                          # (B, T, D)
-        values = self.model.values(h) if self.model.value_head is not None else None  # (B, T)
+        values = None
+        if self.model.value_head is not None:
+            values = self.model.values(h.detach() if self.probe else h)               # (B, T)
         if not want_logprobs:
             return None, None, values
         logp, entropy = fused_linear_logprobs(h, self.model.lm_head.weight, targets, self.temperature,
@@ -288,7 +303,7 @@ def build_models(cfg: Config, model_dir: Path, device) -> Models:
     dtype = DTYPES[cfg.dtype]
     uses_critic = cfg.algo == "ppo"
     policy = Transformer.from_pretrained(model_dir, dtype=dtype, device=device,
-                                         value_head=uses_critic and cfg.critic == "head")
+                                         value_head=uses_critic and cfg.critic in ("head", "probe"))
     if cfg.lora_rank:
         add_lora(policy, cfg)
     reference = None
@@ -300,7 +315,8 @@ def build_models(cfg: Config, model_dir: Path, device) -> Models:
         if not critic.config.tie_word_embeddings:  # the critic never uses its lm_head: keep it out of DDP's way
             critic.lm_head.requires_grad_(False)
     critic_scorer = Scorer(critic, cfg.temperature, cfg.logprob_chunk) if critic else None
-    return Models(policy, critic, reference, Scorer(policy, cfg.temperature, cfg.logprob_chunk), critic_scorer)
+    scorer = Scorer(policy, cfg.temperature, cfg.logprob_chunk, probe=cfg.critic == "probe")
+    return Models(policy, critic, reference, scorer, critic_scorer)
 
 
 def add_lora(model: Transformer, cfg: Config) -> None:

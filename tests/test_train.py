@@ -87,6 +87,39 @@ def test_self_repairs_only_with_expert_iteration(tmp_path):
         train.Trainer(cfg)
 
 
+def test_a_misspelt_choice_is_refused_naming_its_flag(capsys):
+    import train
+    for flag, value in (("--critic", "probes"), ("--algo", "reinforce"), ("--advantage", "gae")):
+        with pytest.raises(SystemExit):
+            train.parse_config([flag, value])
+        assert f"{flag} must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("critic", ["head", "probe"])
+def test_probe_critic_keeps_the_value_loss_out_of_the_trunk(setup, critic):
+    """critic "probe": the value head reads the trunk's hidden states with the gradient stopped, so the trunk's
+    gradient is the policy loss's alone (autograd of the logprobs without the values). With "head" the value
+    loss adds to it. The values themselves are the same either way."""
+    import train
+    cfg = train.parse_config(["--model_dir", str(setup / "init"), "--tokenizer", "bytes", "--algo", "ppo",
+                              "--critic", critic])
+    models = train.build_models(cfg, setup / "init", torch.device("cpu"))
+    tokens = torch.tensor([list(b"def f(xs):\n    return sum(xs)")])
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():  # a fresh head is zero, which passes no gradient to the trunk in either mode
+        models.policy.value_head.weight.normal_()
+    trunk = [p for n, p in models.policy.named_parameters() if not n.startswith("value_head")]
+    logp, _, values = models.scorer(inputs, targets)
+    policy_grads = torch.autograd.grad(logp.sum(), trunk, retain_graph=True)
+    both_grads = torch.autograd.grad(logp.sum() + values.square().sum(), trunk, allow_unused=True)
+    same = [torch.allclose(a, b) for a, b in zip(policy_grads, both_grads)]
+    assert all(same) if critic == "probe" else not all(same)
+    [head_grad] = torch.autograd.grad(models.scorer(inputs, targets)[2].sum(), models.policy.value_head.weight)
+    assert head_grad.abs().sum() > 0  # the value loss still trains the head
+    detached = models.policy.values(models.policy.hidden_states(inputs).detach())
+    torch.testing.assert_close(values, detached)
+
+
 def test_rl_share_keeps_the_rl_tasks_out_of_the_warm_start(setup, tmp_path, monkeypatch):
     """--tiny_rl_share: RL draws only the compositions held back for it (and the slow/fast tasks); the warm
     start is given only the others."""
@@ -123,7 +156,8 @@ def test_tiny_warm_start_trains_with_the_flags_given(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "expert_iteration"])
 def test_reward_rises_on_print_seven(setup, tmp_path, algo):
-    extra = ["--algo", algo, "--steps", "12"] + (["--kl_placement", "loss"] if algo == "grpo" else ["--critic", "head"])
+    per_algo = ["--kl_placement", "loss"] if algo == "grpo" else ["--critic", "probe"]  # the tiny preset's critic
+    extra = ["--algo", algo, "--steps", "12", *per_algo]
     proc = run_train(args(setup, tmp_path, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = read_metrics(tmp_path, "train")
