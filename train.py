@@ -149,9 +149,11 @@ PRESETS = {
                  # critic "probe" (for --algo ppo; expert iteration uses none): with "head", whose value loss
                  # trains the shared trunk, PPO drifted off the reference after 14-16 iterations and collapsed on
                  # one seed; with the probe, or --critic separate, it stayed near it (docs/experiments.md,
-                 # "PPO's drift and the value head on the trunk")
+                 # "PPO's drift and the value head on the trunk"). 8 episodes per task: with 4, expert iteration
+                 # gained +14.8, +13.9 and +13.7 on the results table's warm starts, with 8 +19.7, +15.2 and +16.7,
+                 # for about 2.5 times the iterations' time (docs/experiments.md, "Eight episodes per task")
                  algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="probe", kl_coef=0.05, max_new_tokens=112,
-                 tasks_per_step=16, samples_per_task=4, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
+                 tasks_per_step=16, samples_per_task=8, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=24, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
                  # 4 episodes per task: 1@3 on as many samples as pass@1, and the first turns of the same
                  # episodes show what the repair turns add (1 episode left that comparison to chance)
