@@ -166,9 +166,9 @@ PRESETS = {
 }
 
 
+# Checked in Trainer.__init__; --kl_placement and --lr_decay are checked there by the functions that use them.
 CHOICES = {"algo": ("ppo", "grpo", "expert_iteration"), "critic": ("separate", "head", "probe"),
-           "advantage": ("turn", "token"), "kl_placement": ("reward", "loss"), "lr_decay": ("constant", "cosine"),
-           "dtype": tuple(DTYPES)}
+           "advantage": ("turn", "token"), "dtype": tuple(DTYPES)}
 
 
 def parse_config(argv=None) -> Config:
@@ -187,11 +187,7 @@ def parse_config(argv=None) -> Config:
     preset = args.get("preset", Config.preset)
     if preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    cfg = Config(**{**PRESETS[preset], **args})
-    for name, allowed in CHOICES.items():  # a misspelt choice fails here, not deep inside the first update
-        if getattr(cfg, name) not in allowed:
-            parser.error(f"--{name} must be one of {' | '.join(allowed)}, got {getattr(cfg, name)!r}")
-    return cfg
+    return Config(**{**PRESETS[preset], **args})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -630,6 +626,9 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed()
         if cfg.tasks_per_step % self.world:
             raise ValueError(f"--tasks_per_step {cfg.tasks_per_step} must be a multiple of the {self.world} ranks")
+        for name, allowed in CHOICES.items():  # a misspelt choice fails here, not deep inside the first update
+            if getattr(cfg, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {' | '.join(allowed)}, got {getattr(cfg, name)!r}")
         ppo.split_kl_coef(cfg.kl_placement, cfg.kl_coef)  # an unknown placement fails here, not at step 0
         lr_scale(cfg.warmup_steps, cfg.steps, cfg.warmup_steps, cfg.lr_decay)  # so does an unknown --lr_decay
         if cfg.algo == "grpo" and cfg.kl_placement == "reward" and cfg.kl_coef > 0:
