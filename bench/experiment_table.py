@@ -10,9 +10,9 @@ sample standard deviation over seeds of held-out pass@1 before and after RL, 1@3
 first turns of its episodes), and the fast share on the slow/fast subset before and after, then the individual
 runs. On 2 CPU cores a seed's warm start takes 10 to 26 minutes, by CPU, and a run of expert iteration (the
 fastest algorithm) 10 to 20 on an Intel Xeon, one thread beside another run: most of a day for the 18 cells,
-more on slower CPUs. Two copies of this script with OMP_NUM_THREADS=1 and disjoint
-cells use the 2 cores about as well; let the first run of each seed finish its warm start before another run of
-that seed starts, or both will train it (the first one saved is kept, `sft.publish_checkpoint`).
+more on slower CPUs. Two copies of this script with OMP_NUM_THREADS=1 and disjoint cells use the 2 cores about
+as well; let the first run of each seed finish its warm start before another run of that seed starts, or both
+will train it (the first one saved is kept, `sft.publish_checkpoint`).
 """
 import argparse
 import json
