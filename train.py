@@ -1,6 +1,6 @@
 """nanoRLEF: reinforcement learning from execution feedback, in one script.
 
-    python train.py                                      # CPU demo: warm start, eval, multi-turn PPO, eval
+    python train.py                                      # CPU demo: warm start, eval, multi-turn expert iteration, eval
     torchrun --standalone --nproc_per_node=8 train.py --preset llama-3.1-8b --model_dir /models/Llama-3.1-8B-Instruct
 
 One iteration (DESIGN.md): sample tasks -> multi-turn episodes with public-test feedback (rollout.py) -> score the
