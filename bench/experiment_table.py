@@ -3,16 +3,16 @@
     python bench/experiment_table.py [--seeds 0 1 2] [--algos ppo grpo expert_iteration] [--time_weights 1 0]
                                      [--out out/table] [any train.py flag, passed to every run]
 
-Each cell is one `python train.py --seed S --algo A --time_weight W` (the tiny preset), run one after the other
-in fresh processes; the warm start of each seed is trained once and cached. A run whose metrics.jsonl already
-holds an "after" evaluation is not run again, so a killed table resumes. Prints a markdown table of the mean and
-sample standard deviation over seeds of held-out pass@1 before and after RL, 1@3 after (and the pass rate of the
-first turns of its episodes), and the fast share on the slow/fast subset before and after, then the individual
-runs. On 2 CPU cores a seed's warm start takes 10 to 26 minutes, by CPU, and a run of expert iteration (the
-fastest algorithm) 10 to 20 on an Intel Xeon, one thread beside another run: most of a day for the 18 cells,
-more on slower CPUs. Two copies of this script with OMP_NUM_THREADS=1 and disjoint cells use the 2 cores about
-as well; let the first run of each seed finish its warm start before another run of that seed starts, or both
-will train it (the first one saved is kept, `sft.publish_checkpoint`).
+Each cell is one `python train.py --seed S --algo A --time_weight W` (the tiny preset), run one after the other in
+fresh processes; the warm start of each seed is trained once and cached. A run whose metrics.jsonl already holds an
+"after" evaluation is not run again, so a killed table resumes. Prints a markdown table of the mean and sample
+standard deviation over seeds of held-out pass@1 before and after RL, 1@3 after (and the pass rate of the first
+turns of its episodes), and the fast share on the slow/fast subset before and after, then the individual runs. On 2
+CPU cores a seed's warm start takes 10 to 26 minutes, by CPU, and on an Intel Xeon, one thread beside another run, a
+run of expert iteration (the fastest algorithm) takes 10 to 20 and one of GRPO or PPO 16 to 28: about a working day
+for the 18 cells, more on slower CPUs. Two copies of this script with OMP_NUM_THREADS=1 and disjoint cells use the 2
+cores about as well; let the first run of each seed finish its warm start before another run of that seed starts, or
+both will train it (the first one saved is kept, `sft.publish_checkpoint`).
 """
 import argparse
 import json
