@@ -155,8 +155,8 @@ PRESETS = {
                  algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="probe", kl_coef=0.05, max_new_tokens=112,
                  tasks_per_step=16, samples_per_task=8, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=24, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
-                 # 4 episodes per task: 1@3 on as many samples as pass@1, and the first turns of the same
-                 # episodes show what the repair turns add (1 episode left that comparison to chance)
+                 # 4 evaluation episodes per task: 1@3 on as many samples as pass@1, and the first turns of the
+                 # same episodes show what the repair turns add (1 episode left that comparison to chance)
                  eval_episodes=4, fast_share_samples=4, test_timeout=2.0, sandbox_workers=2),
     # Real checkpoints: put the HF folder at --model_dir. bf16 weights; see README for memory notes.
     "llama-3.2-1b": dict(dtype="bfloat16", dataset="mbpp", lr=1e-6, critic_lr=1e-5, micro_batch_size=4),
