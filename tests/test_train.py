@@ -120,6 +120,36 @@ def test_probe_critic_keeps_the_value_loss_out_of_the_trunk(setup, critic):
     torch.testing.assert_close(values, detached)
 
 
+@pytest.mark.parametrize("critic", ["separate", "head", "probe"])
+def test_the_critic_learns_at_critic_lr_and_the_policy_at_lr(setup, tmp_path, critic):
+    """Adam's first step moves every weight with a gradient by its learning rate (m/sqrt(v) = +-1): the critic's
+    own weights (the separate critic, or the value head on the policy trunk) by --critic_lr, the policy's by
+    --lr."""
+    import train
+    cfg = train.parse_config(args(setup, tmp_path, "--critic", critic, "--lr", "1e-4", "--critic_lr", "1e-2",
+                                           "--warmup_steps", "0"))
+    trainer = train.Trainer(cfg)
+    try:
+        m = trainer.models
+        critic_model = m.critic if m.critic is not None else m.policy.value_head
+        critic_ids = {id(p) for p in critic_model.parameters()}
+        params = {id(p): p for p in (*m.policy.parameters(), *critic_model.parameters()) if p.requires_grad}
+        before = {i: p.detach().clone() for i, p in params.items()}
+        tokens = torch.tensor([list(b"def f(xs):\n    return sum(xs)")])
+        logp, _, values = m.scorer(tokens[:, :-1], tokens[:, 1:])
+        if m.critic_scorer is not None:
+            values = m.critic_scorer(tokens[:, :-1], tokens[:, 1:])[2]
+        (values.square().sum() - logp.sum() - values.sum()).backward()
+        trainer.set_learning_rates(0)
+        for opt in trainer.optimizers:
+            opt.step()
+    finally:
+        trainer.pool.close()
+    moved = {i: float((p.detach() - before[i]).abs().max()) for i, p in params.items()}
+    assert max(v for i, v in moved.items() if i in critic_ids) == pytest.approx(1e-2, rel=1e-2)
+    assert max(v for i, v in moved.items() if i not in critic_ids) == pytest.approx(1e-4, rel=1e-2)
+
+
 def test_rl_share_keeps_the_rl_tasks_out_of_the_warm_start(setup, tmp_path, monkeypatch):
     """--tiny_rl_share: RL draws only the compositions held back for it (and the slow/fast tasks); the warm
     start is given only the others."""
