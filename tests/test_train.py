@@ -127,7 +127,7 @@ def test_the_critic_learns_at_critic_lr_and_the_policy_at_lr(setup, tmp_path, cr
     --lr."""
     import train
     cfg = train.parse_config(args(setup, tmp_path, "--critic", critic, "--lr", "1e-4", "--critic_lr", "1e-2",
-                                           "--warmup_steps", "0"))
+                                  "--warmup_steps", "0"))
     trainer = train.Trainer(cfg)
     try:
         m = trainer.models
@@ -139,7 +139,8 @@ def test_the_critic_learns_at_critic_lr_and_the_policy_at_lr(setup, tmp_path, cr
         logp, _, values = m.scorer(tokens[:, :-1], tokens[:, 1:])
         if m.critic_scorer is not None:
             values = m.critic_scorer(tokens[:, :-1], tokens[:, 1:])[2]
-        (values.square().sum() - logp.sum() - values.sum()).backward()
+        # a fresh value head is zero, so values.square() alone would leave its weights without a gradient
+        (values.square().sum() - values.sum() - logp.sum()).backward()
         trainer.set_learning_rates(0)
         for opt in trainer.optimizers:
             opt.step()
