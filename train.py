@@ -657,6 +657,7 @@ class Trainer:
         self.optimizers = self._build_optimizers()
         self.kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
                        else ppo.FixedKLController(cfg.kl_coef))
+        self.start_step = self._load_trainer_state(state) if state is not None else 0
         self.pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
         reward_cfg = RewardConfig(time_weight=cfg.time_weight, partial_credit=cfg.partial_credit,
                                   lint_weight=cfg.lint_weight)
@@ -665,7 +666,6 @@ class Trainer:
                                     max_episode_tokens=self.models.policy.config.max_position_embeddings)
         self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
         self.eval_timer = TimeReward.from_config(self.pool, reward_cfg)  # times programs for the fast share
-        self.start_step = self._load_trainer_state(state) if state is not None else 0
 
     # -- setup helpers -------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> list:
@@ -887,18 +887,17 @@ class Trainer:
 
     def _load_trainer_state(self, state: dict) -> int:
         """Optimizers, KL controller and RNG from trainer.pt; returns the step to continue from."""
-        saved = state["optimizers"]
-        if self.cfg.fsdp:
-            saved = torch.load(self.out / "checkpoint" / f"optimizer-rank{self.rank}.pt", weights_only=False)
-        for opt, opt_state in zip(self.optimizers, saved):
-            opt.load_state_dict(opt_state)
+        file = self.out / "checkpoint" / (f"optimizer-rank{self.rank}.pt" if self.cfg.fsdp else "trainer.pt")
+        saved = torch.load(file, weights_only=False) if self.cfg.fsdp else state["optimizers"]
+        load_optimizer_states(self.optimizers, saved, file)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        if self.rank == 0:  # drop metrics written after the checkpoint, so the log matches an unbroken run
-            keep = [line for line in (self.out / "metrics.jsonl").read_text().splitlines()
+        metrics = self.out / "metrics.jsonl"
+        if self.rank == 0 and metrics.exists():  # drop metrics written after the checkpoint, as if unbroken
+            keep = [line for line in metrics.read_text().splitlines()
                     if json.loads(line)["step"] < state["step"] or json.loads(line).get("label") == "before"]
-            (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
+            metrics.write_text("".join(line + "\n" for line in keep))
         self.log(f"resumed from {self.out / 'checkpoint'} at step {state['step']}")
         return state["step"]
 
@@ -941,6 +940,23 @@ class Trainer:
         if self.rank == 0:
             write_plot(self.out / "metrics.jsonl", self.out / "plot.png")  # skipped with a message without matplotlib
         return before, after
+
+
+def load_optimizer_states(optimizers: list, saved: list, file: Path):
+    """Load each saved optimizer state into its optimizer, after checking that they match: the same number of
+    optimizers (the policy's, then the critic's when the run has one) and of parameters in each group. torch's
+    own load_state_dict checks only the group sizes, with a message that names neither the file nor the cause."""
+    def layout(states):
+        return [[len(group["params"]) for group in s["param_groups"]] for s in states]
+    have = layout(opt.state_dict() for opt in optimizers)
+    if layout(saved) != have:
+        raise ValueError(
+            f"--resume: {file} holds {len(saved)} optimizer state(s) with parameter counts {layout(saved)}, but "
+            f"this run's optimizers have {have} (the policy's first, then the critic's). Resume with the --algo, "
+            f"--critic and --lora_rank the checkpoint was written with. A checkpoint from before the value head "
+            f"had its own optimizer (--critic head or probe) cannot resume: its head shares the policy's state.")
+    for opt, opt_state in zip(optimizers, saved):
+        opt.load_state_dict(opt_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------

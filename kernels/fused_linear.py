@@ -8,13 +8,33 @@ about two (chunk_size, V) buffers plus grad_weight, whatever the number of token
 When the weight is frozen (LoRA) and there is no entropy term, d lp_i / d hidden_i = g_i * b_i with
 b_i = ((onehot - p_i) / T) @ W independent of the upstream g, so forward computes b (N, D) while the logits
 chunk is still there and backward is one multiply: no recompute, the same matmul count as the naive path.
+
+Autocast does not reach inside: the logits are made in the dtype of hidden and weight (which must match), so
+log-probs under torch.autocast keep their precision, and the in-place `out=` buffers keep their dtype when
+backward runs inside an autocast region too.
 """
 import torch
+
+
+def no_autocast(tensor: torch.Tensor):
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size, backend, precompute):
+        with no_autocast(hidden):
+            return FusedLinearLogprobs._forward(ctx, hidden, weight, targets, temperature, with_entropy,
+                                                chunk_size, backend, precompute)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropy=None):
+        with no_autocast(grad_logprobs):
+            return FusedLinearLogprobs._backward(ctx, grad_logprobs, grad_entropy)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size, backend, precompute):
         # hidden (N, D), weight (V, D), targets (N,) long
         n = hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -41,8 +61,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
         return (logprobs, entropy) if with_entropy else logprobs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logprobs, grad_entropy=None):
+    def _backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, targets, lse, entropy, basis = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if basis is not None and not need_weight:

@@ -176,6 +176,28 @@ def test_fused_linear_equals_unfused(backend):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("frozen_weight", [False, True])
+def test_fused_linear_under_bf16_autocast_keeps_fp32(frozen_weight):
+    """Autocast must not reach inside the fused kernel: under a bf16 autocast region, forward and backward
+    (backward inside the region too) give exactly the fp32 results computed without autocast."""
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(23, 16, generator=g), torch.randn(500, 16, generator=g) * 0.5
+    targets = torch.randint(0, 500, (23,), generator=g)
+
+    def logprobs_and_grads(autocast: bool):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen_weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lp = kernels.fused_linear_logprobs(h, w, targets, chunk_size=8)
+            (lp * torch.linspace(-1, 1, 23)).sum().backward()
+        return lp, h.grad, w.grad
+
+    lp, h_grad, w_grad = logprobs_and_grads(autocast=True)
+    lp_ref, h_grad_ref, w_grad_ref = logprobs_and_grads(autocast=False)
+    assert lp.dtype == torch.float32 and torch.equal(lp, lp_ref)
+    assert torch.equal(h_grad, h_grad_ref)
+    assert (w_grad is None) if frozen_weight else torch.equal(w_grad, w_grad_ref)
+
+
 def test_fused_linear_frozen_weight_and_bf16():
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(2, 9, 32, generator=g).bfloat16().requires_grad_()     # (B, T, D) also accepted

@@ -151,6 +151,40 @@ def test_the_critic_learns_at_critic_lr_and_the_policy_at_lr(setup, tmp_path, cr
     assert max(v for i, v in moved.items() if i not in critic_ids) == pytest.approx(1e-4, rel=1e-2)
 
 
+def test_resume_checks_the_saved_optimizers_against_the_run(setup, tmp_path):
+    """A checkpoint resumes into a run with the same optimizers (their states load as saved); one written by a
+    run with other optimizers fails before any training, with an error that names trainer.pt. The case that
+    matters: a checkpoint from before the value head had its own optimizer, with one state for policy and head."""
+    import train
+    trainer = train.Trainer(train.parse_config(args(setup, tmp_path, "--critic", "probe")))
+    try:
+        m = trainer.models
+        tokens = torch.tensor([list(b"def f(xs):\n    return sum(xs)")])
+        logp, _, values = m.scorer(tokens[:, :-1], tokens[:, 1:])
+        (values.sum() - logp.sum()).backward()
+        for opt in trainer.optimizers:  # a step, so that Adam's moments are in the saved state
+            opt.step()
+        trainer.save_checkpoint(1)
+        trained = [p for p in m.policy.parameters() if p.requires_grad]   # the old layout: one optimizer for all
+        old_state = torch.optim.AdamW(trained, lr=1e-4).state_dict()
+    finally:
+        trainer.pool.close()
+    resumed = train.Trainer(train.parse_config(args(setup, tmp_path, "--critic", "probe", "--resume")))
+    resumed.pool.close()
+    assert resumed.start_step == 1
+    for saved, loaded in zip(trainer.optimizers, resumed.optimizers):
+        a, b = saved.state_dict()["state"], loaded.state_dict()["state"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
+    file = tmp_path / "checkpoint" / "trainer.pt"
+    state = torch.load(file, weights_only=False)
+    torch.save({**state, "optimizers": [old_state]}, file)
+    with pytest.raises(ValueError, match=r"trainer\.pt holds 1 optimizer state.*--critic"):
+        train.Trainer(train.parse_config(args(setup, tmp_path, "--critic", "probe", "--resume")))
+    torch.save(state, file)  # the right layout, but a run without a critic: the policy's state alone
+    with pytest.raises(ValueError, match=r"trainer\.pt holds 2 optimizer state"):
+        train.Trainer(train.parse_config(args(setup, tmp_path, "--algo", "grpo", "--resume")))
+
+
 def test_rl_share_keeps_the_rl_tasks_out_of_the_warm_start(setup, tmp_path, monkeypatch):
     """--tiny_rl_share: RL draws only the compositions held back for it (and the slow/fast tasks); the warm
     start is given only the others."""
