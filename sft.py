@@ -128,13 +128,20 @@ def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: b
     if repairs:
         if pool is None:
             raise ValueError("warm_start_examples: repairs > 0 needs a sandbox pool to produce the feedback")
-        pairs = repair_pairs(tasks, repairs, seed)
-        results = pool.map([(wrong, t.public_tests, t.setup_code) for t, wrong in pairs])
-        for (t, wrong), result in zip(pairs, results):
-            if not result.passed:  # a "wrong" program that passes the public tests gives no feedback to learn from
-                examples.append(repair_demonstration(tokenizer, task_message(t, instruction), wrong,
-                                                     feedback_text(result, t.public_tests), t.reference_solution))
+        for t, wrong, feedback in repairs_with_feedback(tasks, repairs, seed, pool):
+            examples.append(repair_demonstration(tokenizer, task_message(t, instruction), wrong, feedback,
+                                                 t.reference_solution))
     return examples
+
+
+def repairs_with_feedback(tasks, count: int, seed: int, pool) -> list[tuple[object, str, str]]:
+    """(task, wrong program, the sandbox's feedback on its public tests) of the warm start's repair
+    demonstrations: `repair_pairs`, less those whose wrong program passes the public tests (no feedback to
+    learn from)."""
+    pairs = repair_pairs(tasks, count, seed)
+    results = pool.map([(wrong, t.public_tests, t.setup_code) for t, wrong in pairs])
+    return [(t, wrong, feedback_text(result, t.public_tests))
+            for (t, wrong), result in zip(pairs, results) if not result.passed]
 
 
 def two_task_chats(tokenizer, answers: list[tuple[str, str]], share: float, seed: int) -> list:

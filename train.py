@@ -34,10 +34,10 @@ from evaluate import fast_share_records, summarize, summarize_fast_share, task_r
 from kernels import fused_linear_logprobs
 from model import ModelConfig, Transformer
 from plot import write_plot
-from reward import RewardConfig, TimeReward
-from rollout import INSTRUCTION, Episode, RolloutConfig, RolloutWorker, collate, model_sampler
+from reward import RewardConfig, TimeReward, correctness_reward
+from rollout import INSTRUCTION, Episode, RolloutConfig, RolloutWorker, Turn, collate, model_sampler, task_message
 from sandbox import Limits, SandboxPool
-from sft import warm_start
+from sft import answer_tokens, repairs_with_feedback, warm_start
 from tokenizer import Tokenizer
 
 
@@ -62,6 +62,8 @@ class Config:
     algo: str = arg("ppo", "ppo | grpo | expert_iteration")
     self_repairs: bool = arg(False, "expert iteration: also train on repairs relabelled from each step's own "
                                     "episodes (self_repair_episodes)")
+    replay_repairs: int = arg(0, "expert iteration: also train on N of the warm start's repair demonstrations "
+                                 "in each update (replay_repair_episodes); needs --tiny_repairs")
     critic: str = arg("separate", "separate (a copy of the policy with a fresh value head, as RLEF) | head (a "
                                   "value head on the policy trunk; its loss trains the trunk) | probe (the same head "
                                   "on the trunk's hidden states with the gradient stopped: its loss trains the head)")
@@ -595,6 +597,35 @@ def self_repair_episodes(episodes: list[Episode]) -> list[Episode]:
     return repairs
 
 
+def replay_repair_episodes(tokenizer, pool, train_tasks, cfg: Config) -> list[Episode]:
+    """The tiny warm start's own repair demonstrations as passed two-turn episodes, for --replay_repairs.
+
+    Before RL the warm start's turns 2 and 3 add 7.8-9.2 points of held-out 1@3 to its first turns; after expert
+    iteration they add 0-0.8 (docs/experiments.md). Expert iteration trains the final turn of passing episodes,
+    and nearly all of those are first turns, so what the warm start taught the later turns fades. Replaying
+    some of its demonstrations in each update keeps that in the mix, as InstructGPT's PPO-ptx (Ouyang et al.
+    2022) mixes pretraining data into RL updates. The same pairs and feedback as the warm start's (same tasks,
+    count and seed); the right answer, the task's reference, is scored on the private tests by the sandbox."""
+    demonstrated, _ = data.split_for_rl(train_tasks, cfg.tiny_rl_share)
+    repairs = repairs_with_feedback(demonstrated, cfg.tiny_repairs, cfg.seed, pool)
+    results = pool.map([(t.reference_solution, t.private_tests, t.setup_code) for t, _, _ in repairs])
+    episodes = []
+    for (task, wrong, feedback), private in zip(repairs, results):
+        if not private.passed:
+            raise ValueError(f"--replay_repairs: the reference solution of task {task.task_id} fails its private "
+                             "tests")
+        prompt = tokenizer.encode_dialog_prompt([{"role": "user", "content": task_message(task, cfg.instruction)}])
+        first, right = answer_tokens(tokenizer, wrong), answer_tokens(tokenizer, task.reference_solution)
+        context = tokenizer.encode_message("user", feedback) + tokenizer.encode_header("assistant")
+        tokens = prompt + first + context + right
+        mask = [False] * len(prompt) + [True] * len(first) + [False] * len(context) + [True] * len(right)
+        turns = [Turn(len(prompt), len(prompt) + len(first), True, wrong),
+                 Turn(len(tokens) - len(right), len(tokens), True, task.reference_solution,
+                      reward=correctness_reward(private))]  # the reference is as fast as itself: no time reward
+        episodes.append(Episode(task, tokens, mask, turns, private=private, done=True))
+    return episodes
+
+
 def kept_rows(keep: torch.Tensor, world: int) -> torch.Tensor:
     """Indices of the rows of `keep` (B, T) with any weight: the forward and backward passes of the others would
     only add zeros. DDP needs the same number of backward passes on every rank, so each rank pads its list with
@@ -638,6 +669,10 @@ class Trainer:
             raise ValueError("--algo grpo puts the KL in the loss (k3): use --kl_placement loss or --kl_coef 0")
         if cfg.self_repairs and cfg.algo != "expert_iteration":
             raise ValueError(f"--self_repairs relabels episodes for --algo expert_iteration, not --algo {cfg.algo}")
+        if cfg.replay_repairs and (cfg.algo != "expert_iteration" or not cfg.tiny_repairs):
+            raise ValueError("--replay_repairs replays the warm start's repair demonstrations in expert iteration: "
+                             f"it needs --algo expert_iteration and --tiny_repairs > 0, got --algo {cfg.algo} "
+                             f"and --tiny_repairs {cfg.tiny_repairs}")
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -666,6 +701,8 @@ class Trainer:
                                     max_episode_tokens=self.models.policy.config.max_position_embeddings)
         self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
         self.eval_timer = TimeReward.from_config(self.pool, reward_cfg)  # times programs for the fast share
+        self.replay = replay_repair_episodes(self.tokenizer, self.pool, self.train_tasks, cfg) \
+            if cfg.replay_repairs else []
 
     # -- setup helpers -------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> list:
@@ -759,10 +796,14 @@ class Trainer:
 
     def expert_iteration_step(self, step: int, episodes: list, times: dict) -> dict:
         """The update of --algo expert_iteration on this step's episodes (and, with --self_repairs, the repairs
-        relabelled from them); the metrics describe the sampled episodes only."""
+        relabelled from them; with --replay_repairs, some of the warm start's repair demonstrations); the metrics
+        describe the sampled episodes only."""
         cfg, m = self.cfg, self.models
         repairs = self_repair_episodes(episodes) if cfg.self_repairs else []
-        trained = episodes + repairs
+        draw = random.Random(f"replay {cfg.seed} {step}").sample(self.replay, min(cfg.replay_repairs,
+                                                                                  len(self.replay)))
+        replayed = draw[self.rank::self.world]  # the same draw on every rank; each trains its share
+        trained = episodes + repairs + replayed
         b = {k: v.to(self.device) for k, v in shifted(collate(trained, self.tokenizer.pad_id)).items()}
         passed = torch.tensor([ep.passed for ep in trained], device=self.device)
         t0 = time.perf_counter()
@@ -774,6 +815,8 @@ class Trainer:
         times["update"] = time.perf_counter() - t0
         if cfg.self_repairs:
             stats["self_repairs"] = len(repairs)
+        if cfg.replay_repairs:
+            stats["replayed_repairs"] = len(replayed)
         sampled = {k: v[:len(episodes)] if torch.is_tensor(v) else v for k, v in b.items()}
         return self.step_metrics(step, episodes, sampled, stats, times)
 

@@ -333,3 +333,27 @@ def test_self_repairs_are_trained_as_final_turns_of_passing_episodes(model0):
     reference = [failed, donor, by_hand]
     _, grads = reference_grads(model0, reference, final_turn_of_passing, kept_tokens(reference))
     assert_update_is_minus_grad(delta, grads)
+
+
+def test_replayed_repairs_are_the_warm_starts_repair_demonstrations():
+    """--replay_repairs: each replayed episode holds exactly the tokens of one of the warm start's repair
+    demonstrations, and expert iteration trains exactly the tokens the warm start trained (its final turn)."""
+    import data
+    import sft
+    cfg = train.parse_config(["--tiny_repairs", "16", "--replay_repairs", "4"])
+    tasks = data.synthetic_tasks("train", cfg.seed)
+    pool = sandbox.SandboxPool(2, sandbox.Limits(timeout_s=2.0))
+    try:
+        replayed = train.replay_repair_episodes(TOK, pool, tasks, cfg)
+        one_turn = sft.warm_start_examples(TOK, tasks, cfg.instruction, seed=cfg.seed, pool=pool)
+        with_repairs = sft.warm_start_examples(TOK, tasks, cfg.instruction, repairs=16, seed=cfg.seed, pool=pool)
+    finally:
+        pool.close()
+    demonstrations = with_repairs[len(one_turn):]
+    assert len(replayed) == len(demonstrations) >= 8      # some "wrong" programs pass the public tests
+    b = train.shifted(collate(replayed, TOK.pad_id))
+    n_turns = b["turn_mask"].sum(1, keepdim=True)
+    trained = b["mask"] & (b["turn_ids"] == n_turns - 1)   # what expert_iteration_update keeps of a pass
+    for row, (ep, (tokens, loss_mask)) in enumerate(zip(replayed, demonstrations)):
+        assert ep.tokens == tokens and ep.passed and ep.turns[-1].reward == 1.0
+        assert trained[row, :len(tokens) - 1].tolist() == loss_mask[1:]  # position p predicts token p + 1

@@ -87,6 +87,14 @@ def test_self_repairs_only_with_expert_iteration(tmp_path):
         train.Trainer(cfg)
 
 
+def test_replay_repairs_needs_expert_iteration_and_repair_demonstrations(tmp_path):
+    import train
+    for argv in (["--algo", "grpo"], ["--tiny_repairs", "0"]):
+        cfg = train.parse_config([*argv, "--replay_repairs", "16", "--out_dir", str(tmp_path)])
+        with pytest.raises(ValueError, match="--replay_repairs .* needs --algo expert_iteration and --tiny_repairs"):
+            train.Trainer(cfg)
+
+
 def test_a_misspelt_choice_is_refused_naming_its_flag(tmp_path):
     import train
     for flag, value in (("--critic", "probes"), ("--algo", "reinforce"), ("--advantage", "gae")):
