@@ -600,12 +600,14 @@ def self_repair_episodes(episodes: list[Episode]) -> list[Episode]:
 def replay_repair_episodes(tokenizer, pool, train_tasks, cfg: Config) -> list[Episode]:
     """The tiny warm start's own repair demonstrations as passed two-turn episodes, for --replay_repairs.
 
-    Before RL the warm start's turns 2 and 3 add 7.8-9.2 points of held-out 1@3 to its first turns; after expert
-    iteration they add 0-0.8 (docs/experiments.md). Expert iteration trains the final turn of passing episodes,
-    and nearly all of those are first turns, so what the warm start taught the later turns fades. Replaying
-    some of its demonstrations in each update keeps that in the mix, as InstructGPT's PPO-ptx (Ouyang et al.
-    2022) mixes pretraining data into RL updates. The same pairs and feedback as the warm start's (same tasks,
-    count and seed); the right answer, the task's reference, is scored on the private tests by the sandbox."""
+    Before RL the turns 2 and 3 of the README's warm starts add 0.8, 6.1 and 6.7 points of held-out 1@3 to the
+    first turns; after expert iteration 0 to 0.8 (docs/experiments.md). Expert iteration trains the final turn of
+    passing episodes, and nearly all of those are first turns, so what the warm start taught the later turns
+    fades. Replaying some of its demonstrations in each update keeps them in the mix, as InstructGPT's PPO-ptx
+    (Ouyang et al. 2022) mixes pretraining data into RL updates. The same pairs and feedback as the warm start's
+    (same tasks, count and seed); the right answer, the task's reference, is scored on the private tests by the
+    sandbox. Off by default: with 16 per update the repair turns kept 3.3 and 5.3 points on one seed of three and
+    about nothing on the other two (docs/experiments.md, "What the repair turns do")."""
     demonstrated, _ = data.split_for_rl(train_tasks, cfg.tiny_rl_share)
     repairs = repairs_with_feedback(demonstrated, cfg.tiny_repairs, cfg.seed, pool)
     results = pool.map([(t.reference_solution, t.private_tests, t.setup_code) for t, _, _ in repairs])
@@ -991,6 +993,9 @@ def load_optimizer_states(optimizers: list, saved: list, file: Path):
     own load_state_dict checks only the group sizes, with a message that names neither the file nor the cause."""
     def layout(states):
         return [[len(group["params"]) for group in s["param_groups"]] for s in states]
+    if saved is None:  # an --fsdp run keeps each rank's optimizer state in optimizer-rank{r}.pt instead
+        raise ValueError(f"--resume: {file} holds no optimizer state: the checkpoint was written by an --fsdp run; "
+                         "resume with --fsdp")
     have = layout(opt.state_dict() for opt in optimizers)
     if layout(saved) != have:
         raise ValueError(

@@ -188,7 +188,10 @@ def test_resume_checks_the_saved_optimizers_against_the_run(setup, tmp_path):
     torch.save({**state, "optimizers": [old_state]}, file)
     with pytest.raises(ValueError, match=r"trainer\.pt holds 1 optimizer state.*--critic"):
         train.Trainer(train.parse_config(args(setup, tmp_path, "--critic", "probe", "--resume")))
-    torch.save(state, file)  # the right layout, but a run without a critic: the policy's state alone
+    torch.save({**state, "optimizers": None}, file)  # as an --fsdp run writes it (states in optimizer-rank*.pt)
+    with pytest.raises(ValueError, match=r"trainer\.pt holds no optimizer state.*resume with --fsdp"):
+        train.Trainer(train.parse_config(args(setup, tmp_path, "--critic", "probe", "--resume")))
+    torch.save(state, file)  # the probe run's two states, resumed by a run without a critic (one optimizer)
     with pytest.raises(ValueError, match=r"trainer\.pt holds 2 optimizer state"):
         train.Trainer(train.parse_config(args(setup, tmp_path, "--algo", "grpo", "--resume")))
 
