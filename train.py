@@ -37,7 +37,7 @@ from plot import write_plot
 from reward import RewardConfig, TimeReward, correctness_reward
 from rollout import INSTRUCTION, Episode, RolloutConfig, RolloutWorker, Turn, collate, model_sampler, task_message
 from sandbox import Limits, SandboxPool
-from sft import answer_tokens, repairs_with_feedback, warm_start
+from sft import demonstration, next_turn, repairs_with_feedback, warm_start
 from tokenizer import Tokenizer
 
 
@@ -616,13 +616,11 @@ def replay_repair_episodes(tokenizer, pool, train_tasks, cfg: Config) -> list[Ep
         if not private.passed:
             raise ValueError(f"--replay_repairs: the reference solution of task {task.task_id} fails its private "
                              "tests")
-        prompt = tokenizer.encode_dialog_prompt([{"role": "user", "content": task_message(task, cfg.instruction)}])
-        first, right = answer_tokens(tokenizer, wrong), answer_tokens(tokenizer, task.reference_solution)
-        context = tokenizer.encode_message("user", feedback) + tokenizer.encode_header("assistant")
-        tokens = prompt + first + context + right
-        mask = [False] * len(prompt) + [True] * len(first) + [False] * len(context) + [True] * len(right)
-        turns = [Turn(len(prompt), len(prompt) + len(first), True, wrong),
-                 Turn(len(tokens) - len(right), len(tokens), True, task.reference_solution,
+        # laid out by the warm start's own helpers; both answers are marked as the policy's turns
+        first, first_mask = demonstration(tokenizer, task_message(task, cfg.instruction), wrong)
+        tokens, mask = next_turn(tokenizer, first, first_mask, feedback, task.reference_solution)
+        turns = [Turn(first_mask.index(True), len(first), True, wrong),
+                 Turn(mask.index(True, len(first)), len(tokens), True, task.reference_solution,
                       reward=correctness_reward(private))]  # the reference is as fast as itself: no time reward
         episodes.append(Episode(task, tokens, mask, turns, private=private, done=True))
     return episodes
