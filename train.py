@@ -842,15 +842,26 @@ class Trainer:
         return metrics
 
     # -- evaluation ----------------------------------------------------------------------------------------------
+    def eval_sampler(self, draw: int | None = None):
+        """The evaluation's sampler. Its generator is seeded with --seed + 12345, so every run of a seed draws its
+        evaluation from the same random numbers; `draw` seeds it instead (bench/eval_draws.py)."""
+        cfg = self.cfg
+        generator = torch.Generator(self.device).manual_seed(cfg.seed + 12345 if draw is None else draw)
+        return model_sampler(self.models.policy, self.tokenizer, cfg.max_new_tokens, cfg.eval_temperature, 1.0,
+                             generator)
+
+    def held_out_results(self, sampler) -> tuple[list, list]:
+        """(records, episodes) of this rank's share of the held-out tasks: pass@1 samples and 1@3 episodes."""
+        cfg = self.cfg
+        return task_results(self.worker, sampler, self.eval_tasks[self.rank::self.world], cfg.eval_samples,
+                            cfg.max_turns, cfg.eval_episodes)
+
     def evaluate(self, step: int, label: str) -> dict:
         cfg = self.cfg
-        mine = self.eval_tasks[self.rank::self.world]
-        sampler = model_sampler(self.models.policy, self.tokenizer, cfg.max_new_tokens, cfg.eval_temperature,
-                                1.0, torch.Generator(self.device).manual_seed(cfg.seed + 12345))
+        sampler = self.eval_sampler()
         t0 = time.perf_counter()
         with full_params(self.models.scorer, cfg.fsdp):
-            records, episodes = task_results(self.worker, sampler, mine, cfg.eval_samples, cfg.max_turns,
-                                             cfg.eval_episodes)
+            records, episodes = self.held_out_results(sampler)
             # the training split's slow/fast tasks: the held-out ones are too few, and too rarely solved, to
             # give a share worth reading; the time reward's effect on the policy's choice shows on either
             slow_fast = [t for t in self.train_tasks[self.rank::self.world] if "slow_fast" in t.tags]

@@ -15,13 +15,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
-from evaluate import summarize, task_results  # noqa: E402
-from rollout import model_sampler  # noqa: E402
+from evaluate import summarize  # noqa: E402
 
 KEYS = ("pass@1", "1@3", "turn1_pass")
 
@@ -40,10 +37,7 @@ def main(argv=None):
     rows = []
     try:
         for draw in (int(d) for d in args.draws.split(",")):
-            sampler = model_sampler(trainer.models.policy, trainer.tokenizer, cfg.max_new_tokens,
-                                    cfg.eval_temperature, 1.0, torch.Generator().manual_seed(draw))
-            records, _ = task_results(trainer.worker, sampler, trainer.eval_tasks, cfg.eval_samples,
-                                      cfg.max_turns, cfg.eval_episodes)
+            records, _ = trainer.held_out_results(trainer.eval_sampler(draw))
             metrics = summarize(records, (1,))
             rows.append({k: metrics[k] for k in KEYS})
             print(json.dumps({"draw": draw, **{k: round(v, 4) for k, v in rows[-1].items()}}), flush=True)
