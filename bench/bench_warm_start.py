@@ -2,18 +2,24 @@
 preset), with the whole batch padded to its longest demonstration against `sft.backward_by_length`
 (micro-batches of similar length, the same gradient):
 
-    python bench/bench_warm_start.py [--batches 6] [--batch 32] [--threads 2] [--micro 4 8 16] [--seed 0]
+    python bench/bench_warm_start.py [--batches 6] [--batch 32] [--threads 2] [--micro 4 8 16] [--seed 0] [--bf16]
 
 The batches are the warm start's own (`sft.batches_by_turns` over `sft.warm_start_examples` of the preset),
 one-turn and two-turn repair batches timed apart, since repair demonstrations are 2-3x longer. Every way runs
 on the same batches, one after the other in one process, against the padded baseline of the same run. The
 step's total is the two kinds weighted by their share of the warm start's steps.
+
+--bf16 also times micro-batches of 8 under `torch.autocast("cpu", torch.bfloat16)`, with attention in bf16 and
+with it kept in fp32: on a CPU with AMX bf16 matmuls run several times faster than fp32 ones, and these rows
+show what that does to a whole step of this tiny model.
 """
 import argparse
+import contextlib
 import random
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -30,6 +36,25 @@ def padded_backward(model, batch, pad_id) -> None:
     """The warm start before `backward_by_length`: one batch padded to its longest demonstration."""
     tokens, mask = sft.pad_batch(batch, pad_id)
     sft.sft_loss(model, tokens, mask).backward()
+
+
+SDPA = torch.nn.functional.scaled_dot_product_attention  # torch's own, kept before any swap below
+
+
+def fp32_attention(q, k, v, **kwargs):
+    """Attention in fp32 inside an autocast region: CPU flash attention's backward is slow in bf16."""
+    with torch.autocast("cpu", enabled=False):
+        return SDPA(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+
+
+def under_bf16_autocast(step, attention_in_fp32: bool):
+    """`step` run under bf16 autocast; the warm start's fused lm_head logprob keeps fp32 (it turns autocast off)."""
+    def run(batch):
+        swap = mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", fp32_attention) \
+            if attention_in_fp32 else contextlib.nullcontext()
+        with swap, torch.autocast("cpu", dtype=torch.bfloat16):
+            step(batch)
+    return run
 
 
 def seconds_per_batch(step, batches) -> float:
@@ -64,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--micro", type=int, nargs="+", default=[4, 8, 16], help="micro-batch sizes to time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast (micro-batches of 8)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = train.parse_config(["--seed", str(args.seed)])
@@ -80,6 +106,10 @@ def main(argv=None):
     ways = {"padded": lambda b: padded_backward(model, b, tokenizer.pad_id)}
     for micro in args.micro:
         ways[f"by length, micro {micro}"] = lambda b, m=micro: sft.backward_by_length(model, b, tokenizer.pad_id, m)
+    if args.bf16:
+        by_length = lambda b: sft.backward_by_length(model, b, tokenizer.pad_id, 8)  # noqa: E731
+        ways["micro 8, bf16 autocast"] = under_bf16_autocast(by_length, attention_in_fp32=False)
+        ways["micro 8, bf16, attn fp32"] = under_bf16_autocast(by_length, attention_in_fp32=True)
     print(f"{len(examples)} demonstrations, batches of {batch_size}; share of steps: "
           f"one-turn {share['one-turn']:.2f}, repair {share['repair']:.2f}; {args.threads} threads")
     print(f"{'':24s} {'one-turn s':>10s} {'repair s':>10s} {'per step s':>10s} {'vs padded':>10s}")
