@@ -478,3 +478,19 @@ def _bpe_below_rank(ranks: dict[bytes, int], token: bytes, max_rank: int) -> lis
         if i > 0:
             pair_ranks[i - 1] = min(get(parts[i - 1] + parts[i], max_rank), max_rank)
     return parts
+
+
+def tokenizer_for(model_dir, tokenizer: str = "") -> Tokenizer:
+    """The tokenizer of a run: `tokenizer` ('bytes' = the tiny byte-level one, or a tokenizer.model /
+    tokenizer.json path), else the one in `model_dir`."""
+    if tokenizer == "bytes":
+        return Tokenizer.byte_level()
+    path = Path(tokenizer) if tokenizer else None
+    if path is None:
+        for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+            if (Path(model_dir) / name).exists():
+                path = Path(model_dir) / name
+                break
+        else:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {model_dir}: pass --tokenizer")
+    return Tokenizer.llama3(path) if path.suffix == ".model" else Tokenizer.from_tokenizer_json(path)

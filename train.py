@@ -38,7 +38,7 @@ from reward import RewardConfig, TimeReward, correctness_reward
 from rollout import INSTRUCTION, Episode, RolloutConfig, RolloutWorker, Turn, collate, model_sampler, task_message
 from sandbox import Limits, SandboxPool
 from sft import demonstration, next_turn, repairs_with_feedback, warm_start
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, tokenizer_for
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -213,17 +213,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def load_tokenizer(cfg: Config) -> Tokenizer:
-    if cfg.tokenizer == "bytes":
-        return Tokenizer.byte_level()
-    path = Path(cfg.tokenizer) if cfg.tokenizer else None
-    if path is None:
-        for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
-            if (Path(cfg.model_dir) / name).exists():
-                path = Path(cfg.model_dir) / name
-                break
-        else:
-            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {cfg.model_dir}: pass --tokenizer")
-    return Tokenizer.llama3(path) if path.suffix == ".model" else Tokenizer.from_tokenizer_json(path)
+    return tokenizer_for(cfg.model_dir, cfg.tokenizer)
 
 
 def load_tasks(cfg: Config):
