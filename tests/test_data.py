@@ -149,6 +149,11 @@ GOOD = {"task_id": "t1", "prompt": "p", "entry_point": "f",
     ({"private_tests": [{"kind": "assert", "code": "  "}]}, "field 'code' is empty"),
     ({"private_tests": ["assert f(1) == 2"]}, "field 'private_tests'[0]: a test must be an object"),
     ({"tags": [1]}, "field 'tags' must be a list of strings"),
+    ({"private_tests": [{"kind": "call", "call": "f(1", "expected": "2"}]},
+     "field 'private_tests'[0]: Test(kind='call'): field 'call' is not valid Python (its line 1: '(' was never"),
+    ({"public_tests": [{"kind": "assert", "code": "x = 1\nassert f(x) =="}]},
+     "field 'public_tests'[0]: Test(kind='assert'): field 'code' is not valid Python (its line 2: invalid syntax)"),
+    ({"setup_code": "import os\nreturn 3"}, "field 'setup_code' is not valid Python (its line 2: 'return' outside"),
 ])
 def test_bad_task_names_the_field(change, message):
     record = {**GOOD, **change}
@@ -172,6 +177,36 @@ def test_task_constructor_validates():
         Task(task_id="x", prompt="p", public_tests=[], private_tests=[Test("call", call="f()", expected="1")])
     # stdio and assert tests need no entry point
     Task(task_id="x", prompt="p", public_tests=[], private_tests=[Test("stdio", stdin="", expected="1")])
+
+
+def test_tasks_file_errors_name_file_line_task_and_field(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    good = json.dumps(GOOD)
+    path.write_text(good + "\n\n" + json.dumps({**GOOD, "task_id": "t2"}) + "\n")
+    assert [t.task_id for t in data.load_tasks_jsonl(path)] == ["t1", "t2"]
+    path.write_text(good + "\n" + good[:-9] + "\n")   # a truncated last line
+    with pytest.raises(ValueError, match=rf"^{path} line 2: not valid JSON: "):
+        data.load_tasks_jsonl(path)
+    bad_call = {**GOOD, "task_id": "t3", "private_tests": [{"kind": "call", "call": "f(1))", "expected": "2"}]}
+    path.write_text(good + "\n" + json.dumps(bad_call) + "\n")
+    with pytest.raises(ValueError, match=rf"^{path} line 2 \(task 't3'\): field 'private_tests'\[0\]: .*"
+                                         rf"field 'call' is not valid Python"):
+        data.load_tasks_jsonl(path)
+    path.write_text(good + "\n" + good + "\n")
+    with pytest.raises(ValueError, match=rf"^{path} line 2: field 'task_id' 't1' repeats {path} line 1$"):
+        data.load_tasks_jsonl(path)
+    path.write_bytes(good.encode() + b"\n\xff\n")
+    with pytest.raises(ValueError, match=rf"^{path} line 2: not UTF-8"):
+        data.load_tasks_jsonl(path)
+    for load in (data.load_tasks_jsonl, data.load_stdio_jsonl, data.load_mbpp):
+        with pytest.raises(ValueError, match=rf"^{tmp_path}: is a folder, not a data file$"):
+            load(tmp_path)
+        with pytest.raises(ValueError, match=rf"^{tmp_path / 'none.jsonl'}: no such file$"):
+            load(tmp_path / "none.jsonl")
+
+
+def test_mbpp_default_path_is_the_shared_copy(shared_data):
+    assert data.MBPP_PATH.resolve() == (shared_data / "mbpp" / "mbpp.jsonl").resolve()
 
 
 # ---------------------------------------------------------------------------------------------- HumanEval
@@ -385,6 +420,31 @@ def test_mbpp_references_pass_and_bugs_fail_in_sandbox(pool, mbpp):
     assert {t.task_id for t in sample} - set(failures(pool, sample, buggy)) == survivors
     for exit_call in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n"):
         assert len(failures(pool, sample, [exit_call + t.reference_solution for t in sample])) == len(sample)
+
+
+def test_check_references_finds_mbpps_three_broken_references(pool, mbpp):
+    """Tasks 341, 596 and 642 fail their own asserts (shared/data/README.md); the slice around them passes."""
+    chosen = set(range(335, 350)) | set(range(590, 600)) | set(range(638, 646))
+    tasks = [t for t in mbpp if int(t.task_id.split("/")[1]) in chosen]
+    problems = data.check_references(tasks, pool)
+    assert [p.task_id for p in problems] == [f"MBPP/{i}" for i in sorted(MBPP_FAILING)]
+    assert all(p.field == "reference_solution" for p in problems)
+    assert str(problems[1]).startswith("task 'MBPP/596': field 'reference_solution' fails 3 of its 3 tests "
+                                       "(test 0: wrong_answer: Expected 104 but got 88)")
+
+
+def test_check_references_reports_unparsable_and_failing_solutions(pool):
+    tests = [Test(kind="call", call="f(2)", expected="4"), Test(kind="call", call="f(3)", expected="9")]
+    make = dict(prompt="p", public_tests=tests[:1], private_tests=tests, entry_point="f")
+    tasks = [Task(task_id="ok", reference_solution="def f(x):\n    return x * x\n", **make),
+             Task(task_id="none", **make),
+             Task(task_id="py2", reference_solution="def f(x):\n    print x * x\n", **make),
+             Task(task_id="slow", reference_solution="def f(x):\n    return x ** 2\n",
+                  slow_solution="def f(x):\n    return x + x\n", **make)]
+    problems = data.check_references(tasks, pool)
+    assert [(p.task_id, p.field) for p in problems] == [("py2", "reference_solution"), ("slow", "slow_solution")]
+    assert problems[0].detail.startswith("is not valid Python (its line 2: ")
+    assert problems[1].detail == "fails 1 of its 2 tests (test 1: wrong_answer: Expected 9 but got 6)"
 
 
 # ---------------------------------------------------------------------------------------------- synthetic tasks
