@@ -77,7 +77,8 @@ class Test:
             raise ValueError(f"{where}: field 'code' is empty")
         if self.kind in ("call", "assert"):  # caught here, at load, not at the first sandbox run
             name = "call" if self.kind == "call" else "code"
-            python_error(getattr(self, name), "eval" if self.kind == "call" else "exec", f"{where}: field '{name}'")
+            mode = "eval" if self.kind == "call" else "exec"
+            python_error(getattr(self, name), mode, f"{where}: field '{name}'")
 
     def to_dict(self) -> dict:
         """Only the fields the kind uses, so the JSON stays readable."""
@@ -449,7 +450,7 @@ def read_json(path: str | Path):
 # Task-id ranges of the customary split (MBPP README; the HF `mbpp` dataset uses the same ranges).
 MBPP_SPLITS = {"prompt": range(1, 11), "test": range(11, 511), "validation": range(511, 601),
                "train": range(601, 1001)}
-# The default copy: ../shared/data/mbpp/mbpp.jsonl beside the repository (see the README on where it comes from).
+# The default copy: ../shared/data/mbpp/mbpp.jsonl beside the repository (the README says where it comes from).
 MBPP_PATH = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 
 
