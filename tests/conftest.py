@@ -1,6 +1,11 @@
-"""Shared pytest setup: repo root on sys.path, the `slow` marker, and the path to ../shared/data."""
+"""Shared pytest setup: repo root on sys.path, the `slow` marker, the path to ../shared/data, and `hf_reference`
+(transformers run in its own process, away from the repository's `kernels/`)."""
+import importlib.util
+import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,3 +41,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def hf_reference(jobs: list[dict], tensors: dict | None = None) -> tuple[dict, dict]:
+    """Runs tests/hf_reference.py on `jobs` in a fresh `python -I` from a temporary directory, so transformers
+    imports Hugging Face's `kernels` package and not this repository's folder. Returns (tensors, results)."""
+    from safetensors.torch import load_file, save_file
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (requirements-test.txt)")
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs_file, out = os.path.join(tmp, "jobs.json"), os.path.join(tmp, "out")
+        with open(jobs_file, "w") as f:
+            json.dump(jobs, f)
+        if tensors:
+            save_file({k: v.clone().contiguous() for k, v in tensors.items()}, jobs_file + ".safetensors")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-I", str(ROOT / "tests" / "hf_reference.py"), jobs_file, out],
+                              cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"tests/hf_reference.py failed:\n{proc.stderr[-4000:]}")
+        results = json.loads(open(out + ".json").read())
+        origin = results["_versions"]["kernels_module"]
+        assert origin is None or not origin.startswith(str(ROOT)), origin
+        return load_file(out + ".safetensors"), results

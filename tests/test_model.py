@@ -1,67 +1,72 @@
-"""model.py against Hugging Face transformers (the independent reference) on tiny random checkpoints."""
+"""model.py against Hugging Face transformers (the independent reference) on tiny random checkpoints.
+
+transformers runs in its own process (conftest.hf_reference): the repository's `kernels/` folder shadows Hugging
+Face's `kernels` package, which transformers >= 5.24 imports. Each side sees only its own code; tensors cross
+in safetensors files. The HF side runs twice per module (building + forward, then reloading our saves).
+"""
 import json
 import shutil
 
 import pytest
 import torch
+from conftest import hf_reference
 
-transformers = pytest.importorskip("transformers")
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,  # noqa: E402
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from model import ModelConfig, Transformer
 
-from model import ModelConfig, Transformer  # noqa: E402
-
-transformers.logging.set_verbosity_error()
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 BF16_EPS = 2.0 ** -7  # spacing of bf16 numbers in [1, 2): 7 explicit mantissa bits
+MODELS = {  # name -> (HF class, config, extra build fields)
+    "llama3_untied": ("LlamaForCausalLM", {**TINY, "rope_parameters": LLAMA3_ROPE}, {}),
+    "llama_tied": ("LlamaForCausalLM", {**TINY, "tie_word_embeddings": True}, {}),
+    "qwen2_bias": ("Qwen2ForCausalLM", TINY, {"bias_std": 0.5}),
+    "qwen3_qknorm": ("Qwen3ForCausalLM", {**TINY, "head_dim": 16}, {}),
+    "llama3_sharded": ("LlamaForCausalLM", {**TINY, "rope_parameters": LLAMA3_ROPE}, {"max_shard_size": "40KB"}),
+}
+KINDS = list(MODELS)
+PADDED = ["llama3_untied", "qwen2_bias", "qwen3_qknorm"]
+BF16 = ["llama3_untied", "llama_tied", "qwen2_bias", "qwen3_qknorm"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _hf_models():
-    def biased(m):  # HF zero-inits biases; random ones make the bias test meaningful
-        for name, p in m.named_parameters():
-            if name.endswith("bias"):
-                torch.nn.init.normal_(p, std=0.5)
-        return m
-    return {
-        "llama3_untied": lambda: LlamaForCausalLM(LlamaConfig(**TINY, rope_parameters=LLAMA3_ROPE)),
-        "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True)),
-        "qwen2_bias": lambda: biased(Qwen2ForCausalLM(Qwen2Config(**TINY))),
-        "qwen3_qknorm": lambda: Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16)),
-    }
-
-
-KINDS = list(_hf_models()) + ["llama3_sharded"]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """name -> (directory, HF model in fp32 eval mode)."""
-    torch.manual_seed(0)
-    root, out = tmp_path_factory.mktemp("ckpt"), {}
-    for name, make in _hf_models().items():
-        m = make().eval()
-        m.save_pretrained(root / name)
-        out[name] = (root / name, m)
-    m = LlamaForCausalLM(LlamaConfig(**TINY, rope_parameters=LLAMA3_ROPE)).eval()
-    m.save_pretrained(root / "llama3_sharded", max_shard_size="40KB")
-    assert (root / "llama3_sharded" / "model.safetensors.index.json").exists()
-    out["llama3_sharded"] = (root / "llama3_sharded", m)
-    return out
 
 
 def _tokens(B=3, T=19, seed=1):
     return torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _hf_logits(hf, tokens, attention_mask=None, position_ids=None):
-    with torch.no_grad():
-        return hf(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids).logits.float()
+def _padded_inputs():
+    """Left-padded rows: key_mask (B, T) and the positions HF gets (cumsum - 1, clamped)."""
+    x = _tokens(3, 12)
+    key_mask = torch.ones_like(x, dtype=torch.bool)
+    key_mask[0, :5] = False
+    key_mask[2, :1] = False
+    return x, key_mask, (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> directory of a random fp32 checkpoint written by transformers; "ref" -> HF's outputs on it."""
+    root = tmp_path_factory.mktemp("ckpt")
+    jobs = [{"op": "build", "name": f"build_{k}", "dir": str(root / k), "arch": arch, "config": config,
+             "seed": i, **extra} for i, (k, (arch, config, extra)) in enumerate(MODELS.items())]
+    x, key_mask, positions = _padded_inputs()
+    inputs = {}
+    for k in KINDS:
+        jobs.append({"op": "forward", "name": f"fp32_{k}", "dir": str(root / k), "dtype": "float32"})
+        inputs[f"fp32_{k}.input_ids"] = _tokens()
+    for k in PADDED:
+        jobs.append({"op": "forward", "name": f"pad_{k}", "dir": str(root / k), "dtype": "float32"})
+        inputs.update({f"pad_{k}.input_ids": x, f"pad_{k}.attention_mask": key_mask.long(),
+                       f"pad_{k}.position_ids": positions})
+    for k in BF16:
+        jobs.append({"op": "forward", "name": f"bf16_{k}", "dir": str(root / k), "dtype": "bfloat16"})
+        inputs[f"bf16_{k}.input_ids"] = _tokens()
+    ref, _ = hf_reference(jobs, inputs)
+    assert (root / "llama3_sharded" / "model.safetensors.index.json").exists()
+    return {**{k: root / k for k in KINDS}, "ref": ref}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,27 +75,20 @@ def _hf_logits(hf, tokens, attention_mask=None, position_ids=None):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_hf_fp32(checkpoints, kind):
-    path, hf = checkpoints[kind]
-    ours = Transformer.from_pretrained(path, dtype=torch.float32)
-    x = _tokens()
+    ours = Transformer.from_pretrained(checkpoints[kind], dtype=torch.float32)
     with torch.no_grad():
-        diff = (ours(x) - _hf_logits(hf, x)).abs().max().item()
+        diff = (ours(_tokens()) - checkpoints["ref"][f"fp32_{kind}.logits"]).abs().max().item()
     assert diff < 1e-4, f"{kind}: max |logit diff| {diff}"
 
 
-@pytest.mark.parametrize("kind", ["llama3_untied", "qwen2_bias", "qwen3_qknorm"])
+@pytest.mark.parametrize("kind", PADDED)
 def test_left_padded_logits_match_hf(checkpoints, kind):
     """key_mask + default positions (cumsum - 1) agree with HF's attention_mask + position_ids on real tokens."""
-    path, hf = checkpoints[kind]
-    ours = Transformer.from_pretrained(path, dtype=torch.float32)
-    x = _tokens(3, 12)
-    key_mask = torch.ones_like(x, dtype=torch.bool)
-    key_mask[0, :5] = False
-    key_mask[2, :1] = False
-    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    ours = Transformer.from_pretrained(checkpoints[kind], dtype=torch.float32)
+    x, key_mask, _ = _padded_inputs()
     with torch.no_grad():
         a = ours(x, key_mask=key_mask)
-    b = _hf_logits(hf, x, attention_mask=key_mask.long(), position_ids=positions)
+    b = checkpoints["ref"][f"pad_{kind}.logits"]
     assert torch.isfinite(a).all()
     assert (a - b)[key_mask].abs().max().item() < 1e-4
     # the real tokens of a padded row see exactly what the unpadded row would
@@ -99,19 +97,16 @@ def test_left_padded_logits_match_hf(checkpoints, kind):
     assert (a[0, 5:] - alone[0]).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama3_untied", "llama_tied", "qwen2_bias", "qwen3_qknorm"])
+@pytest.mark.parametrize("kind", BF16)
 def test_logits_match_hf_bf16(checkpoints, kind):
     """bf16: our rounding error against the fp32 truth is no larger than HF's own bf16 error (plus one bf16 step
     at the logit scale), and the two bf16 results agree within two bf16 steps at that scale."""
-    path, hf = checkpoints[kind]
     x = _tokens()
-    truth = _hf_logits(hf, x)
-    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    ours16 = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    truth, theirs = checkpoints["ref"][f"fp32_{kind}.logits"], checkpoints["ref"][f"bf16_{kind}.logits"]
+    ours16 = Transformer.from_pretrained(checkpoints[kind], dtype=torch.bfloat16)
     assert ours16.lm_head.weight.dtype == torch.bfloat16
     with torch.no_grad():
         ours = ours16(x).float()
-    theirs = _hf_logits(hf16, x)
     step = BF16_EPS * truth.abs().max().item()
     our_err, hf_err = (ours - truth).abs().max().item(), (theirs - truth).abs().max().item()
     assert our_err <= hf_err + step, (our_err, hf_err, step)
@@ -119,21 +114,20 @@ def test_logits_match_hf_bf16(checkpoints, kind):
 
 
 def test_tied_embeddings_share_one_parameter(checkpoints):
-    ours = Transformer.from_pretrained(checkpoints["llama_tied"][0])
+    ours = Transformer.from_pretrained(checkpoints["llama_tied"])
     assert ours.lm_head.weight is ours.embed_tokens.weight
     n_unique = len({id(p) for p in ours.parameters()})
     assert n_unique == len(list(ours.parameters()))  # parameters() yields the shared one once
-    untied = Transformer.from_pretrained(checkpoints["llama3_untied"][0])
+    untied = Transformer.from_pretrained(checkpoints["llama3_untied"])
     assert untied.lm_head.weight is not untied.embed_tokens.weight
 
 
 def test_hidden_states_and_values(checkpoints):
-    path, hf = checkpoints["llama3_untied"]
-    ours = Transformer.from_pretrained(path, value_head=True)
+    ours = Transformer.from_pretrained(checkpoints["llama3_untied"], value_head=True)
     x = _tokens()
     with torch.no_grad():
         h = ours.hidden_states(x)
-        ref_h = hf(input_ids=x, output_hidden_states=True).hidden_states[-1]  # after the final norm
+        ref_h = checkpoints["ref"]["fp32_llama3_untied.hidden"]  # HF's last hidden state is after the final norm
         assert (h - ref_h).abs().max().item() < 1e-5
         assert torch.allclose(ours.lm_head(h), ours(x))
         v = ours.values(h)
@@ -145,31 +139,68 @@ def test_hidden_states_and_values(checkpoints):
         expected = h @ ours.value_head.weight[0] + 0.25
         assert torch.allclose(ours.values(h), expected, atol=1e-5)
     with pytest.raises(RuntimeError, match="value head"):
-        Transformer.from_pretrained(path).values(h)
+        Transformer.from_pretrained(checkpoints["llama3_untied"]).values(h)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# save_pretrained round trip
+# save_pretrained round trip: our saves, loaded by transformers
 
 
-@pytest.mark.parametrize("kind", ["llama3_untied", "llama_tied", "qwen2_bias", "qwen3_qknorm"])
-def test_save_pretrained_loads_in_hf(checkpoints, tmp_path, kind):
-    path, hf = checkpoints[kind]
-    ours = Transformer.from_pretrained(path)
-    with torch.no_grad():  # perturb so the check is not satisfied by the original files
-        ours.norm.weight.mul_(1.5)
-    ours.save_pretrained(tmp_path)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert type(back) is type(hf)
-    x = _tokens()
+def _lora_model(checkpoints, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")):
+    torch.manual_seed(0)
+    model = Transformer.from_pretrained(checkpoints["llama3_untied"], value_head=True)
     with torch.no_grad():
-        diff = (ours(x) - _hf_logits(back, x)).abs().max().item()
-    assert diff < 1e-5
-    assert Transformer.from_pretrained(tmp_path).config == ours.config
+        before = model(_tokens())
+    model.add_lora(rank=4, alpha=8.0, target_modules=targets)
+    return model, before
+
+
+def _train_lora(model, steps=2):
+    """SGD on next-token loss; two steps: after the first, B != 0 so A also gets a gradient."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = _tokens()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def saved(checkpoints, tmp_path_factory):
+    """Our save_pretrained of each kind (norm perturbed, so the original files cannot pass; qwen3 with a value
+    head, whose extra file must not disturb HF) and of a trained LoRA model (merged): name -> (directory,
+    our logits, HF's logits, HF's class name)."""
+    root, out, jobs = tmp_path_factory.mktemp("saved"), {}, []
+    for kind in BF16:
+        ours = Transformer.from_pretrained(checkpoints[kind], value_head=kind == "qwen3_qknorm")
+        with torch.no_grad():
+            ours.norm.weight.mul_(1.5)
+        out[kind] = ours
+    out["lora"], _ = _lora_model(checkpoints)
+    _train_lora(out["lora"])
+    for name, ours in out.items():
+        ours.save_pretrained(root / name)
+        jobs.append({"op": "forward", "name": name, "dir": str(root / name), "dtype": "float32"})
+    ref, results = hf_reference(jobs, {f"{name}.input_ids": _tokens() for name in out})
+    with torch.no_grad():
+        return {name: (root / name, ours(_tokens()), ref[f"{name}.logits"], results[name]["class"])
+                for name, ours in out.items()}
+
+
+@pytest.mark.parametrize("kind", BF16)
+def test_save_pretrained_loads_in_hf(checkpoints, saved, kind):
+    path, ours_logits, hf_logits, hf_class = saved[kind]
+    assert hf_class == MODELS[kind][0]
+    assert (ours_logits - hf_logits).abs().max().item() < 1e-5
+    back = Transformer.from_pretrained(path)
+    assert back.config == Transformer.from_pretrained(checkpoints[kind]).config
+    with torch.no_grad():
+        assert (back(_tokens()) - ours_logits).abs().max().item() < 1e-5
 
 
 def test_save_load_value_head(checkpoints, tmp_path):
-    ours = Transformer.from_pretrained(checkpoints["qwen3_qknorm"][0], value_head=True)
+    ours = Transformer.from_pretrained(checkpoints["qwen3_qknorm"], value_head=True)
     with torch.no_grad():
         ours.value_head.weight.normal_()
         ours.value_head.bias.fill_(-0.5)
@@ -177,7 +208,6 @@ def test_save_load_value_head(checkpoints, tmp_path):
     back = Transformer.from_pretrained(tmp_path, value_head=True)
     assert torch.equal(back.value_head.weight, ours.value_head.weight)
     assert torch.equal(back.value_head.bias, ours.value_head.bias)
-    AutoModelForCausalLM.from_pretrained(tmp_path)  # the value head file does not disturb HF
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,7 +215,7 @@ def test_save_load_value_head(checkpoints, tmp_path):
 
 
 def test_old_and_new_config_layouts_agree(checkpoints, tmp_path):
-    path, hf = checkpoints["llama3_untied"]
+    path = checkpoints["llama3_untied"]
     new = json.loads((path / "config.json").read_text())
     assert "rope_parameters" in new
     old = {k: v for k, v in new.items() if k not in ("rope_parameters", "dtype")}
@@ -200,7 +230,7 @@ def test_old_and_new_config_layouts_agree(checkpoints, tmp_path):
     (tmp_path / "old" / "config.json").write_text(json.dumps(old))
     x = _tokens()
     with torch.no_grad():
-        assert (Transformer.from_pretrained(tmp_path / "old")(x) - _hf_logits(hf, x)).abs().max() < 1e-4
+        assert (Transformer.from_pretrained(tmp_path / "old")(x) - checkpoints["ref"]["fp32_llama3_untied.logits"]).abs().max() < 1e-4
 
 
 def test_config_defaults_follow_hf():
@@ -222,7 +252,7 @@ def test_config_defaults_follow_hf():
 
 
 def _good_config(checkpoints):
-    return json.loads((checkpoints["llama3_untied"][0] / "config.json").read_text())
+    return json.loads((checkpoints["llama3_untied"] / "config.json").read_text())
 
 
 @pytest.mark.parametrize("change, key", [
@@ -257,18 +287,18 @@ def test_old_layout_unknown_rope_type_names_key():
 def test_missing_files(checkpoints, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         Transformer.from_pretrained(tmp_path)
-    shutil.copy(checkpoints["llama_tied"][0] / "config.json", tmp_path / "config.json")
+    shutil.copy(checkpoints["llama_tied"] / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Transformer.from_pretrained(tmp_path)
     sharded = tmp_path / "sharded"
-    shutil.copytree(checkpoints["llama3_sharded"][0], sharded)
+    shutil.copytree(checkpoints["llama3_sharded"], sharded)
     (sharded / "model-00003-of-00012.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00003-of-00012.safetensors"):
         Transformer.from_pretrained(sharded)
 
 
 def _copy(checkpoints, kind, dst):
-    shutil.copytree(checkpoints[kind][0], dst)
+    shutil.copytree(checkpoints[kind], dst)
     return dst / "model.safetensors"
 
 
@@ -316,15 +346,6 @@ def test_missing_unexpected_and_misshaped_keys(checkpoints, tmp_path):
 # LoRA
 
 
-def _lora_model(checkpoints, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")):
-    torch.manual_seed(0)
-    model = Transformer.from_pretrained(checkpoints["llama3_untied"][0], value_head=True)
-    with torch.no_grad():
-        before = model(_tokens())
-    model.add_lora(rank=4, alpha=8.0, target_modules=targets)
-    return model, before
-
-
 def test_lora_initial_output_unchanged_and_only_adapters_train(checkpoints):
     model, before = _lora_model(checkpoints)
     with torch.no_grad():
@@ -338,27 +359,22 @@ def test_lora_initial_output_unchanged_and_only_adapters_train(checkpoints):
         model.add_lora(4, 8.0, target_modules=("lm_head",))
 
 
-def test_lora_adapters_disabled_gives_base_and_merge_matches(checkpoints, tmp_path):
+def test_lora_adapters_disabled_gives_base_and_merge_matches(checkpoints, saved):
     model, base_logits = _lora_model(checkpoints)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    x = _tokens()
-    for _ in range(2):  # two steps: after the first, B != 0 so A also gets a gradient
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train_lora(model)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    x = _tokens()
     with torch.no_grad():
         adapted = model(x)
         with model.adapters_disabled():
             assert torch.equal(model(x), base_logits)
         assert torch.equal(model(x), adapted)  # re-enabled on exit
     assert (adapted - base_logits).abs().max() > 1e-3  # the adapters did change the policy
-    model.save_pretrained(tmp_path)
-    merged = Transformer.from_pretrained(tmp_path)
+    path, saved_logits, hf_logits, _ = saved["lora"]  # the same training, saved with the adapters merged
+    assert torch.allclose(saved_logits, adapted)
+    merged = Transformer.from_pretrained(path)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         assert (merged(x) - adapted).abs().max().item() < 1e-5
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert (_hf_logits(hf, x) - adapted).abs().max().item() < 1e-5
+    assert (hf_logits - adapted).abs().max().item() < 1e-5
