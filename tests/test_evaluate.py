@@ -14,7 +14,8 @@ import re
 import pytest
 
 import data
-from evaluate import fast_share_records, pass_at_k, summarize, summarize_fast_share, task_results
+from evaluate import (evaluate_tasks, fast_share_records, pass_at_k, pass_at_ks, summarize, summarize_fast_share,
+                      task_results)
 from reward import NO_CODE_FEEDBACK, RewardConfig, TimeReward
 from rollout import RolloutConfig, RolloutWorker
 from sandbox import SandboxPool
@@ -104,7 +105,9 @@ def scripted_sampler(tok, script):
     return sample
 
 
-def test_task_results_and_summarize_count_scripted_verdicts(tok, pool):
+def scripted_case():
+    """(tasks, script for scripted_sampler, per task id: c, final_c, turn1_c, turns by hand) for 4 samples and
+    2 episodes of up to 3 turns."""
     comp = [t for t in data.synthetic_tasks("test", 0) if "composition" in t.tags]
     a, b, c, d, e, g = comp[:6]
     # public tests not among the private ones: a turn-1 program can fail the public tests yet pass the private
@@ -124,13 +127,17 @@ def test_task_results_and_summarize_count_scripted_verdicts(tok, pool):
         g.prompt: ([R[g.prompt]], [WRONG, WRONG]),                       # always right at once
         f.prompt: ([two], [two, two]),                                   # fails public, passes private, 3 turns
     }
-    tasks = [a, b, c, d, e, g, f]
-    records, episodes = task_results(worker_for(tok, pool), scripted_sampler(tok, script), tasks, samples=4,
-                                     max_turns=3, episodes=2)
     # by hand:                  c  final_c turn1_c turns
     expected = {a.task_id: (2, 2, 1, 1 + 2), b.task_id: (0, 2, 0, 3 + 3), c.task_id: (0, 0, 0, 1 + 1),
                 d.task_id: (2, 2, 1, 2 + 1), e.task_id: (0, 0, 0, 3 + 3), g.task_id: (4, 2, 2, 1 + 1),
                 f.task_id: (4, 2, 2, 3 + 3)}
+    return [a, b, c, d, e, g, f], script, expected
+
+
+def test_task_results_and_summarize_count_scripted_verdicts(tok, pool):
+    tasks, script, expected = scripted_case()
+    records, episodes = task_results(worker_for(tok, pool), scripted_sampler(tok, script), tasks, samples=4,
+                                     max_turns=3, episodes=2)
     assert [r["task_id"] for r in records] == [t.task_id for t in tasks]
     for r in records:
         assert (r["c"], r["final_c"], r["turn1_c"], r["turns"]) == expected[r["task_id"]], r
@@ -153,6 +160,25 @@ def test_task_results_and_summarize_count_scripted_verdicts(tok, pool):
         {k: v for k, v in m.items() if k not in ("pass@4",)})
     with pytest.raises(ValueError, match="no evaluation records"):
         summarize([])
+
+
+def test_evaluate_tasks_in_groups_counts_as_one_call_and_reports_progress(tok, pool):
+    tasks, script, expected = scripted_case()
+    lines = []
+    records = evaluate_tasks(worker_for(tok, pool), scripted_sampler(tok, script), tasks, samples=4, max_turns=3,
+                             episodes=2, group=3, log=lines.append)
+    assert [r["task_id"] for r in records] == [t.task_id for t in tasks]
+    assert {r["task_id"]: (r["c"], r["final_c"], r["turn1_c"], r["turns"]) for r in records} == expected
+    assert [re.fullmatch(r"evaluate: (\d)/7 tasks  elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d", line)[1]
+            for line in lines] == ["3", "6", "7"]
+    assert lines[-1].endswith("ETA 0:00:00")
+
+
+def test_pass_at_ks_are_one_and_the_powers_of_2_and_10_up_to_the_samples():
+    assert pass_at_ks(1) == (1,)
+    assert pass_at_ks(3) == (1, 2)
+    assert pass_at_ks(10) == (1, 2, 4, 8, 10)
+    assert pass_at_ks(200) == (1, 2, 4, 8, 10, 16, 32, 64, 100, 128)
 
 
 # ----------------------------------------------------------------------------------------------------------------
