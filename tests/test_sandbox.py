@@ -22,6 +22,10 @@ from sandbox import Limits, RunResult, SandboxPool, run_program
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="uid drop and network namespace need root")
+with SandboxPool(workers=1) as _probe:   # what this machine gives: bubblewrap and cgroups, or the fallback
+    ISOLATION = _probe.isolation
+HAS_CGROUPS, HAS_BWRAP = "cgroup" in ISOLATION, ISOLATION.startswith("bubblewrap")
+needs_bwrap = pytest.mark.skipif(not HAS_BWRAP, reason=f"needs bubblewrap and writable cgroups: {ISOLATION}")
 SECRET = "NANORLEF_TEST_SECRET_TOKEN"
 # Hashed before and after the battery. data.py is attacked too but only checked for presence: in a shared
 # checkout another engineer may be editing it while this runs.
@@ -85,7 +89,7 @@ def worker_uids(p: SandboxPool) -> set:
 
 
 def leftover_processes(uids: set) -> list:
-    return [pid for pid in os.listdir("/proc") if pid.isdigit() and sandbox._proc_uid(pid) in uids]
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and sandbox.sup.proc_uid(pid) in uids]
 
 
 def leftover_files(p: SandboxPool) -> list:
@@ -104,7 +108,7 @@ def leftover_files(p: SandboxPool) -> list:
             elif depth > 1 and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH:
                 scan(e.path, depth - 1)
 
-    for root in sandbox.CLEAN_ROOTS:
+    for root in sandbox.sup.CLEAN_ROOTS:
         scan(root, 2)
     for w in p._workers:  # the supervisors' private homes must be empty between runs
         for home in Path("/tmp").glob(f"nanorlef-sbx-{w.uid}-*/home"):
@@ -160,21 +164,6 @@ def test_hostile(case, battery):
         pytest.skip("needs root: without a uid of its own the attack would hit the test process")
     results, before = battery
     check_case(case, *results[case.name], before)
-
-
-@pytest.mark.slow
-def test_hostile_battery_fork_mode():
-    """The same battery with fresh_interpreter=False (children forked from the supervisor)."""
-    with SandboxPool(workers=2, limits=LIMITS, fresh_interpreter=False) as pool:
-        results, before = run_battery(pool)
-    failures = []
-    for case in CASES:
-        if case.name in results:
-            try:
-                check_case(case, *results[case.name], before)
-            except AssertionError as e:
-                failures.append(f"{case.name}: {str(e)[:300]}")
-    assert failures == []
 
 
 # ---- verdicts of each test kind
@@ -281,13 +270,17 @@ def test_cpu_time_per_test_and_per_program(pool):
 
 
 def test_cpu_time_counts_unwaited_children(pool):
-    """A program cannot hide work in a child it never waits for: the subreaper collects its rusage."""
+    """A program cannot hide work in a child it never waits for: with cgroups the test's own CPU time (and its
+    deadline) covers it; without, the subreaper still adds it to the program's total."""
     program = BURN + ("import os\ndef f():\n    r, w = os.pipe()\n    if os.fork() == 0:\n        burn(0.4)\n"
                       "        os.write(w, b'1')\n        os._exit(0)\n    return int(os.read(r, 1))\n")
     r = pool.submit(program, [T("call", call="f()", expected="1")]).result()
     assert r.passed
-    assert r.tests[0].cpu_time < 0.2      # the child process alone was idle
-    assert r.cpu_time >= 0.4              # but the program's total includes its descendant
+    assert r.cpu_time >= 0.4              # the program's total includes its descendant
+    if HAS_CGROUPS:
+        assert r.tests[0].cpu_time >= 0.4
+    else:
+        assert r.tests[0].cpu_time < 0.2  # the child process alone was idle
 
 
 # ---- isolation facts (root)
@@ -338,8 +331,6 @@ def test_run_program_default_pool():
     (None, [T("call", call="1", expected="1")], "", "program: must be str"),
     ("x = 1\n", [], "", "tests: a task needs at least one test"),
     ("x = 1\n", [{"kind": "call", "call": "1", "expected": "1"}], "", "tests[0]: must be data.Test"),
-    ("x = 1\n", [T("call", call="f(", expected="1")], "", "tests[0].call: not valid Python"),
-    ("x = 1\n", [T("assert", code="assert (")], "", "tests[0].code: not valid Python"),
     ("x = 1\n", [T("call", call="x", expected="1")], None, "setup_code: must be str"),
 ])
 def test_bad_input_names_the_field(program, tests, setup, message, pool):

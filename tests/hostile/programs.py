@@ -65,11 +65,12 @@ def cases(ctx: dict) -> list[Case]:
              ("crash", "crash"), detail="while loading"),
         # ---- attacks on the harness
         Case("kill_parent", "import os\ndef f():\n    try:\n        os.kill(os.getppid(), 9)\n"
-             "    except PermissionError:\n        return 1\n    return 0\n", F1, ("pass",), needs_root=True),
+             "    except PermissionError:\n        pass\n    return 1\n", F1_THEN_OK, ("pass", "pass"), needs_root=True),
         Case("kill_test_process", f"import os\ndef f():\n    try:\n        os.kill({pid}, 9)\n"
-             "    except PermissionError:\n        return 1\n    return 0\n", F1, ("pass",), needs_root=True),
+             "    except (PermissionError, ProcessLookupError):\n        return 1\n    return 0\n", F1, ("pass",),
+             needs_root=True),
         Case("kill_minus_one", "import os\ndef f():\n    os.kill(-1, 9)\n    return 2\n", F1_THEN_OK,
-             ("wrong_answer", "pass"), needs_root=True),
+             (("wrong_answer", "runtime_error"), "pass"), needs_root=True),   # alone in its PID namespace: ESRCH
         Case("kill_own_group", "import os\ndef f():\n    os.killpg(0, 9)\n", F1_THEN_OK, ("crash", "pass"),
              detail="SIGKILL"),
         Case("sigstop_self", "import os, signal\ndef f():\n    os.kill(os.getpid(), signal.SIGSTOP)\n    return 1\n",
@@ -87,12 +88,15 @@ def cases(ctx: dict) -> list[Case]:
         Case("daemon_holding_result_fd", "import os\ndef f():\n    if os.fork() == 0:\n        while True:\n"
              "            pass\n    return 1\n", F1_THEN_OK, ("pass", "pass")),
         # ---- escapes
-        Case("secret_env", f"import os\ndef f():\n    return int('{secret}' not in os.environ and "
-             "sorted(os.environ) == ['HOME', 'LANG', 'MKL_NUM_THREADS', 'OMP_NUM_THREADS', "
+        Case("secret_env", f"import os\ndef f():\n    return int('{secret}' not in os.environ and "   # bwrap sets PWD
+             "sorted(set(os.environ) - {'PWD'}) == ['HOME', 'LANG', 'MKL_NUM_THREADS', 'OMP_NUM_THREADS', "
              "'OPENBLAS_NUM_THREADS', 'PATH', 'TMPDIR'])\n", F1, ("pass",)),
-        Case("proc_environ", f"import os\ndef f():\n    for p in ('/proc/1/environ', '/proc/{pid}/environ', "
-             f"f'/proc/{{os.getppid()}}/environ', '/proc/{pid}/mem'):\n        try:\n            open(p, 'rb').read(10)\n"
-             "            return 0\n        except OSError:\n            pass\n    return 1\n", F1, ("pass",),
+        # Its own processes' environments may be readable (the PID namespace's init is its own bwrap), the
+        # secret in the test process's may not.
+        Case("proc_environ", f"import os\ndef f():\n    for p in ['/proc/{pid}/environ', '/proc/{pid}/mem', "
+             f"f'/proc/{{os.getppid()}}/environ'] + [f'/proc/{{q}}/environ' for q in os.listdir('/proc')]:\n"
+             f"        try:\n            data = open(p, 'rb').read()\n"
+             f"            if p.endswith('mem') or b'{secret}' in data:\n                return 0\n        except OSError:\n            pass\n    return 1\n", F1, ("pass",),
              needs_root=True),
         Case("write_repo", f"def f():\n    try:\n        open('{repo}/sandbox.py', 'a').write('# pwned')\n"
              "        return 0\n    except OSError:\n        return 1\n", F1, ("pass",), needs_root=True),
@@ -109,7 +113,7 @@ def cases(ctx: dict) -> list[Case]:
              "timeout=2).sendall(b'pwned')\n        return 0\n    except OSError:\n        return 1\n", F1, ("pass",),
              needs_root=True),
         Case("setuid_root", "import os\ndef f():\n    try:\n        os.setuid(0)\n        return 0\n"
-             "    except PermissionError:\n        return int(os.getuid() != 0 and os.geteuid() != 0 "
+             "    except OSError:\n        return int(os.getuid() != 0 and os.geteuid() != 0 "
              "and os.getgroups() == [])\n", F1, ("pass",), needs_root=True),
         Case("raise_rlimits", "import resource\ndef f():\n    for r in (resource.RLIMIT_AS, resource.RLIMIT_NPROC, "
              "resource.RLIMIT_CPU):\n        try:\n            resource.setrlimit(r, (resource.RLIM_INFINITY, "

