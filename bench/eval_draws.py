@@ -7,7 +7,9 @@ samples from the same random numbers. Here each draw D seeds that generator with
 repeats the run's own evaluation exactly) and prints held-out pass@1, 1@3 and the pass rate of the 1@3
 episodes' first turns, as train.py's evaluation computes them, then their mean and standard deviation over
 the draws. Without --checkpoint it evaluates the preset's warm start for --seed (trained first when it is not
-cached). Other flags go to train.py's config, e.g. --cache_dir.
+cached). A checkpoint is read with its own tokenizer (tokenizer.tokenizer_for), or --tokenizer's: 'bytes' for a
+tiny run's policy folder that holds no tokenizer file. Other flags go to train.py's config, e.g. --cache_dir.
+For a whole benchmark with pass@k, use evaluate.py.
 """
 import argparse
 import json
@@ -27,10 +29,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", default="", help="an HF policy folder; '' = the preset's warm start")
+    ap.add_argument("--tokenizer", default="", help="with --checkpoint: '' = the checkpoint's own tokenizer, "
+                    "'bytes' = the tiny byte-level one, or a tokenizer.model / tokenizer.json path")
     ap.add_argument("--draws", default="1,2,3,4,5,6", help="comma-separated generator seeds, one evaluation each")
     ap.add_argument("--out_dir", default="out/eval_draws", help="train.py's out_dir (nothing is trained)")
     args, flags = ap.parse_known_args(argv)
-    where = ["--model_dir", args.checkpoint, "--tokenizer", "bytes"] if args.checkpoint else []
+    where = ["--model_dir", args.checkpoint, "--tokenizer", args.tokenizer] if args.checkpoint else []
     cfg = train.parse_config([*flags, *where, "--seed", str(args.seed), "--out_dir", args.out_dir,
                               "--algo", "expert_iteration"])  # the preset's algorithm: no critic to build
     trainer = train.Trainer(cfg)
