@@ -450,7 +450,7 @@ def read_json(path: str | Path):
 # Task-id ranges of the customary split (MBPP README; the HF `mbpp` dataset uses the same ranges).
 MBPP_SPLITS = {"prompt": range(1, 11), "test": range(11, 511), "validation": range(511, 601),
                "train": range(601, 1001)}
-# The default copy: ../shared/data/mbpp/mbpp.jsonl beside the repository (the README says where it comes from).
+# The default copy, ../shared/data/mbpp/mbpp.jsonl beside the repository (the README says where it is from)
 MBPP_PATH = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 
 

@@ -14,8 +14,8 @@ import re
 import pytest
 
 import data
-from evaluate import (evaluate_tasks, fast_share_records, pass_at_k, pass_at_ks, summarize, summarize_fast_share,
-                      task_results)
+from evaluate import (evaluate_tasks, fast_share_records, pass_at_k, pass_at_ks, summarize,
+                      summarize_fast_share, task_results)
 from reward import NO_CODE_FEEDBACK, RewardConfig, TimeReward
 from rollout import RolloutConfig, RolloutWorker
 from sandbox import SandboxPool
@@ -165,8 +165,8 @@ def test_task_results_and_summarize_count_scripted_verdicts(tok, pool):
 def test_evaluate_tasks_in_groups_counts_as_one_call_and_reports_progress(tok, pool):
     tasks, script, expected = scripted_case()
     lines = []
-    records = evaluate_tasks(worker_for(tok, pool), scripted_sampler(tok, script), tasks, samples=4, max_turns=3,
-                             episodes=2, group=3, log=lines.append)
+    records = evaluate_tasks(worker_for(tok, pool), scripted_sampler(tok, script), tasks, samples=4,
+                             max_turns=3, episodes=2, group=3, log=lines.append)
     assert [r["task_id"] for r in records] == [t.task_id for t in tasks]
     assert {r["task_id"]: (r["c"], r["final_c"], r["turn1_c"], r["turns"]) for r in records} == expected
     assert [re.fullmatch(r"evaluate: (\d)/7 tasks  elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d", line)[1]
