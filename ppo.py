@@ -182,7 +182,9 @@ class AdaptiveKLController:
     """Ziegler et al. 2019, section 2.2: steer the observed KL towards a target.
 
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
-    n_steps is the number of samples (episodes) seen since the last update.
+    KL is per sequence: the k1 estimate summed over an episode's sampled tokens, averaged over episodes, as in
+    Ziegler et al. and TRL (whose default target is 6 nats). n_steps is the number of episodes seen since the
+    last update.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):

@@ -59,7 +59,8 @@ class Config:
     data_path: str = arg("", "jsonl file for mbpp / stdio / tasks (one Task.to_dict() record per line)")
     eval_split: str = arg("test", "split of held-out tasks for evaluation (synthetic: validation | test)")
     # algorithm
-    algo: str = arg("ppo", "ppo | grpo | expert_iteration")
+    algo: str = arg("ppo", "ppo | grpo | dr_grpo | expert_iteration (dr_grpo: GRPO without the division by "
+                          "the group's std, Liu et al. 2025)")
     self_repairs: bool = arg(False, "expert iteration: also train on repairs relabelled from each step's own "
                                     "episodes (self_repair_episodes)")
     replay_repairs: int = arg(0, "expert iteration: also train on N of the warm start's repair demonstrations "
@@ -72,15 +73,15 @@ class Config:
     lam: float = arg(0.95, "GAE lambda")
     kl_placement: str = arg("reward", "reward (k1, RLEF) | loss (k3, GRPO); never both")
     kl_coef: float = arg(0.05, "initial KL coefficient beta")
-    kl_target: float = arg(0.0, "> 0: adaptive KL controller towards this KL (Ziegler et al. 2019)")
+    kl_target: float = arg(0.0, "> 0: adaptive KL controller towards this KL per episode, in nats: k1 summed over "
+                                "an episode's sampled tokens (Ziegler et al. 2019; TRL's default target is 6)")
     kl_horizon: int = arg(10000, "adaptive KL controller horizon, in episodes")
     clip_eps: float = arg(0.2, "PPO ratio clip")
     value_clip: float = arg(0.2, "value clip range (0 = off)")
     vf_coef: float = arg(0.5, "value loss weight (critic=head or probe)")
     ent_coef: float = arg(0.0, "entropy bonus weight")
-    whiten: bool = arg(True, "whiten advantages over the batch's action tokens")
     truncation_penalty: float = arg(0.5, "subtracted from episodes whose last response hit max_new_tokens")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
+    max_grad_norm: float = arg(1.0, "gradient clipping, applied to the policy's and the critic's gradients apart")
     lr: float = arg(1e-6, "policy learning rate")
     critic_lr: float = arg(1e-5, "critic learning rate: the separate critic, or the value head on the policy trunk")
     warmup_steps: int = arg(0, "iterations of linear learning-rate warm-up: Adam's first updates are the size of "
@@ -172,7 +173,7 @@ PRESETS = {
 
 
 # Checked in Trainer.__init__; --kl_placement and --lr_decay are checked there by the functions that use them.
-CHOICES = {"algo": ("ppo", "grpo", "expert_iteration"), "critic": ("separate", "head", "probe"),
+CHOICES = {"algo": ("ppo", "grpo", "dr_grpo", "expert_iteration"), "critic": ("separate", "head", "probe"),
            "advantage": ("turn", "token"), "dtype": tuple(DTYPES)}
 
 
@@ -187,7 +188,7 @@ def parse_config(argv=None) -> Config:
             kind = {"int": int, "float": float}.get(f.type, str)
             parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    if args.get("algo") == "grpo":  # GRPO puts the KL in the loss (k3), never in the reward
+    if args.get("algo") in ("grpo", "dr_grpo"):  # GRPO puts the KL in the loss (k3), never in the reward
         args.setdefault("kl_placement", "loss")
     preset = args.get("preset", Config.preset)
     if preset not in PRESETS:
@@ -277,7 +278,8 @@ class Scorer(nn.Module):
             values = self.model.values(h.detach() if self.probe else h)               # (B, T)
         if not want_logprobs:
             return None, None, values
-        logp, entropy = fused_linear_logprobs(h, self.model.lm_head.weight, targets, self.temperature,
+        lm_head = self.model.lm_head.weight.to(h.dtype)  # fp32 master weights compute in the activations' dtype
+        logp, entropy = fused_linear_logprobs(h, lm_head, targets, self.temperature,
                                               with_entropy=True, chunk_size=self.chunk)  # (B, T) each
         return logp, entropy, values
 
@@ -292,7 +294,9 @@ class Models:
 
 
 def build_models(cfg: Config, model_dir: Path, device) -> Models:
-    """Policy (+ LoRA), frozen reference, critic. Unwrapped: checkpoint weights are loaded before wrapping."""
+    """Policy (+ LoRA), frozen reference, critic. Unwrapped: checkpoint weights are loaded before wrapping.
+    What is trained (the policy or its LoRA adapters, value heads, the critic) is held in fp32 master weights;
+    what is frozen (the reference, a LoRA base) stays in --dtype, which is also the dtype of the activations."""
     dtype = DTYPES[cfg.dtype]
     uses_critic = cfg.algo == "ppo"
     policy = Transformer.from_pretrained(model_dir, dtype=dtype, device=device,
@@ -302,11 +306,13 @@ def build_models(cfg: Config, model_dir: Path, device) -> Models:
     reference = None
     if cfg.kl_coef > 0 and not cfg.lora_rank:
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    policy.mixed_precision_(dtype)
     critic = None
     if uses_critic and cfg.critic == "separate":  # RLEF: the critic starts from the policy, with a fresh head
         critic = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, value_head=True)
         if not critic.config.tie_word_embeddings:  # the critic never uses its lm_head: keep it out of DDP's way
             critic.lm_head.requires_grad_(False)
+        critic.mixed_precision_(dtype)
     critic_scorer = Scorer(critic, cfg.temperature, cfg.logprob_chunk) if critic else None
     scorer = Scorer(policy, cfg.temperature, cfg.logprob_chunk, probe=cfg.critic == "probe")
     return Models(policy, critic, reference, scorer, critic_scorer)
@@ -322,10 +328,12 @@ def wrap(module: Scorer, cfg: Config, world: int) -> nn.Module:
     if world == 1:
         return module
     if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # the shards keep the fp32 master weights; forwards gather them in --dtype, gradients reduce in fp32
+        mixed = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.dtype], reduce_dtype=torch.float32)
         for block in module.model.layers:
-            fully_shard(block)
-        fully_shard(module)
+            fully_shard(block, mp_policy=mixed)
+        fully_shard(module, mp_policy=mixed)
         # FSDP2 initialises on the first forward through the root; generation calls the blocks directly, so
         # run one token through the root first (a collective: every rank does it).
         device = module.model.embed_tokens.weight.device
@@ -415,30 +423,35 @@ def forward_in_chunks(scorer: nn.Module, b: dict, micro: int, want_logprobs=True
 
 
 def advantages(cfg: Config, b: dict, kl_coef: float, group_ids: torch.Tensor):
-    """Rewards -> (token advantages, value targets, value mask, old values) for the chosen estimator."""
+    """Rewards -> (token advantages, value targets, value mask, old values) for the chosen estimator.
+
+    PPO whitens its advantages over the batch's action tokens. GRPO's are normalised within each task's group
+    already: re-normalising them over the batch would give a group of equal scores a non-zero advantage, and
+    shift a group's advantages with its responses' lengths."""
     mask = b["mask"]
     reward_kl, _ = ppo.split_kl_coef(cfg.kl_placement, kl_coef)
     kl = ppo.kl_k1(b["old_logprobs"], b["ref_logprobs"]) if b["ref_logprobs"] is not None else None
     penalty = ppo.apply_truncation_penalty(torch.zeros_like(b["rewards"]), b["truncated"], cfg.truncation_penalty)
-    if cfg.algo == "grpo":
-        scores = b["rewards"] + penalty
-        return ppo.scores_to_tokens(ppo.grpo_advantages(scores, group_ids), mask), None, None, None
+    if cfg.algo in ("grpo", "dr_grpo"):  # group-normalised outcome rewards, no critic (DeepSeekMath 4.1.2)
+        scores = ppo.grpo_advantages(b["rewards"] + penalty, group_ids, scale_by_std=cfg.algo == "grpo")
+        return ppo.scores_to_tokens(scores, mask), None, None, None
     if cfg.advantage == "turn":  # RLEF: GAE over turns, the turn's advantage on all its tokens
         K = b["turn_mask"].shape[1]
         turn_kl = ppo.per_turn_mean(kl, b["turn_ids"], K) if kl is not None else None
         r = ppo.turn_level_rewards(penalty, b["turn_mask"], turn_kl, reward_kl, b["turn_rewards"])
         v = ppo.gather_turn_values(b["values"], b["turn_value_index"], b["turn_mask"])
         adv, _, turn_returns = ppo.turn_level_advantages(r, v, b["turn_mask"], b["turn_ids"], cfg.gamma, cfg.lam)
-        return adv, turn_returns, b["turn_mask"], v
+        return ppo.masked_whiten(adv, mask), turn_returns, b["turn_mask"], v
     r = ppo.token_level_rewards(penalty, mask, kl, reward_kl, b["turn_ids"], b["turn_rewards"])
     adv, returns = ppo.gae(r, b["values"], mask, cfg.gamma, cfg.lam)
-    return adv, returns, mask, b["values"]
+    return ppo.masked_whiten(adv, mask), returns, mask, b["values"]
 
 
 def ppo_update(cfg: Config, models: Models, optimizers: list, b: dict, kl_coef: float, generator) -> dict:
     """Several epochs of shuffled minibatches; micro-batches accumulate gradients; a NaN/inf loss or gradient
     skips the optimizer step (the weights are untouched)."""
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "grad_norm")}
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "grad_norm_policy",
+                             "grad_norm_critic")}
     skipped = 0
     _, loss_kl = ppo.split_kl_coef(cfg.kl_placement, kl_coef)
     n, lengths = b["inputs"].shape[0], row_lengths(b["mask"])
@@ -456,22 +469,28 @@ def ppo_update(cfg: Config, models: Models, optimizers: list, b: dict, kl_coef: 
                     loss.backward()
             for k, v in mb.items():
                 stats[k].append(v)
-        if not clip_and_step(optimizers, cfg.max_grad_norm, stats["grad_norm"], finite):
+        if not clip_and_step(optimizers, cfg.max_grad_norm, stats, finite):
             skipped += 1
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out["skipped_updates"] = skipped
     return out
 
 
-def clip_and_step(optimizers: list, max_norm: float, norms: list, loss_finite: bool = True) -> bool:
-    """Clip, then step only if the gradient is finite. The total norm is NaN/inf when any gradient is, and
-    under FSDP it is reduced across ranks, so every rank takes the same decision. Gradients are cleared
-    either way, so a bad batch leaves the weights untouched."""
-    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    ok = loss_finite and ppo.is_finite(norm)
+def clip_and_step(optimizers: list, max_norm: float, stats: dict | None = None, loss_finite: bool = True) -> bool:
+    """Clip each optimizer's gradient on its own, then step only if every gradient is finite.
+
+    The policy's and the critic's gradients are clipped apart (optimizers[0] is the policy's, [1] the critic's):
+    a fresh value head's gradient is far larger than the policy's, and one joint clip would shrink the policy's
+    step by the critic's norm. A norm is NaN/inf when any of its gradients is, and under FSDP it is reduced
+    across ranks, so every rank takes the same decision. Gradients are cleared either way, so a bad batch leaves
+    the weights untouched."""
+    norms = [torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
+             for opt in optimizers]
+    ok = loss_finite and all(ppo.is_finite(norm) for norm in norms)
     if ok:
-        norms.append(float(norm))
+        if stats is not None:
+            for name, norm in zip(("grad_norm_policy", "grad_norm_critic"), norms):
+                stats[name].append(float(norm))
         for opt in optimizers:
             opt.step()
     for opt in optimizers:
@@ -547,7 +566,7 @@ def expert_iteration_update(cfg: Config, models: Models, optimizers: list, b: di
                 loss.backward()
             minibatch_loss += loss.item()
         losses.append(minibatch_loss)
-        clip_and_step(optimizers, cfg.max_grad_norm, [])
+        clip_and_step(optimizers, cfg.max_grad_norm)
     return {"sft_loss": sum(losses) / len(losses)}
 
 
@@ -629,6 +648,13 @@ def kept_rows(keep: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat([rows, padding])
 
 
+def kl_stats(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The k1 KL to the reference per sampled token (kl_ref) and summed over each episode (kl_episode), both
+    averaged over the batch. The adaptive controller steers kl_episode."""
+    kl = ppo.kl_k1(logprobs, ref_logprobs)
+    return {"kl_ref": float(ppo.masked_mean(kl, mask)), "kl_episode": float(ppo.masked_sum(kl, mask, dim=1).mean())}
+
+
 def lr_scale(step: int, steps: int, warmup_steps: int, decay: str) -> float:
     """The learning-rate multiplier of iteration `step`: a linear warm-up to 1 over warmup_steps, then 1
     (constant) or a cosine from 1 down to 0.1 at the last iteration (cosine)."""
@@ -655,8 +681,8 @@ class Trainer:
                 raise ValueError(f"--{name} must be one of {' | '.join(allowed)}, got {getattr(cfg, name)!r}")
         ppo.split_kl_coef(cfg.kl_placement, cfg.kl_coef)  # an unknown placement fails here, not at step 0
         lr_scale(cfg.warmup_steps, cfg.steps, cfg.warmup_steps, cfg.lr_decay)  # so does an unknown --lr_decay
-        if cfg.algo == "grpo" and cfg.kl_placement == "reward" and cfg.kl_coef > 0:
-            raise ValueError("--algo grpo puts the KL in the loss (k3): use --kl_placement loss or --kl_coef 0")
+        if cfg.algo in ("grpo", "dr_grpo") and cfg.kl_placement == "reward" and cfg.kl_coef > 0:
+            raise ValueError(f"--algo {cfg.algo} puts the KL in the loss (k3): use --kl_placement loss or --kl_coef 0")
         if cfg.self_repairs and cfg.algo != "expert_iteration":
             raise ValueError(f"--self_repairs relabels episodes for --algo expert_iteration, not --algo {cfg.algo}")
         if cfg.replay_repairs and (cfg.algo != "expert_iteration" or not cfg.tiny_repairs):
@@ -774,8 +800,7 @@ class Trainer:
         b["ref_logprobs"] = self.reference_logprobs(b)
         if m.critic_scorer is not None:
             _, b["values"] = forward_in_chunks(m.critic_scorer, b, cfg.micro_batch_size, want_logprobs=False)
-        adv, b["returns"], b["value_mask"], b["old_values"] = advantages(cfg, b, self.kl_ctl.value, groups)
-        b["advantages"] = ppo.masked_whiten(adv, b["mask"]) if cfg.whiten else adv
+        b["advantages"], b["returns"], b["value_mask"], b["old_values"] = advantages(cfg, b, self.kl_ctl.value, groups)
         times["score"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = ppo_update(cfg, m, self.optimizers, b, self.kl_ctl.value, self.generator(step, 1))
@@ -826,8 +851,9 @@ class Trainer:
                  "turns": sum(len(e.turns) for e in episodes) / len(episodes), **stats,
                  **{f"time_{k}": v for k, v in times.items()}}
         if b.get("ref_logprobs") is not None:
-            local["kl_ref"] = float(ppo.masked_mean(ppo.kl_k1(b["old_logprobs"], b["ref_logprobs"]), mask))
-            self.kl_ctl.update(all_reduce_mean({"kl": local["kl_ref"]}, self.world)["kl"], len(episodes) * self.world)
+            local.update(kl_stats(b["old_logprobs"], b["ref_logprobs"], mask))
+            kl_episode = all_reduce_mean({"kl": local["kl_episode"]}, self.world)["kl"]
+            self.kl_ctl.update(kl_episode, len(episodes) * self.world)  # a per-episode target, as Ziegler and TRL
         metrics = {"kind": "train", "step": step, **all_reduce_mean(local, self.world), "kl_coef": self.kl_ctl.value}
         return metrics
 
@@ -909,7 +935,7 @@ class Trainer:
         if self.cfg.lora_rank:
             add_lora(copy_, self.cfg)
         copy_.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-        return copy_.to(DTYPES[self.cfg.dtype])
+        return copy_  # fp32, as the master weights: a resume continues from them exactly
 
     def _load_checkpoint_weights(self) -> dict:
         """Load the saved policy/critic weights into the unwrapped models; return the trainer state."""
@@ -925,6 +951,7 @@ class Trainer:
                                                 value_head=m.policy.value_head is not None)
             m.policy.load_state_dict(saved.state_dict())
         if m.critic is not None:
+            dtype = m.critic.embed_tokens.weight.dtype
             m.critic.load_state_dict(Transformer.from_pretrained(path / "critic", dtype=dtype, device=self.device,
                                                                  value_head=True).state_dict())
         return state
@@ -1044,7 +1071,8 @@ def format_step(m: dict, steps: int) -> str:
     parts = [f"step {m['step'] + 1:4d}/{steps}", f"reward {m['reward']:+.3f}", f"pass {m['pass_rate']:.2f}",
              f"len {m['response_len']:.0f}"]
     for key, fmt in (("kl_ref", "kl {:.4f}"), ("approx_kl", "akl {:.4f}"), ("clipfrac", "clip {:.2f}"),
-                     ("entropy", "ent {:.2f}"), ("explained_variance", "ev {:.2f}"), ("sft_loss", "sft {:.3f}")):
+                     ("entropy", "ent {:.2f}"), ("explained_variance", "ev {:.2f}"), ("sft_loss", "sft {:.3f}"),
+                     ("grad_norm_policy", "gn {:.2f}"), ("grad_norm_critic", "gn_v {:.2f}")):
         if key in m:
             parts.append(fmt.format(m[key]))
     parts.append(f"{sum(v for k, v in m.items() if k.startswith('time_')):.1f}s")
