@@ -190,9 +190,11 @@ class Linear(nn.Linear):
         self.lora_scale = alpha / rank
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        # weights are cast to the activations' dtype: fp32 master weights compute in bf16 (mixed_precision_)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.weight.to(x.dtype), bias)
         if self.lora_A is not None and self.lora_enabled:
-            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
+            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
         return y
 
     def merged_weight(self) -> Tensor:
@@ -212,7 +214,7 @@ class RMSNorm(nn.Module):
         # normalise in fp32, cast back, then scale: the same op order as HF, so bf16 rounding matches
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -338,6 +340,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, not a copy
         self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
         self._inv_freq = rope_inv_freq(config)  # plain fp32 tensor: module.to(bf16) must not round it
+        self.compute_dtype: torch.dtype | None = None  # None: compute in the parameters' dtype
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module):
@@ -366,6 +369,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = default_positions(key_mask, B, T, tokens.device)
         x = self.embed_tokens(tokens)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)  # every layer casts its weights to the activations' dtype
         cos, sin = self.rope(positions, x.dtype)
         mask = attention_mask(key_mask, cache_start or 0, T)
         for layer in self.layers:
@@ -390,7 +395,7 @@ class Transformer(nn.Module):
         w = self.embed_tokens.weight
         for layer in self.layers:
             a = layer.self_attn
-            a.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, w.dtype, w.device)
+            a.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, self.compute_dtype or w.dtype, w.device)
 
     def cache_keep_rows(self, rows: Tensor):
         for layer in self.layers:
@@ -404,6 +409,20 @@ class Transformer(nn.Module):
         """Cached step: tokens (B, T) at slots cache_start.. -> logits of the last position (B, V)."""
         h = self._trunk(tokens, positions, key_mask, cache_start)
         return self.lm_head(h[:, -1])
+
+    # -- mixed precision -------------------------------------------------------------------------------------
+
+    def mixed_precision_(self, compute_dtype: torch.dtype) -> "Transformer":
+        """Mixed-precision training (Micikevicius et al. 2018): every trained parameter (requires_grad) becomes an
+        fp32 master weight, so its gradient and Adam's state are fp32 too, while frozen weights keep their dtype
+        and the forward computes in `compute_dtype`. An update of lr 1e-6 is far below half a bf16 spacing of a
+        typical weight (2^-9 relative): applied to bf16 weights it rounds away, applied to fp32 ones it adds up.
+        The forward is the same as the model's in compute_dtype: each weight is rounded to it where it is used."""
+        for p in self.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.compute_dtype = compute_dtype
+        return self
 
     # -- LoRA ------------------------------------------------------------------------------------------------
 
