@@ -58,6 +58,7 @@ class RewardConfig:
     time_clip: float = 1.0         # TimeReward is clipped to [-time_clip, time_clip] before the weight
     time_repeats: int = 3          # interleaved repeats per timing, the median is used
     time_floor_s: float = 0.005    # CPU times under this (after the baseline) count as this: below it is noise
+    time_ref_tries: int = 3        # a reference that fails a timing run is run again up to this many times
     lint_weight: float = 0.0       # weight of lint_penalty; 0 = off
 
 
@@ -92,9 +93,9 @@ class TimeReward:
     """Reward for running faster than the task's reference solution, on the private tests.
 
     r = clip(ln(t_ref / t_cand), -clip, clip), with t = max(median CPU time - baseline, floor).
-    - CPU time of the child (read by the parent), not wall time, which waiting for a core inflates. CPU time
-      moves with load too (on a 2-core VM the benchmark's loop was charged 0.09-0.12 s while sharing its core
-      with a busy process, 0.17 s alone), hence the timing side by side below.
+    - CPU time of the run (the sandbox's cgroup clock: every process the program starts counts), not wall
+      time, which waiting for a core inflates. CPU time moves with load too (on a 2-core VM the benchmark's
+      loop was charged 0.09-0.12 s while sharing its core with a busy process, 0.17 s alone), hence rounds.
     - ln of the speed ratio is symmetric (2x faster = +0.69, 2x slower = -0.69) and scale-free across tasks;
       the clip keeps time_weight * r from ever outweighing correctness (cf. Shypula et al. 2024 "Learning
       performance-improving code edits", which scores speedup ratios against a reference).
@@ -102,51 +103,80 @@ class TimeReward:
       interpreter start-up and harness cost that every run pays, which would otherwise swamp a difference of
       a few ms.
     - floor: both times below it (most short programs) give r = 0 instead of a ratio of noise.
-    - Every call times candidate, reference and baseline side by side, in rounds of one run each, so the load
-      of the moment hits all three alike; the median over rounds drops outliers. Nothing is cached: a
-      reference timed once and reused carries its measurement error into every later call of the task (on a
-      busy 2-core machine a slow program against itself then scored a median of up to +0.28 over 20 calls;
-      side by side within 0.03: bench/bench_time_reward.py).
+    - Every call times candidate, reference and baseline in rounds, one after the other, each run in its own
+      sandbox (own cgroup and PID namespace, ended before the next starts), so nothing the candidate starts
+      can slow the reference; the rounds put the load of the moment on all three alike and the median drops
+      outliers. Nothing is cached: a reference timed once and reused carries its measurement error into every
+      later call (bench/bench_time_reward.py).
     - Rounds stop early once both medians are under the floor, where r = 0: most programs cost one round (3
       runs), measurable ones `repeats` rounds.
-    Returns 0.0 when the task has no reference solution, the reference fails its own tests, or the
-    candidate fails any run (time is only rewarded for correct programs).
+    Failures: a candidate whose timing run fails (wrong answer, timeout, crash) scores -clip, the slowest, so
+    failing on purpose never beats running slowly. A reference that fails is run again, up to `ref_tries` runs
+    per round; if it still fails, the sample leaves the time term (0, counted as "reference_failed" in
+    `outcomes`), as does a task without a reference. `last_outcome` and `outcomes` say which case each call was.
     """
+    OUTCOMES = ("timed", "under_floor", "candidate_failed", "reference_failed", "no_reference")
 
-    def __init__(self, pool: SandboxPool, repeats: int = 3, clip: float = 1.0, floor_s: float = 0.005):
-        if repeats < 1:
-            raise ValueError(f"TimeReward: repeats must be >= 1, got {repeats}")
-        self.pool, self.repeats, self.clip, self.floor_s = pool, repeats, clip, floor_s
+    def __init__(self, pool: SandboxPool, repeats: int = 3, clip: float = 1.0, floor_s: float = 0.005,
+                 ref_tries: int = 3):
+        if repeats < 1 or ref_tries < 1:
+            raise ValueError(f"TimeReward: repeats and ref_tries must be >= 1, got {repeats} and {ref_tries}")
+        self.pool, self.repeats, self.clip, self.floor_s, self.ref_tries = pool, repeats, clip, floor_s, ref_tries
+        self.outcomes = dict.fromkeys(self.OUTCOMES, 0)
+        self.last_outcome = ""
 
     @classmethod
     def from_config(cls, pool: SandboxPool, cfg: RewardConfig) -> "TimeReward":
-        return cls(pool, repeats=cfg.time_repeats, clip=cfg.time_clip, floor_s=cfg.time_floor_s)
+        return cls(pool, repeats=cfg.time_repeats, clip=cfg.time_clip, floor_s=cfg.time_floor_s,
+                   ref_tries=cfg.time_ref_tries)
 
     def __call__(self, task: Task, program: str) -> float:
         times = self.net_cpu_times(task, program)
-        return 0.0 if times is None else self.score(*times)
+        if times is None:
+            outcome, r = ("no_reference" if task.reference_solution is None else "reference_failed"), 0.0
+        else:
+            r = self.score(*times)
+            outcome = ("candidate_failed" if times[1] == math.inf else
+                       "under_floor" if max(times) < self.floor_s else "timed")
+        self.outcomes[outcome] += 1
+        self.last_outcome = outcome
+        return r
 
     def score(self, t_ref: float, t_cand: float) -> float:
-        """clip(ln(t_ref / t_cand), -clip, clip) of net CPU times, each raised to the floor."""
+        """clip(ln(t_ref / t_cand), -clip, clip) of net CPU times, each raised to the floor; t_cand = inf (a
+        failed run) is the slowest, -clip."""
+        if t_cand == math.inf:
+            return -self.clip
         t_ref, t_cand = max(t_ref, self.floor_s), max(t_cand, self.floor_s)
         return max(-self.clip, min(self.clip, math.log(t_ref / t_cand)))
 
+    def _time(self, program: str, tests: list[Test], setup: str) -> float | None:
+        """CPU seconds of one run, None when it fails. One job at a time: the run has ended on return."""
+        result = self.pool.map([(program, tests, setup)])[0]
+        return result.cpu_time if result.passed else None
+
     def net_cpu_times(self, task: Task, program: str) -> tuple[float, float] | None:
-        """(reference, candidate): median CPU seconds over the rounds, less the baseline's median; None when
-        there is no reference or either program fails a run."""
+        """(reference, candidate): median CPU seconds over the rounds, less the baseline's median. The
+        candidate's is inf when one of its runs failed; None when there is no reference or it kept failing."""
         if task.reference_solution is None:
             return None
-        jobs = {"cand": (program, task.private_tests, task.setup_code),
-                "ref": (task.reference_solution, task.private_tests, task.setup_code),
-                "base": ("pass\n", [Test(kind="assert", code="pass")], "")}
-        cpu = {name: [] for name in jobs}
+        cpu = {"cand": [], "ref": [], "base": []}
         for _ in range(self.repeats):
-            for name, result in zip(jobs, self.pool.map(list(jobs.values()))):
-                if not result.passed:
-                    if name == "base":
-                        raise RuntimeError("TimeReward: the sandbox failed the empty baseline program")
-                    return None
-                cpu[name].append(result.cpu_time)
+            t = self._time(program, task.private_tests, task.setup_code)
+            if t is None:
+                return (statistics.median(cpu["ref"]) if cpu["ref"] else math.nan), math.inf
+            cpu["cand"].append(t)
+            for _ in range(self.ref_tries):
+                t = self._time(task.reference_solution, task.private_tests, task.setup_code)
+                if t is not None:
+                    break
+            if t is None:
+                return None
+            cpu["ref"].append(t)
+            t = self._time("pass\n", [Test(kind="assert", code="pass")], "")
+            if t is None:
+                raise RuntimeError("TimeReward: the sandbox failed the empty baseline program")
+            cpu["base"].append(t)
             base = statistics.median(cpu["base"])
             t_ref, t_cand = statistics.median(cpu["ref"]) - base, statistics.median(cpu["cand"]) - base
             if max(t_ref, t_cand) < self.floor_s:

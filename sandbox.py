@@ -189,10 +189,12 @@ def _claim_uid(uids: range | None) -> tuple[int, int]:
 
 
 def _supervisor_env() -> dict:
-    """No secrets reach the supervisor either; NANORLEF_SANDBOX_DEBUG=1 sends harness errors to stderr."""
+    """No secrets reach the supervisor either. NANORLEF_SANDBOX_DEBUG=1 sends harness errors to stderr;
+    NANORLEF_SANDBOX_FALLBACK=1 runs the fallback even where bubblewrap would work."""
     env = {"PATH": sup.CHILD_ENV_PATH, "LANG": "C.UTF-8"}
-    if os.environ.get("NANORLEF_SANDBOX_DEBUG"):
-        env["NANORLEF_SANDBOX_DEBUG"] = "1"
+    for name in ("NANORLEF_SANDBOX_DEBUG", "NANORLEF_SANDBOX_FALLBACK"):
+        if os.environ.get(name):
+            env[name] = "1"
     return env
 
 

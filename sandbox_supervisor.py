@@ -312,8 +312,10 @@ class Supervisor:
         self.uid, self.python, self.libc, self.harness = uid, python, libc, _compiled_harness(python)
         self.debug = bool(os.environ.get("NANORLEF_SANDBOX_DEBUG"))
         self.cgroups, cg_text = CgroupTree.create() if uid is not None else (None, "not root")
-        self.bwrap = self._bwrap_argv(hide) if self.cgroups else None
-        why = "no writable cgroups" if not self.cgroups else "no bwrap on PATH" if not self.bwrap else self._probe()
+        forced = bool(os.environ.get("NANORLEF_SANDBOX_FALLBACK"))   # to run or compare the fallback anywhere
+        self.bwrap = self._bwrap_argv(hide) if self.cgroups and not forced else None
+        why = ("no writable cgroups" if not self.cgroups else "NANORLEF_SANDBOX_FALLBACK=1" if forced else
+               "no bwrap on PATH" if not self.bwrap else self._probe())
         self.isolation = f"bubblewrap, {cg_text}" if self.bwrap else f"fallback ({why}): uid, rlimits" + (
             f", {cg_text}" if self.cgroups else "")
         self.box = self.home = None

@@ -118,13 +118,14 @@ def test_feedback_from_a_real_run():
 
 
 class CountingPool:
-    """A real SandboxPool that counts the programs it is asked to run."""
+    """A pool that records the programs it is asked to run, and how many at once."""
 
     def __init__(self, pool):
-        self.pool, self.programs = pool, []
+        self.pool, self.programs, self.batches = pool, [], []
 
     def map(self, jobs):
         self.programs += [job[0] for job in jobs]
+        self.batches.append(len(jobs))
         return self.pool.map(jobs)
 
 
@@ -147,6 +148,7 @@ def test_time_reward_orders_slow_and_fast_timing_the_reference_beside_each_candi
         fast_task = sum_task(FAST, "sum-fast-ref")
         slow_vs_fast = time_reward(fast_task, SLOW)
         assert counting.programs == [SLOW, FAST, "pass\n"] * 3  # 3 rounds of (candidate, reference, baseline)
+        assert set(counting.batches) == {1}                    # one at a time: nothing runs beside the reference
         assert slow_vs_fast == -1.0                           # the loop takes >100 ms, the formula ~0: clipped
         assert time_reward(fast_task, FAST) == 0.0            # both under the floor: no reward for noise
         # nothing cached: the reference is timed again beside the candidate. Usually one round, since both are
@@ -155,7 +157,7 @@ def test_time_reward_orders_slow_and_fast_timing_the_reference_beside_each_candi
         assert counting.programs[9:12] == [FAST, FAST, "pass\n"] and len(counting.programs) in (12, 15, 18)
         slow_task = sum_task(SLOW, "sum-slow-ref")
         assert time_reward(slow_task, FAST) == 1.0
-        assert time_reward(slow_task, "def total(n):\n    return 0\n") == 0.0   # failing candidate: no time reward
+        assert time_reward(slow_task, "def total(n):\n    return 0\n") == -1.0  # a failed timing run is the slowest
         # Same program twice, timed side by side: noise only, never the clip. The noise is the machine's: on
         # these 2-core VMs a child that shares its core with another busy process is charged 0.09-0.12 s for
         # the loop against 0.17 s alone, so one round can score +-0.7, and a clean-clone CI run measured -0.52
@@ -169,12 +171,18 @@ def test_time_reward_orders_slow_and_fast_timing_the_reference_beside_each_candi
 
 
 class FakePool:
-    """CPU time per program text, times a load factor that a test can change between calls."""
-    def __init__(self, times):
-        self.times, self.load = times, 1.0
+    """CPU time per program text, times a load factor that a test can change between calls. `fails` maps a
+    program to the indices of its runs (0, 1, ...) that fail their test."""
+    def __init__(self, times, fails=None):
+        self.times, self.load, self.fails, self.runs = times, 1.0, fails or {}, {}
 
     def map(self, jobs):
-        return [RunResult([TestResult("pass")], self.times[job[0]] * self.load, 0.0) for job in jobs]
+        results = []
+        for program, *_ in jobs:
+            n = self.runs[program] = self.runs.get(program, -1) + 1
+            status = "timeout" if n in self.fails.get(program, ()) else "pass"
+            results.append(RunResult([TestResult(status)], self.times[program] * self.load, 0.0))
+        return results
 
 
 def test_time_reward_formula_by_hand():
@@ -199,6 +207,35 @@ def test_time_reward_stops_rounds_once_both_are_under_the_floor():
     counting.programs.clear()
     assert time_reward(task, "LOOP") == pytest.approx(-1.0)   # ln(0.005 / 0.100), clipped at -1
     assert counting.programs == ["LOOP", "REF", "pass\n"] * 3
+
+
+def test_failed_candidate_timing_scores_the_slowest():
+    """A candidate that passed its correctness run but fails a timing run (on purpose, say, after counting its
+    runs) gets -clip, never the 0 of an untimed sample: failing cannot beat running slowly."""
+    task = sum_task("REF", "t")
+    for fails in ({0}, {1}, {2}):
+        pool = FakePool({"REF": 0.120, "CAND": 0.050, "pass\n": 0.020}, fails={"CAND": fails})
+        time_reward = TimeReward(pool, clip=0.7)
+        assert time_reward(task, "CAND") == -0.7
+        assert time_reward.last_outcome == "candidate_failed"
+    slow = FakePool({"REF": 0.020, "CAND": 0.500, "pass\n": 0.020}, fails={"CAND": {1}})
+    assert TimeReward(slow, clip=1.0)(task, "CAND") == -1.0    # as low as a stably slow program, not above it
+
+
+def test_failed_reference_is_retried_then_leaves_the_time_term():
+    task = sum_task("REF", "t")
+    times = {"REF": 0.120, "CAND": 0.050, "pass\n": 0.020}
+    flaky = CountingPool(FakePool(times, fails={"REF": {0, 1}}))    # fails twice, then passes
+    time_reward = TimeReward(flaky, clip=5.0, ref_tries=3)
+    assert time_reward(task, "CAND") == pytest.approx(math.log(0.100 / 0.030))
+    assert flaky.programs[:5] == ["CAND", "REF", "REF", "REF", "pass\n"] and time_reward.last_outcome == "timed"
+    broken = CountingPool(FakePool(times, fails={"REF": set(range(100))}))
+    time_reward = TimeReward(broken, clip=5.0, ref_tries=3)
+    assert time_reward(task, "CAND") == 0.0                    # the sample leaves the time term...
+    assert broken.programs == ["CAND", "REF", "REF", "REF"]   # ...after ref_tries runs of the reference
+    assert time_reward.last_outcome == "reference_failed" and time_reward.outcomes["reference_failed"] == 1
+    no_ref = Task(task_id="n", prompt="p", public_tests=[], private_tests=task.private_tests, entry_point="total")
+    assert time_reward(no_ref, "CAND") == 0.0 and time_reward.last_outcome == "no_reference"
 
 
 def test_time_reward_is_unmoved_by_load_that_changes_between_calls():

@@ -17,6 +17,8 @@ class Case:
     expect: tuple                    # status of each test (a tuple of statuses: any of them)
     limits: dict = field(default_factory=dict)   # Limits overrides
     needs_root: bool = False         # uid drop / network namespace / kill(-1) safety
+    needs_cgroups: bool = False      # the guarantee comes from the run's cgroup
+    needs_bwrap: bool = False        # the guarantee comes from bubblewrap's namespaces and mounts
     detail: str = ""                 # must appear in tests[0].detail
 
 
