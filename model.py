@@ -532,9 +532,11 @@ class Transformer(nn.Module):
                     raise ValueError(f"{file}: missing or mis-shaped 'value_head.{pname}' (want {tuple(p.shape)})")
                 p.copy_(t)
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, tokenizer=None, sampling: dict | None = None):
         """Writes model.safetensors (LoRA merged) + config.json that HF transformers loads; the value head, if
-        any, goes to value_head.safetensors."""
+        any, goes to value_head.safetensors. With a tokenizer (tokenizer.Tokenizer) the folder is complete for
+        AutoTokenizer too: its files, and generation_config.json that stops on every end-of-turn id;
+        `sampling` (e.g. temperature, top_p) adds the sampling defaults."""
         from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -546,6 +548,12 @@ class Transformer(nn.Module):
         if self.value_head is not None:
             vh = {f"value_head.{n}": p.detach().contiguous().cpu() for n, p in self.value_head.named_parameters()}
             save_file(vh, str(path / VALUE_HEAD_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+            generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids),
+                          "pad_token_id": tokenizer.pad_id}
+            generation.update({"do_sample": True, **sampling} if sampling else {})
+            (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def hf_name(name: str) -> str:

@@ -13,6 +13,7 @@ program's output fed back as feedback) that writes "<|eot_id|>" gets ordinary te
 import base64
 import binascii
 import json
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -84,9 +85,10 @@ class Tokenizer:
             path = path / "tokenizer.model"
         ranks = load_tiktoken_ranks(path)
         specials = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIALS)}
-        return cls("llama3", LLAMA3_PATTERN, ranks, specials, chat_format="llama3",
-                   bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>",
-                   pad="<|finetune_right_pad_id|>", extra_stops=("<|eom_id|>",))
+        tok = cls("llama3", LLAMA3_PATTERN, ranks, specials, chat_format="llama3",
+                  bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>",
+                  pad="<|finetune_right_pad_id|>", extra_stops=("<|eom_id|>",))
+        return tok._from_file(path, ranks=ranks)
 
     @classmethod
     def byte_level(cls) -> "Tokenizer":
@@ -95,8 +97,9 @@ class Tokenizer:
         names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                  "<|eot_id|>", "<|pad|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
         specials = {tok: 256 + i for i, tok in enumerate(names)}
-        return cls("byte_level", LLAMA3_PATTERN, ranks, specials, chat_format="llama3",
-                   bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>", pad="<|pad|>")
+        tok = cls("byte_level", LLAMA3_PATTERN, ranks, specials, chat_format="llama3",
+                  bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>", pad="<|pad|>")
+        return tok._from_file(None, ranks=ranks)
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "Tokenizer":
@@ -110,7 +113,18 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        return _tokenizer_from_json(cls, path)
+        return _tokenizer_from_json(cls, path)._from_file(path)
+
+    def _from_file(self, file: Path | None, ranks: dict[bytes, int] | None = None) -> "Tokenizer":
+        """Remembers the source file (for errors and save_pretrained) and, for a tokenizer built from ranks
+        with LLAMA3_PATTERN, the ranks: save_tokenizer writes them as a tokenizer.json and keeps its text."""
+        self.file, self.ranks, self._hf_json = file, ranks, None
+        return self
+
+    def save_pretrained(self, path) -> None:
+        """Writes tokenizer.json and tokenizer_config.json (with the chat template) that HF's AutoTokenizer
+        loads and that encode like this tokenizer; see save_tokenizer."""
+        save_tokenizer(self, path)
 
     # ---------------------------------------------------------------- text <-> ids
 
@@ -319,7 +333,7 @@ def _tokenizer_from_json(cls, path: Path) -> Tokenizer:
     # Chat format, end tokens and pad, from the specials this family defines.
     eos = "<|endoftext|>" if has("<|endoftext|>") else "<|end_of_text|>" if has("<|end_of_text|>") else None
     if has("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>"):
-        pad = "<|finetune_right_pad_id|>" if has("<|finetune_right_pad_id|>") else "<|end_of_text|>"
+        pad = next(p for p in ("<|finetune_right_pad_id|>", "<|pad|>", "<|end_of_text|>") if has(p))
         kwargs = dict(chat_format="llama3", bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>",
                       pad=pad, extra_stops=("<|eom_id|>",) if has("<|eom_id|>") else ())
     elif has("<|im_start|>", "<|im_end|>"):
@@ -480,10 +494,13 @@ def _bpe_below_rank(ranks: dict[bytes, int], token: bytes, max_rank: int) -> lis
     return parts
 
 
-def tokenizer_for(model_dir, tokenizer: str = "") -> Tokenizer:
-    """The tokenizer of a run: `tokenizer` ('bytes' = the tiny byte-level one, or a tokenizer.model /
-    tokenizer.json path), else the one in `model_dir`."""
-    if tokenizer == "bytes":
+def tokenizer_for(model_dir="", tokenizer: str = "") -> Tokenizer:
+    """The one rule for a run's tokenizer (train.py and evaluate.py), first match wins:
+      1. an explicit `tokenizer`: 'bytes' (the tiny byte-level one), or a tokenizer.json / .model path;
+      2. a `model_dir` uses its own: tokenizer.json, else tokenizer.model, else original/tokenizer.model (a
+         model_dir without one is an error: pass --tokenizer);
+      3. no model_dir (the tiny demo model, trained from scratch): the byte-level tokenizer."""
+    if tokenizer == "bytes" or not (tokenizer or model_dir):
         return Tokenizer.byte_level()
     path = Path(tokenizer) if tokenizer else None
     if path is None:
@@ -494,3 +511,87 @@ def tokenizer_for(model_dir, tokenizer: str = "") -> Tokenizer:
         else:
             raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {model_dir}: pass --tokenizer")
     return Tokenizer.llama3(path) if path.suffix == ".model" else Tokenizer.from_tokenizer_json(path)
+
+
+def check_vocab(model_config, tokenizer: Tokenizer, config_file, tokenizer_file=None) -> None:
+    """Every id the tokenizer can produce (text and specials) must index the model's embedding; otherwise the
+    run would fail at its first generate. Raises ValueError naming both files."""
+    vocab_size = model_config.vocab_size
+    outside = sorted((i, t) for t, i in tokenizer.special_tokens.items() if i >= vocab_size)
+    if tokenizer.n_words > vocab_size:
+        what = (f"special tokens {outside[:3]}" + (" ..." if len(outside) > 3 else "")) if outside else "text"
+        raise ValueError(f"tokenizer {tokenizer_file or tokenizer.file or tokenizer.name} has ids up to "
+                         f"{tokenizer.n_words - 1} ({what}), but {config_file} has vocab_size={vocab_size}: "
+                         "the tokenizer does not belong to this model")
+
+
+# ==================================================================== saving for Hugging Face
+#
+# A checkpoint folder holds tokenizer.json (the tokenizers library's format) and tokenizer_config.json (the
+# chat template, the special tokens), so AutoTokenizer loads it and apply_chat_template renders as we encode.
+# A tokenizer loaded from a tokenizer.json is copied as it is. One built from ranks (Llama 3's
+# tokenizer.model, the byte-level one) is written as transformers' TikTokenConverter does: every split of a
+# token into two tokens is a merge, ordered by the token's rank, and ignore_merges makes whole-piece lookups
+# win as in tiktoken; so the tokenizers library merges as tiktoken does (see the conversion comment).
+
+# Meta-Llama-3-8B-Instruct's template; ChatML as SmolLM2 and Qwen2.5 write it (with no default system prompt).
+CHAT_TEMPLATES = {
+    "llama3": ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+               " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "chatml": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+               " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+
+
+def save_tokenizer(tok: Tokenizer, path) -> None:
+    """tokenizer.json + tokenizer_config.json in the folder `path` (see the comment above)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    out = path / "tokenizer.json"
+    if tok.file is not None and tok.file.suffix == ".json":
+        if not (out.exists() and out.samefile(tok.file)):
+            shutil.copyfile(tok.file, out)
+    elif tok.ranks is not None:
+        tok._hf_json = tok._hf_json or json.dumps(_tokenizer_json_from_ranks(tok), ensure_ascii=False)
+        out.write_text(tok._hf_json, encoding="utf-8")
+    else:
+        raise ValueError(f"cannot save tokenizer {tok.name!r}: it was built from neither a file nor ranks")
+    name = {i: t for t, i in tok.special_tokens.items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name.get(tok.bos_id),
+              "eos_token": name[tok.eot_id], "pad_token": name[tok.pad_id],
+              "clean_up_tokenization_spaces": False}
+    if tok.chat_format is not None:
+        config["chat_template"] = CHAT_TEMPLATES[tok.chat_format]
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _tokenizer_json_from_ranks(tok: Tokenizer) -> dict:
+    ranks, to_text = tok.ranks, bytes_to_unicode()
+    text = lambda b: "".join(to_text[x] for x in b)  # noqa: E731
+    merges = sorted((rank, ranks[t[:i]], ranks[t[i:]], t[:i], t[i:]) for t, rank in ranks.items()
+                    for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks)
+    bos = {i: t for t, i in tok.special_tokens.items()}.get(tok.bos_id)
+    single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    post = None if bos is None else {  # BOS before the text, as Meta's Llama 3 tokenizer.json does
+        "type": "TemplateProcessing", "single": single, "pair": single + [{"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,  # no NFC: ranks tokenizers
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True}
+                         for t, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            byte_level]},
+        "post_processor": post, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": True,
+                  "vocab": {text(t): rank for t, rank in ranks.items()},
+                  "merges": [[text(left), text(right)] for *_, left, right in merges]},
+    }

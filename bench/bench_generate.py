@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import torch
+# Before the repository root goes on sys.path: its kernels/ folder would shadow Hugging Face's `kernels`
+# package, which transformers >= 5.24 imports with its model classes. model.py does not import kernels/.
+from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import Transformer, generate  # noqa: E402
@@ -44,7 +47,6 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
     with tempfile.TemporaryDirectory() as d:

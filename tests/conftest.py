@@ -1,5 +1,5 @@
-"""Shared pytest setup: repo root on sys.path, the `slow` marker, the path to ../shared/data, and `hf_reference`
-(transformers run in its own process, away from the repository's `kernels/`)."""
+"""Shared pytest setup: repo root on sys.path, the `slow` marker, the path to ../shared/data, and
+`hf_reference` (transformers run in its own process, away from the repository's `kernels/`)."""
 import importlib.util
 import json
 import os

@@ -1,4 +1,4 @@
-"""The Hugging Face side of the parity tests, run as its own process: `python -I tests/hf_reference.py JOBS OUT`.
+"""The Hugging Face side of the parity tests, in its own process: `python -I tests/hf_reference.py JOBS OUT`.
 
 The repository's top-level `kernels/` shadows Hugging Face's `kernels` package, which transformers >= 5.24
 imports. So this script never imports repository code, and the tests start it with `python -I` from a
@@ -10,8 +10,8 @@ JOBS.safetensors (keys "<name>.<field>"), outputs to OUT.safetensors; everything
             save_pretrained it to dir
   forward   AutoModelForCausalLM from dir at dtype: logits (and the last hidden state) for input_ids
             [+ attention_mask, position_ids]
-  tokenizer AutoTokenizer from dir: ids of apply_chat_template for each dialog (with the generation prompt
-            when its last message is not the assistant's), ids of plain texts, and the special ids
+  tokenizer AutoTokenizer from dir: ids of apply_chat_template for each dialog (with the generation prompt),
+            ids of plain texts, and the special ids
   generate  AutoModelForCausalLM + generation_config.json from dir: greedy generate for each prompt
 """
 import json
@@ -52,8 +52,7 @@ def tokenizer(job, inputs):
     tok = transformers.AutoTokenizer.from_pretrained(job["dir"])
     chats = []
     for dialog in job.get("dialogs", []):
-        prompt = dialog[-1]["role"] != "assistant"
-        ids = tok.apply_chat_template(dialog, tokenize=True, add_generation_prompt=prompt, return_dict=True)
+        ids = tok.apply_chat_template(dialog, tokenize=True, add_generation_prompt=True, return_dict=True)
         chats.append(list(ids["input_ids"]))
     texts = [tok(t, add_special_tokens=False)["input_ids"] for t in job.get("texts", [])]
     specials = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -70,8 +69,8 @@ def generate(job, inputs):
                                do_sample=False)
         outs.append(y[0, len(prompt):].tolist())
     gc = model.generation_config
-    return {}, {"new_tokens": outs, "eos_token_id": gc.eos_token_id, "pad_token_id": gc.pad_token_id,
-                "bos_token_id": gc.bos_token_id}
+    return {}, {"new_tokens": outs, **{k: getattr(gc, k) for k in (
+        "eos_token_id", "pad_token_id", "bos_token_id", "do_sample", "temperature", "top_p")}}
 
 
 def main(jobs_file, out_file):

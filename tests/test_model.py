@@ -1,7 +1,7 @@
 """model.py against Hugging Face transformers (the independent reference) on tiny random checkpoints.
 
-transformers runs in its own process (conftest.hf_reference): the repository's `kernels/` folder shadows Hugging
-Face's `kernels` package, which transformers >= 5.24 imports. Each side sees only its own code; tensors cross
+transformers runs in its own process (conftest.hf_reference): the repository's `kernels/` folder shadows
+Hugging Face's `kernels` package, which transformers >= 5.24 imports. Each side sees only its own code; tensors cross
 in safetensors files. The HF side runs twice per module (building + forward, then reloading our saves).
 """
 import json
@@ -230,7 +230,8 @@ def test_old_and_new_config_layouts_agree(checkpoints, tmp_path):
     (tmp_path / "old" / "config.json").write_text(json.dumps(old))
     x = _tokens()
     with torch.no_grad():
-        assert (Transformer.from_pretrained(tmp_path / "old")(x) - checkpoints["ref"]["fp32_llama3_untied.logits"]).abs().max() < 1e-4
+        logits = Transformer.from_pretrained(tmp_path / "old")(x)
+    assert (logits - checkpoints["ref"]["fp32_llama3_untied.logits"]).abs().max() < 1e-4
 
 
 def test_config_defaults_follow_hf():
