@@ -45,6 +45,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import sandbox_host as host
 import sandbox_supervisor as sup
 from data import Test, load_task_file
 
@@ -155,13 +156,13 @@ def _uid_in_use(uid: int) -> str:
         return f"uid {uid} is the account {pwd.getpwuid(uid).pw_name!r}"
     except KeyError:
         pass
-    if sup.uid_processes(uid):
+    if host.uid_processes(uid):
         return f"uid {uid} has processes"
     ours = [str(p) for p in Path("/tmp").glob(f"{sup.BOX_PREFIX}{uid}-*") if (p / sup.BOX_MARKER).is_file()]
-    files = [f for f in sup.owned_entries(uid) if not any(f.startswith(o + "/") for o in ours)]
+    files = [f for f in host.owned_entries(uid) if not any(f.startswith(o + "/") for o in ours)]
     if files:
         return f"uid {uid} owns files such as {files[0]}"
-    sup.remove_tree(ours)   # boxes our crashed supervisors left: we hold the lock, nothing uses them
+    host.remove_tree(ours)   # boxes our crashed supervisors left: we hold the lock, nothing uses them
     return ""
 
 

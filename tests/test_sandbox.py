@@ -99,7 +99,7 @@ def worker_uids(p: SandboxPool) -> set:
 
 
 def leftover_processes(uids: set) -> list:
-    return [pid for pid in os.listdir("/proc") if pid.isdigit() and sandbox.sup.proc_uid(pid) in uids]
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and sandbox.host.proc_uid(pid) in uids]
 
 
 def leftover_files(p: SandboxPool) -> list:
@@ -118,7 +118,7 @@ def leftover_files(p: SandboxPool) -> list:
             elif depth > 1 and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH:
                 scan(e.path, depth - 1)
 
-    for root in sandbox.sup.CLEAN_ROOTS:
+    for root in sandbox.host.CLEAN_ROOTS:
         scan(root, 2)
     for w in p._workers:  # the supervisors' private homes must be empty between runs
         for home in Path("/tmp").glob(f"nanorlef-sbx-{w.uid}-*/home"):
