@@ -170,6 +170,30 @@ def test_time_reward_orders_slow_and_fast_timing_the_reference_beside_each_candi
                                 entry_point="total"), FAST) == 0.0
 
 
+HIDDEN = ("import os, signal\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"   # nobody waits for the worker
+          "def total(n):\n    r, w = os.pipe()\n    if os.fork() == 0:\n        s = 0\n        for i in range(n):\n"
+          "            s += i\n        os.write(w, str(s).encode())\n        os._exit(0)\n    os.close(w)\n"
+          "    return int(os.read(r, 64))\n")
+SPINNING = ("import os\ndef total(n):\n    for _ in range(20):\n        if os.fork() == 0:\n            os.setsid()\n"
+            "            while True:\n                pass\n    return n * (n - 1) // 2\n")
+
+
+@pytest.mark.slow
+def test_time_reward_is_unmoved_by_hidden_children_and_spinners():
+    """Issue 32, classes 1 and 9, in the real sandbox: the loop done in a child nobody waits for costs what the
+    same loop costs in the program itself (it scored +1 when such children went uncounted), and setsid
+    spinners a candidate leaves are ended before the reference is timed, so they cannot slow it."""
+    with SandboxPool(workers=2, limits=Limits(timeout_s=10.0)) as pool:
+        if "cgroup" not in pool.isolation:
+            pytest.skip(f"CPU of unwaited children is counted with cgroups only: {pool.isolation}")
+        time_reward = TimeReward(pool, repeats=3)
+        slow_task = sum_task(SLOW, "sum-slow-ref")
+        assert time_reward(slow_task, HIDDEN) < 0.5
+        t_ref_alone, _ = time_reward.net_cpu_times(slow_task, FAST)
+        t_ref, t_cand = time_reward.net_cpu_times(slow_task, SPINNING)
+        assert t_ref < 2 * t_ref_alone + 0.05
+
+
 class FakePool:
     """CPU time per program text, times a load factor that a test can change between calls. `fails` maps a
     program to the indices of its runs (0, 1, ...) that fail their test."""
