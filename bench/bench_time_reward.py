@@ -3,7 +3,7 @@
     python bench/bench_time_reward.py [--calls 20 --repeats 3 --workers 2]
 
 Two ways to time the reference, in the same process and sandbox pool:
-- side by side (reward.TimeReward): every call times candidate, reference and baseline in rounds together;
+- every call (reward.TimeReward): candidate, reference and baseline in rounds, one run after the other;
 - timed once: the reference's median taken at the first call, beside a quick candidate, then reused with each
   later candidate (what TimeReward did before; the candidate then runs beside another slow copy of itself).
 Prints the median, the minimum and the maximum reward over the calls, and the seconds per call. Run it next to
@@ -51,7 +51,7 @@ def main() -> None:
         once = timed_once(time_reward, task, args.calls)
     print(f"slow program against itself, {args.calls} calls, median of {args.repeats} rounds each (0 is right)")
     print("| reference | median | min | max |\n| --- | --- | --- | --- |")
-    for name, rewards in (("timed side by side (TimeReward)", side_by_side), ("timed once, reused", once)):
+    for name, rewards in (("timed at every call (TimeReward)", side_by_side), ("timed once, reused", once)):
         print(f"| {name} | {statistics.median(rewards):+.3f} | {min(rewards):+.3f} | {max(rewards):+.3f} |")
     print(f"TimeReward: {seconds:.3f} s per call ({3 * args.repeats} sandbox runs)")
 
