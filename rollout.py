@@ -12,6 +12,19 @@ All episodes of a batch advance together, turn by turn; finished ones drop out o
 sandbox works in a thread pool while the model generates: each micro-batch's programs are submitted as soon as
 they are sampled, and final private-test runs are submitted as soon as an episode ends.
 
+Chat template. An episode's ids are the model family's chat template (Llama 3 or ChatML) applied to its
+messages, with each assistant message written as the policy sampled it. The sampled ids are the actions
+and are never re-encoded (that would train ids the policy did not sample): they equal the template's own ids
+whenever they are the tokenizer's encoding of their text (Llama 3's template also trims that text). However a turn ended, it is closed as the template
+closes a message (Tokenizer.close_turn): a stop on another end token (<|eom_id|>, <|end_of_text|>,
+<|endoftext|>) is written as <|eot_id|> / <|im_end|> and stays an action; ChatML's newline after <|im_end|>,
+and the whole closing of a response cut off by the length limit, are context.
+
+Truncation. An episode in which any response was cut off by max_new_tokens is `truncated` (the length
+penalty in ppo.py). An episode never exceeds max_episode_tokens: a further turn is sampled only if the
+feedback message, the next assistant header and a whole response with its closing fit; when they do not, the
+episode ends there and its last code is scored. A task whose prompt leaves no room for one turn is an error.
+
 This file computes no loss. Its output is token ids, the mask of tokens the policy sampled, the turn
 boundaries and the rewards; `collate` pads them into tensors for ppo.py.
 """
@@ -40,7 +53,7 @@ INSTRUCTION = "Write a Python solution. Put the complete program in one ```pytho
 class RolloutConfig:
     max_turns: int = 3             # RLEF uses 3 turns
     max_new_tokens: int = 256      # per turn
-    max_episode_tokens: int = 2048  # prompt + all turns; an episode that would exceed it ends early
+    max_episode_tokens: int = 2048  # prompt, responses and feedback; an episode never exceeds it
     gen_batch_size: int = 16       # episodes per generate() call (micro-batch)
     instruction: str = INSTRUCTION  # appended to every task's prompt (the tiny byte-level demo uses a short one)
 
@@ -48,7 +61,7 @@ class RolloutConfig:
 @dataclass
 class Turn:
     start: int                  # index in Episode.tokens of the first sampled token of this turn
-    end: int                    # one past the last sampled token
+    end: int                    # one past the last sampled token (the closing context follows)
     stopped: bool               # ended with a stop token (False: hit max_new_tokens)
     code: str | None            # extracted code, None when the response had no code block
     public: RunResult | None = None   # verdicts on the public tests (None without code)
@@ -58,7 +71,7 @@ class Turn:
 @dataclass
 class Episode:
     task: Task
-    tokens: list[int]                       # prompt + responses + feedback messages
+    tokens: list[int]                       # the chat template of prompt, responses, feedback messages
     action_mask: list[bool]                 # True where the policy sampled the token
     turns: list[Turn] = field(default_factory=list)
     private: RunResult | None = None        # verdicts of the final code on the private tests
@@ -75,8 +88,8 @@ class Episode:
 
     @property
     def truncated(self) -> bool:
-        """The last response ran out of tokens before its stop token (gets the length penalty in ppo.py)."""
-        return bool(self.turns) and not self.turns[-1].stopped
+        """Some response ran out of tokens before its stop token (gets the length penalty in ppo.py)."""
+        return any(not turn.stopped for turn in self.turns)
 
     def text(self, tokenizer) -> str:
         return tokenizer.decode(self.tokens)
@@ -121,6 +134,10 @@ class RolloutWorker:
         episodes = []
         for task in tasks:
             prompt = tok.encode_dialog_prompt([{"role": "user", "content": task_message(task, self.cfg.instruction)}])
+            if not self._room_for_turn(len(prompt)):
+                raise ValueError(f"task {task.task_id}: its prompt ({len(prompt)} tokens) leaves no room for "
+                                 f"a {self.cfg.max_new_tokens}-token response within max_episode_tokens="
+                                 f"{self.cfg.max_episode_tokens}")
             episodes.append(Episode(task, list(prompt), [False] * len(prompt)))
         for turn_index in range(max_turns):
             active = [ep for ep in episodes if not ep.done]
@@ -145,36 +162,42 @@ class RolloutWorker:
             responses = sampler([ep.tokens for ep in chunk])
             self.seconds["generate"] += time.perf_counter() - t0
             for ep, (response, stopped) in zip(chunk, responses):
+                if not 0 < len(response) <= self.cfg.max_new_tokens:
+                    raise ValueError(f"task {ep.task.task_id}: the sampler returned {len(response)} tokens; "
+                                     f"RolloutConfig.max_new_tokens is {self.cfg.max_new_tokens}")
+                actions, closing = self.tokenizer.close_turn(response, stopped)
                 start = len(ep.tokens)
-                ep.tokens += response
-                ep.action_mask += [True] * len(response)
+                ep.tokens += actions + closing
+                ep.action_mask += [True] * len(actions) + [False] * len(closing)
                 code = response_code(self.tokenizer, response, stopped)
-                ep.turns.append(Turn(start, len(ep.tokens), stopped, code))
+                ep.turns.append(Turn(start, start + len(actions), stopped, code))
                 future = None
                 if code is not None and ep.task.public_tests:
                     future = self.pool.submit(code, ep.task.public_tests, ep.task.setup_code)
                 pending.append((ep, future))
         return pending
 
+    def _room_for_turn(self, n_tokens: int) -> bool:
+        """Whether a whole response and its closing fit after n_tokens within max_episode_tokens."""
+        turn = self.cfg.max_new_tokens + len(self.tokenizer.encode_message_end())
+        return n_tokens + turn <= self.cfg.max_episode_tokens
+
     def _finish_turn(self, ep: Episode, future: Future | None, last_turn: bool) -> None:
         """Read the public verdicts; end the episode or append the feedback as the next user turn."""
         turn, tok = ep.turns[-1], self.tokenizer
         turn.public = self._wait(future)
         public_passed = turn.code is not None and (turn.public is None or turn.public.passed)
-        out_of_room = len(ep.tokens) + self.cfg.max_new_tokens > self.cfg.max_episode_tokens
-        if public_passed or last_turn or out_of_room:
+        message = []
+        if not (public_passed or last_turn):
+            feedback = feedback_text(turn.public, ep.task.public_tests) if turn.code else NO_CODE_FEEDBACK
+            message = tok.encode_message("user", feedback) + tok.encode_header("assistant")
+        if not message or not self._room_for_turn(len(ep.tokens) + len(message)):
             ep.done = True
             if turn.code is not None:  # score the final code now; it runs while other episodes generate
                 ep._private_future = self.pool.submit(turn.code, ep.task.private_tests, ep.task.setup_code)
             return
         if turn.code is None:
             turn.reward = self.reward_cfg.invalid  # RLEF: a turn without code is penalised, the episode goes on
-            feedback = NO_CODE_FEEDBACK
-        else:
-            feedback = feedback_text(turn.public, ep.task.public_tests)
-        # A response cut off by the length limit has no end-of-turn token: close it so the chat stays well formed.
-        closing = [] if turn.stopped else [tok.eot_id]
-        message = closing + tok.encode_message("user", feedback) + tok.encode_header("assistant")
         ep.tokens += message
         ep.action_mask += [False] * len(message)
 
@@ -217,7 +240,7 @@ def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
     turn_mask     (B, K) bool   which turns exist
     turn_rewards  (B, K) float  per-turn rewards (the final reward sits on the last turn)
     rewards       (B,)   float  episode reward (sum of turn rewards)
-    truncated     (B,)   bool   the final response hit the length limit without a stop token
+    truncated     (B,)   bool   some response of the episode hit the length limit without a stop token
     """
     B = len(episodes)
     T = max(len(ep.tokens) for ep in episodes)

@@ -5,8 +5,10 @@ fine-tuned models). For the CPU demo, `warm_start` trains a small Llama from scr
 training tasks and writes a real HF checkpoint that train.py loads like any other. Expert iteration (ReST-EM,
 Singh et al. 2023) minimises the same loss on the policy's own passing programs (train.expert_iteration_update).
 
-A demonstration is a chat: the task message, then the assistant's answer "```python\\n<code>```" and the
-end-of-turn token. The loss is the mean negative log-likelihood of the trained assistant tokens only.
+A demonstration is a chat, laid out as rollout.py lays out an episode (the model family's chat template):
+the task message, then the assistant's answer "```python\\n<code>```" and its end-of-turn token, which are
+trained, then the rest of the template's closing (ChatML's newline), which is context as in an episode. The
+loss is the mean negative log-likelihood of the trained assistant tokens only.
 
 The warm start's demonstrations (`warm_start_examples`):
 - every task's reference solution, `copies` times, each copy carrying each applicable classic bug of
@@ -45,16 +47,22 @@ def format_answer(code: str) -> str:
     return f"```python\n{code.rstrip()}\n```"
 
 
-def answer_tokens(tokenizer, code: str) -> list[int]:
-    """The assistant's answer for `code` and its end-of-turn token: what a demonstration trains."""
-    return tokenizer.encode(format_answer(code)) + [tokenizer.eot_id]
+def answer_tokens(tokenizer, code: str) -> tuple[list[int], list[int]]:
+    """(trained, context): the assistant's answer for `code` and its end-of-turn token, which a demonstration
+    trains, then the rest of the template's closing, as rollout.py closes a sampled answer."""
+    return tokenizer.close_turn(tokenizer.encode(format_answer(code)) + [tokenizer.eot_id], stopped=True)
+
+
+def with_answer(tokenizer, tokens: list[int], mask: list[bool], code: str) -> tuple[list[int], list[bool]]:
+    """(tokens, loss_mask) after a prompt that ends in the assistant header, continued by a trained answer."""
+    answer, closing = answer_tokens(tokenizer, code)
+    return tokens + answer + closing, mask + [True] * len(answer) + [False] * len(closing)
 
 
 def demonstration(tokenizer, user_message: str, code: str) -> tuple[list[int], list[bool]]:
     """(tokens, loss_mask): the prompt is context (False), the answer and its end-of-turn token are trained."""
     prompt = tokenizer.encode_dialog_prompt([{"role": "user", "content": user_message}])
-    answer = answer_tokens(tokenizer, code)
-    return prompt + answer, [False] * len(prompt) + [True] * len(answer)
+    return with_answer(tokenizer, prompt, [False] * len(prompt), code)
 
 
 def next_turn(tokenizer, tokens: list[int], mask: list[bool], user_message: str,
@@ -62,8 +70,7 @@ def next_turn(tokenizer, tokens: list[int], mask: list[bool], user_message: str,
     """(tokens, loss_mask) continued by one more user turn (context) and a trained answer to it, laid out as
     rollout.py appends a turn: the user message, the assistant header, the answer."""
     context = tokenizer.encode_message("user", user_message) + tokenizer.encode_header("assistant")
-    answer = answer_tokens(tokenizer, code)
-    return tokens + context + answer, mask + [False] * len(context) + [True] * len(answer)
+    return with_answer(tokenizer, tokens + context, mask + [False] * len(context), code)
 
 
 def chat_demonstration(tokenizer, exchanges: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
@@ -211,8 +218,9 @@ def batches_by_turns(examples: list, batch_size: int, rng: random.Random):
     probability proportional to its size). Padding to the longest row costs compute, and the two-turn repair
     demonstrations are about twice as long as single-turn ones; batches stay diverse in tasks otherwise."""
     buckets: dict[int, list] = {}
-    for tokens, mask in examples:  # a demonstration ends with end-of-turn: its count is the number of messages
-        buckets.setdefault(tokens.count(tokens[-1]), []).append((tokens, mask))
+    for tokens, mask in examples:  # the last trained token ends a message: its count is the number of messages
+        end_of_turn = tokens[len(mask) - 1 - mask[::-1].index(True)]
+        buckets.setdefault(tokens.count(end_of_turn), []).append((tokens, mask))
     groups = [buckets[k] for k in sorted(buckets)]
     while True:
         group = rng.choices(groups, weights=[len(g) for g in groups])[0]

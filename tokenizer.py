@@ -177,9 +177,31 @@ class Tokenizer:
         if not isinstance(content, str):
             raise TypeError(f"message content must be str, got {type(content).__name__}")
         if self.chat_format == "llama3":
-            return self.encode_header(role) + self.encode(content.strip()) + [self.eot_id]
-        return ([self.special_tokens["<|im_start|>"]] + self.encode(f"{role}\n{content}")
-                + [self.special_tokens["<|im_end|>"]] + self.encode("\n"))
+            return self.encode_header(role) + self.encode(content.strip()) + self.encode_message_end()
+        start = [self.special_tokens["<|im_start|>"]]
+        return start + self.encode(f"{role}\n{content}") + self.encode_message_end()
+
+    def encode_message_end(self) -> list[int]:
+        """What the template writes after a message's content: <|eot_id|> (llama3), <|im_end|> "\\n" (chatml).
+        Its first id is eot_id, the end-of-turn token a model samples; ChatML's newline is never sampled."""
+        self._require_chat()
+        return [self.eot_id] + (self.encode("\n") if self.chat_format == "chatml" else [])
+
+    def close_turn(self, response: list[int], stopped: bool) -> tuple[list[int], list[int]]:
+        """(actions, context): a sampled assistant response as the template writes its message.
+
+        The template writes the content, then encode_message_end(). A response that stopped ends in one of
+        stop_ids: that token is the model's decision to stop, kept as an action but written as eot_id, the one
+        way the template ends a message (a Llama 3 turn may stop on <|eom_id|> or <|end_of_text|>, a ChatML
+        turn on <|endoftext|>). The rest of the closing is context: ChatML's newline, or all of it after a
+        response that the length limit cut off (the model never chose to stop there)."""
+        end = self.encode_message_end()
+        if not stopped:
+            return list(response), end
+        if not response or response[-1] not in self.stop_ids:
+            raise ValueError(f"a stopped response must end in one of stop_ids {self.stop_ids}, "
+                             f"got {response[-1:]}")
+        return list(response[:-1]) + end[:1], end[1:]
 
     def encode_dialog_prompt(self, messages: list[dict]) -> list[int]:
         """BOS (llama3 only) + every message + the assistant header: the prompt to generate a reply from."""

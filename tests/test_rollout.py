@@ -111,7 +111,7 @@ def test_finished_episodes_leave_the_generation_batch(pool):
 
 def test_truncated_response_is_closed_and_flagged(pool):
     """A response that hits max_new_tokens without a stop token: an end-of-turn token (not an action) closes
-    it before the feedback, and a final truncated turn is flagged for the length penalty."""
+    it, before the feedback and at the end of the episode, as the chat template closes every message."""
     tok = Tokenizer.byte_level()
     cut = tok.encode("```python\ndef add(a, b):\n    return a -")
 
@@ -120,10 +120,91 @@ def test_truncated_response_is_closed_and_flagged(pool):
 
     worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=2, max_new_tokens=len(cut)), RewardConfig())
     [ep] = worker.run(sample, [TASK])
-    first = ep.turns[0]
-    assert ep.tokens[first.end] == tok.eot_id and ep.action_mask[first.end] is False
+    assert len(ep.turns) == 2
+    for turn in ep.turns:
+        assert ep.tokens[turn.start:turn.end] == cut
+        assert ep.tokens[turn.end] == tok.eot_id and ep.action_mask[turn.end] is False
+    assert len(ep.tokens) == ep.turns[-1].end + 1
     assert ep.truncated and collate([ep], tok.pad_id)["truncated"].tolist() == [True]
     assert ep.reward == -1.0  # the cut-off code is a syntax error: it fails
+
+
+def test_a_cut_off_earlier_turn_flags_the_episode(pool):
+    """The length penalty covers an episode in which ANY response was cut off, not only the last one."""
+    tok = Tokenizer.byte_level()
+    cut = tok.encode(WRONG)[:-3]  # the closing fence is missing
+
+    def sample(prompts, turn=iter([(cut, False), (tok.encode(RIGHT) + [tok.eot_id], True)])):
+        return [next(turn) for _ in prompts]
+
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=3), RewardConfig())
+    [ep] = worker.run(sample, [TASK])
+    assert [t.stopped for t in ep.turns] == [False, True] and ep.passed
+    assert ep.truncated and collate([ep], tok.pad_id)["truncated"].tolist() == [True]
+
+
+def test_another_end_token_is_written_as_end_of_turn(pool):
+    """A turn that stopped on <|end_of_text|> is written as the template writes it, with <|eot_id|>; the stop
+    stays the policy's action."""
+    tok = Tokenizer.byte_level()
+    answers = iter([tok.encode(WRONG) + [tok.eos_id], tok.encode(RIGHT) + [tok.eos_id]])
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=3), RewardConfig())
+    [ep] = worker.run(lambda prompts: [(next(answers), True) for _ in prompts], [TASK])
+    assert tok.eos_id not in ep.tokens and ep.passed and not ep.truncated
+    for turn, text in zip(ep.turns, (WRONG, RIGHT)):
+        assert ep.tokens[turn.start:turn.end] == tok.encode(text) + [tok.eot_id]
+        assert all(ep.action_mask[turn.start:turn.end])
+    with pytest.raises(ValueError, match="stop_ids"):  # "stopped" without a stop token is the sampler's bug
+        worker.run(lambda prompts: [(tok.encode(RIGHT), True) for _ in prompts], [TASK])
+
+
+def lengths_of_turn_one(tok):
+    """Prompt, first response (WRONG + end of turn) and the feedback message with the next header."""
+    prompt = tok.encode_dialog_prompt([{"role": "user", "content": task_message(TASK)}])
+    response = tok.encode(WRONG) + [tok.eot_id]
+    fb = ("Your code failed the following tests:\n\n"
+          "- input 'add(1, 2)' failed: Expected output '3' but got '-1'\n\nGive it another try.")
+    feedback = tok.encode_message("user", fb) + tok.encode_header("assistant")
+    return len(prompt), len(response), len(feedback)
+
+
+def test_episode_length_limit_counts_the_feedback_and_the_next_header(pool):
+    """A second turn is sampled only if the feedback, the header and a whole response (max_new_tokens and its
+    closing <|eot_id|>) fit in max_episode_tokens; one token less and the episode ends after turn 1."""
+    tok = Tokenizer.byte_level()
+    prompt, response, feedback = lengths_of_turn_one(tok)
+    max_new = 100
+    just_fits = prompt + response + feedback + max_new + 1
+    for limit, turns in ((just_fits, 2), (just_fits - 1, 1)):
+        seen = []
+
+        def sample(prompts, answers=iter([WRONG, RIGHT])):
+            seen.extend(len(p) for p in prompts)
+            return [(tok.encode(next(answers)) + [tok.eot_id], True) for _ in prompts]
+        cfg = RolloutConfig(max_turns=3, max_new_tokens=max_new, max_episode_tokens=limit)
+        [ep] = RolloutWorker(tok, pool, cfg, RewardConfig()).run(sample, [TASK])
+        assert len(ep.turns) == turns and len(ep.tokens) <= limit
+        assert all(n + max_new + 1 <= limit for n in seen)
+        assert ep.passed == (turns == 2)  # ended early: the wrong first answer is the final code
+
+
+def test_no_episode_exceeds_max_episode_tokens(pool):
+    """The issue's case: with a 400-token limit the second prompt reached 807 tokens. Worst case here: every
+    response is cut off at max_new_tokens, over three turns, at many limits."""
+    tok = Tokenizer.byte_level()
+    max_new = 120
+    filler = tok.encode("x = 1\n" * max_new)[:max_new]  # no code block: "no code" feedback, then again
+    prompt_len = lengths_of_turn_one(tok)[0]
+    for limit in range(prompt_len + max_new + 1, 800, 23):  # 1, 2 and 3 turns fit
+        cfg = RolloutConfig(max_turns=3, max_new_tokens=max_new, max_episode_tokens=limit)
+        [ep] = RolloutWorker(tok, pool, cfg, RewardConfig()).run(lambda ps: [(filler, False) for _ in ps], [TASK])
+        assert len(ep.tokens) <= limit and ep.truncated
+    with pytest.raises(ValueError, match="task add: its prompt"):  # no room for even one turn
+        RolloutWorker(tok, pool, RolloutConfig(max_new_tokens=max_new, max_episode_tokens=prompt_len + max_new),
+                      RewardConfig()).run(lambda ps: [(filler, False) for _ in ps], [TASK])
+    with pytest.raises(ValueError, match="max_new_tokens is 119"):  # a sampler must keep to the limit
+        RolloutWorker(tok, pool, RolloutConfig(max_new_tokens=max_new - 1), RewardConfig()).run(
+            lambda ps: [(filler, False) for _ in ps], [TASK])
 
 
 def test_repair_turns_bench_sorts_later_turns_and_computes_the_fresh_sample_baseline(pool):
