@@ -8,6 +8,7 @@ with ours.
 """
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,9 @@ DIALOGS = [
      {"role": "assistant", "content": "```python\ndef add(a, b):\n    return a + b\n```"},
      {"role": "user", "content": "Test failed:\n  assert add(2, 2) == 4\nAssertionError\n"}],
 ]
-TEXTS = ["def f(x):\n\treturn x ** 2  # it's 'fine'\r\n", "  spaces   and 1234567 digits ½ 中文\n\n\n"]
+TEXTS = ["def f(x):\n\treturn x ** 2  # it's 'fine'\r\n", "  spaces   and 1234567 digits ½ 中文\n\n\n",
+         "e\u0301 vs é, emoji 👨‍👩‍👧 🇫🇷, Ελληνικά русский العربية ٣٤٥ हिन्दी, \u00a0nbsp\u3000 tab\t\x0bvt  end   ",
+         (Path(__file__).parent.parent / "model.py").read_text()]  # real code: 30k characters
 SAMPLING = {"temperature": 0.7, "top_p": 0.95}
 
 
@@ -47,7 +50,7 @@ def chatml_tokenizer_json(path):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [json.dumps(DIALOGS)] * 20 + TEXTS * 20 + [open(__file__).read()]
+    corpus = [json.dumps(DIALOGS)] * 20 + TEXTS[:3] * 20 + [open(__file__).read()]
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.save(str(path))
     return path
