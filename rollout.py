@@ -13,12 +13,13 @@ sandbox works in a thread pool while the model generates: each micro-batch's pro
 they are sampled, and final private-test runs are submitted as soon as an episode ends.
 
 Chat template. An episode's ids are the model family's chat template (Llama 3 or ChatML) applied to its
-messages, with each assistant message written as the policy sampled it. The sampled ids are the actions
-and are never re-encoded (that would train ids the policy did not sample): they equal the template's own ids
-whenever they are the tokenizer's encoding of their text (Llama 3's template also trims that text). However a turn ended, it is closed as the template
-closes a message (Tokenizer.close_turn): a stop on another end token (<|eom_id|>, <|end_of_text|>,
-<|endoftext|>) is written as <|eot_id|> / <|im_end|> and stays an action; ChatML's newline after <|im_end|>,
-and the whole closing of a response cut off by the length limit, are context.
+messages, with each assistant message written as the policy sampled it. The sampled ids are the actions and
+are never re-encoded (that would train ids the policy did not sample): they equal the template's own ids
+whenever they are the tokenizer's encoding of their text (Llama 3's template also trims that text). However a
+turn ended, it is closed as the template closes a message (Tokenizer.close_turn): a stop on another end token
+(<|eom_id|>, <|end_of_text|>, <|endoftext|>) is written as <|eot_id|> / <|im_end|> and stays an action;
+ChatML's newline after <|im_end|>, and the whole closing of a response cut off by the length limit, are
+context.
 
 Truncation. An episode in which any response was cut off by max_new_tokens is `truncated` (the length
 penalty in ppo.py). An episode never exceeds max_episode_tokens: a further turn is sampled only if the
@@ -55,7 +56,7 @@ class RolloutConfig:
     max_new_tokens: int = 256      # per turn
     max_episode_tokens: int = 2048  # prompt, responses and feedback; an episode never exceeds it
     gen_batch_size: int = 16       # episodes per generate() call (micro-batch)
-    instruction: str = INSTRUCTION  # appended to every task's prompt (the tiny byte-level demo uses a short one)
+    instruction: str = INSTRUCTION  # appended to every task's prompt (the tiny byte-level demo: a short one)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Turn:
     stopped: bool               # ended with a stop token (False: hit max_new_tokens)
     code: str | None            # extracted code, None when the response had no code block
     public: RunResult | None = None   # verdicts on the public tests (None without code)
-    reward: float = 0.0         # per-turn reward: -0.2 without code (RLEF), plus the final reward on the last turn
+    reward: float = 0.0         # per-turn reward: -0.2 without code (RLEF), plus the final reward on the last
 
 
 @dataclass
@@ -125,7 +126,8 @@ class RolloutWorker:
     def __init__(self, tokenizer, pool: SandboxPool, cfg: RolloutConfig, reward_cfg: RewardConfig):
         self.tokenizer, self.pool, self.cfg, self.reward_cfg = tokenizer, pool, cfg, reward_cfg
         self.time_reward = TimeReward.from_config(pool, reward_cfg) if reward_cfg.time_weight else None
-        self.seconds = {"generate": 0.0, "sandbox_wait": 0.0}  # where rollout time goes (bench/bench_train.py)
+        # where rollout time goes (bench/bench_train.py)
+        self.seconds = {"generate": 0.0, "sandbox_wait": 0.0}
 
     def run(self, sampler: Sampler, tasks: list[Task], max_turns: int | None = None) -> list[Episode]:
         """One episode per task (repeat a task n times in `tasks` for n samples), in the order given."""
@@ -133,7 +135,8 @@ class RolloutWorker:
         tok = self.tokenizer
         episodes = []
         for task in tasks:
-            prompt = tok.encode_dialog_prompt([{"role": "user", "content": task_message(task, self.cfg.instruction)}])
+            message = task_message(task, self.cfg.instruction)
+            prompt = tok.encode_dialog_prompt([{"role": "user", "content": message}])
             if not self._room_for_turn(len(prompt)):
                 raise ValueError(f"task {task.task_id}: its prompt ({len(prompt)} tokens) leaves no room for "
                                  f"a {self.cfg.max_new_tokens}-token response within max_episode_tokens="
@@ -151,7 +154,8 @@ class RolloutWorker:
             self._score(ep)
         return episodes
 
-    def _generate_and_submit(self, sampler: Sampler, active: list[Episode]) -> list[tuple[Episode, Future | None]]:
+    def _generate_and_submit(self, sampler: Sampler,
+                             active: list[Episode]) -> list[tuple[Episode, Future | None]]:
         """Sample one response per active episode, micro-batch by micro-batch; each program goes to the
         sandbox as soon as it is sampled, so the sandbox runs while the next micro-batch generates."""
         pending = []
@@ -189,7 +193,8 @@ class RolloutWorker:
         public_passed = turn.code is not None and (turn.public is None or turn.public.passed)
         message = []
         if not (public_passed or last_turn):
-            feedback = feedback_text(turn.public, ep.task.public_tests) if turn.code else NO_CODE_FEEDBACK
+            feedback = NO_CODE_FEEDBACK if turn.code is None else feedback_text(turn.public,
+                                                                               ep.task.public_tests)
             message = tok.encode_message("user", feedback) + tok.encode_header("assistant")
         if not message or not self._room_for_turn(len(ep.tokens) + len(message)):
             ep.done = True
@@ -197,7 +202,8 @@ class RolloutWorker:
                 ep._private_future = self.pool.submit(turn.code, ep.task.private_tests, ep.task.setup_code)
             return
         if turn.code is None:
-            turn.reward = self.reward_cfg.invalid  # RLEF: a turn without code is penalised, the episode goes on
+            # RLEF: a turn without code is penalised, and the episode goes on
+            turn.reward = self.reward_cfg.invalid
         ep.tokens += message
         ep.action_mask += [False] * len(message)
 
@@ -210,8 +216,10 @@ class RolloutWorker:
             t0 = time.perf_counter()
             speed = self.time_reward(ep.task, final.code)
             self.seconds["sandbox_wait"] += time.perf_counter() - t0
-        if final.code is None:  # no code at the end: the episode failed (-1) AND the turn had no code (-0.2),
-            final.reward += self.reward_cfg.incorrect + self.reward_cfg.invalid  # so silence never beats trying
+        if final.code is None:
+            # no code at the end: the episode failed (-1) AND the turn had no code (-0.2), so silence
+            # never beats trying
+            final.reward += self.reward_cfg.incorrect + self.reward_cfg.invalid
             return
         lint = lint_penalty(final.code) if self.reward_cfg.lint_weight else 0.0
         final.reward += combined_reward(ep.private, self.reward_cfg, time=speed, lint=lint)
@@ -225,12 +233,12 @@ class RolloutWorker:
         return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Episodes -> padded tensors for ppo.py
 
 
 def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad episodes into (B, T) tensors. Turn-level fields are (B, K) with K the most turns in the batch.
+    """Right-pad episodes into (B, T) tensors. Turn-level fields are (B, K), K the most turns in the batch.
 
     tokens        (B, T) long   token ids, pad_id after the end
     action_mask   (B, T) bool   True where the policy sampled the token

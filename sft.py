@@ -3,7 +3,8 @@
 RL for code starts from a model that already writes code in the expected format (CodeRL and RLEF start from
 fine-tuned models). For the CPU demo, `warm_start` trains a small Llama from scratch on reference solutions of
 training tasks and writes a real HF checkpoint that train.py loads like any other. Expert iteration (ReST-EM,
-Singh et al. 2023) minimises the same loss on the policy's own passing programs (train.expert_iteration_update).
+Singh et al. 2023) minimises the same loss on the policy's own passing programs
+(train.expert_iteration_update).
 
 A demonstration is a chat, laid out as rollout.py lays out an episode (the model family's chat template):
 the task message, then the assistant's answer "```python\\n<code>```" and its end-of-turn token, which are
@@ -60,7 +61,8 @@ def with_answer(tokenizer, tokens: list[int], mask: list[bool], code: str) -> tu
 
 
 def demonstration(tokenizer, user_message: str, code: str) -> tuple[list[int], list[bool]]:
-    """(tokens, loss_mask): the prompt is context (False), the answer and its end-of-turn token are trained."""
+    """(tokens, loss_mask): the prompt is context (False); the answer and its end-of-turn token are trained
+    (True), the rest of the template's closing is context."""
     prompt = tokenizer.encode_dialog_prompt([{"role": "user", "content": user_message}])
     return with_answer(tokenizer, prompt, [False] * len(prompt), code)
 
@@ -218,7 +220,7 @@ def batches_by_turns(examples: list, batch_size: int, rng: random.Random):
     probability proportional to its size). Padding to the longest row costs compute, and the two-turn repair
     demonstrations are about twice as long as single-turn ones; batches stay diverse in tasks otherwise."""
     buckets: dict[int, list] = {}
-    for tokens, mask in examples:  # the last trained token ends a message: its count is the number of messages
+    for tokens, mask in examples:  # the last trained token ends a message: its count is the message count
         end_of_turn = tokens[len(mask) - 1 - mask[::-1].index(True)]
         buckets.setdefault(tokens.count(end_of_turn), []).append((tokens, mask))
     groups = [buckets[k] for k in sorted(buckets)]
