@@ -31,17 +31,17 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
-import fcntl
 import importlib.util
 import json
 import os
-import pwd
 import queue
+import select
 import site
 import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,11 +50,10 @@ import sandbox_supervisor as sup
 from data import Test, load_task_file
 
 STATUSES = ("pass", "wrong_answer", "runtime_error", "timeout", "out_of_memory", "crash", "output_limit")
-# Worker uids, each claimed with a lock file and only when no process and no file of it exists: above Debian's
-# normal users (1000-59999), below systemd's DynamicUser range (61184-65519).
-UIDS = range(60000, 61024)
-LOCK_DIR = "/tmp/nanorlef-sandbox-locks"
+UIDS = host.UIDS
 TRUNCATE = 200                           # chars of expected/got shown in details
+REPLY_MARGIN_S = 60.0                    # see reply_deadline
+START_DEADLINE_S = 120.0                 # a supervisor's hello (it probes bubblewrap with one program)
 MAX_HASHED = 4096                        # elements of frozensets that must be hashed (set members, dict keys)
 
 
@@ -150,45 +149,6 @@ def default_hidden_paths(extra: list[str] = ()) -> list[str]:
     return list(dict.fromkeys(str(p.resolve()) for p in paths if p.is_dir()))
 
 
-def _uid_in_use(uid: int) -> str:
-    """Why `uid` must not be claimed ('' when it is free): an account, a process or a file of it."""
-    try:
-        return f"uid {uid} is the account {pwd.getpwuid(uid).pw_name!r}"
-    except KeyError:
-        pass
-    if host.uid_processes(uid):
-        return f"uid {uid} has processes"
-    ours = [str(p) for p in Path("/tmp").glob(f"{sup.BOX_PREFIX}{uid}-*") if (p / sup.BOX_MARKER).is_file()]
-    files = [f for f in host.owned_entries(uid) if not any(f.startswith(o + "/") for o in ours)]
-    if files:
-        return f"uid {uid} owns files such as {files[0]}"
-    host.remove_tree(ours)   # boxes our crashed supervisors left: we hold the lock, nothing uses them
-    return ""
-
-
-def _claim_uid(uids: range | None) -> tuple[int, int]:
-    """A worker uid that no other pool (in any process) is using, held by an flock until the worker closes.
-    From UIDS only a uid with no account, no process and no file (beyond our own marked leftovers) is
-    taken; a range the caller passes is the caller's to vouch for."""
-    os.makedirs(LOCK_DIR, mode=0o755, exist_ok=True)
-    skipped = []
-    for uid in uids or UIDS:
-        fd = os.open(f"{LOCK_DIR}/{uid}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        why = "" if uids else _uid_in_use(uid)
-        if not why:
-            return uid, fd
-        skipped.append(why)
-        os.close(fd)
-    rng = uids or UIDS
-    raise RuntimeError(f"no free sandbox uid in {rng.start}..{rng.stop - 1} (locked or in use; "
-                       f"{len(skipped)} in use, e.g. {skipped[:3]}); pass SandboxPool(uids=range(...))")
-
-
 def _supervisor_env() -> dict:
     """No secrets reach the supervisor either. NANORLEF_SANDBOX_DEBUG=1 sends harness errors to stderr;
     NANORLEF_SANDBOX_FALLBACK=1 runs the fallback even where bubblewrap would work."""
@@ -197,6 +157,13 @@ def _supervisor_env() -> dict:
         if os.environ.get(name):
             env[name] = "1"
     return env
+
+
+def reply_deadline(job: dict) -> float:
+    """Seconds the parent waits for a supervisor's reply: every test may run into its wall-clock watchdog in
+    a fresh child, plus a margin for starting children and for cleanup."""
+    lim = job["limits"]
+    return len(job["tests"]) * (lim["timeout_s"] * lim["wall_factor"] + 2.0) + REPLY_MARGIN_S
 
 
 def _failed_reply(job: dict, why: str) -> dict:
@@ -209,7 +176,7 @@ class _Worker:
 
     def __init__(self, hide: list[str], uids: range | None = None):
         self.hide = list(hide)
-        self.uid, self.lock_fd = _claim_uid(uids) if os.geteuid() == 0 else (None, None)
+        self.uid, self.lock_fd = host.claim_uid(uids) if os.geteuid() == 0 else (None, None)
         self.python = find_interpreter(self.uid)
         self.proc = None
         self.network, self.hidden, self.isolation = None, [], ""
@@ -221,32 +188,61 @@ class _Worker:
                 f"{self.hide!r})")
         # The supervisor runs on the child's interpreter (it compiles the harness for it).
         self.proc = subprocess.Popen([self.python, "-E", "-s", "-c", boot], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=_supervisor_env(),
-                                     cwd="/", text=True, bufsize=1)
-        hello = self.proc.stdout.readline()
+                                     stdout=subprocess.PIPE, env=_supervisor_env(), cwd="/", bufsize=0)
+        self.buf = b""
+        hello = self._read_line(START_DEADLINE_S)
         if not hello:
-            raise RuntimeError(f"sandbox supervisor failed to start (exit {self.proc.wait()})")
+            self._kill()
+            raise RuntimeError(f"sandbox supervisor failed to start (exit {self.proc.returncode})")
         hello = json.loads(hello)
         self.network, self.hidden, self.isolation = hello["network"], hello["hidden"], hello["isolation"]
 
+    def _read_line(self, seconds: float) -> bytes | None:
+        """The supervisor's next line, or None on EOF, on a line over the reply cap or past the deadline."""
+        deadline, fd = time.monotonic() + seconds, self.proc.stdout.fileno()
+        while (nl := self.buf.find(b"\n")) < 0:
+            left = deadline - time.monotonic()
+            too_long = len(self.buf) > sup.MAX_REPLY_BYTES + (1 << 20)
+            if too_long or left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf[:nl + 1], self.buf[nl + 1:]
+        return line
+
     def run(self, job: dict) -> dict:
+        """The supervisor's reply; never hangs or raises. A reply that does not come within reply_deadline
+        (a supervisor bug, or a program that found a way to stall it) fails the run: the supervisor and
+        everything under it are killed, and a fresh one starts."""
         try:
-            self.proc.stdin.write(json.dumps(job) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline(sup.MAX_REPLY_BYTES + (1 << 20))   # the supervisor caps its replies
+            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+            line = self._read_line(reply_deadline(job))
         except (BrokenPipeError, OSError):
-            line = ""
-        if line.endswith("\n"):
-            return json.loads(line)
-        # Not expected (a supervisor bug, or no root so a program could signal it): fail the run, restart.
+            line = None
+        if line is not None:
+            try:
+                return json.loads(line)
+            except ValueError:
+                pass
+        self._kill()
+        self._start()
+        return _failed_reply(job, "the sandbox supervisor did not reply in time or died")
+
+    def _kill(self) -> None:
+        """The supervisor and the processes of our uid (bubblewrap's children die with their parent)."""
         self.proc.kill()
         self.proc.wait()
-        self._start()
-        return _failed_reply(job, "the sandbox supervisor died" if not line else "the sandbox reply was too large")
+        if self.uid is not None:
+            host.kill_uid(self.uid)
 
     def close(self) -> None:
         if self.proc is not None:
-            self.proc.stdin.close()   # the supervisor cleans up and exits at EOF
+            try:
+                self.proc.stdin.close()   # the supervisor cleans up and exits at EOF
+            except OSError:
+                pass
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -407,7 +403,7 @@ def decode_value(tree, budget: dict | None = None, depth: int = 0, hashed: bool 
 
 def decode_result(text: str | None):
     """A result value as the supervisor passes it (JSON text), checked for depth before it is parsed."""
-    if text is None or sup.json_too_deep(text):
+    if text is None or sup.json_over_budget(text):
         return _Unsupported("missing or too deep")
     try:
         return decode_value(json.loads(text))
@@ -417,6 +413,7 @@ def decode_result(text: str | None):
 
 def _short(value, limit: int = TRUNCATE) -> str:
     text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "replace").decode("utf-8")   # a program's lone surrogates: UTF-8 text always
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 

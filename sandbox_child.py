@@ -74,7 +74,7 @@ def _child_main(job):
             if type_(e) is SyntaxError or type_(e) is IndentationError:
                 lines.append(f'  File "{e.filename}", line {e.lineno}\n    {(e.text or "").strip()}')
             try:
-                msg = str_(e)[:300]
+                msg = str_(e)[:300].encode("utf-8", "replace").decode("utf-8")   # lone surrogates -> '?' 
             except BaseException:
                 msg = "<unprintable>"
             head = "Traceback (most recent call last):\n" + "\n".join(lines[-3:]) + "\n" if lines else ""

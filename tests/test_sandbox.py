@@ -452,7 +452,7 @@ def test_decoder_budget_charges_forged_results_to_the_program(pool):
     assert sandbox.decode_result(json.dumps(["set", [["int", str(i)] for i in range(40000)]])) == set(range(40000))
     assert time.perf_counter() - t < 3.0   # building sets of the colliding ints: ~30 s (~5.7 s at 15,000)
     deep = '["list",[' * 200 + '["int","1"]' + "]]" * 200
-    assert sandbox.sup.json_too_deep(deep) and isinstance(sandbox.decode_result(deep), sandbox._Unsupported)
+    assert sandbox.sup.json_over_budget(deep) and isinstance(sandbox.decode_result(deep), sandbox._Unsupported)
     r = pool.submit(round2.BIG_RESULTS, [T("call", call=f"f({i})", expected="1") for i in range(20)]).result()
     limit = sandbox.sup.MAX_REPLY_BYTES // 1_000_000
     assert [t.status for t in r.tests] == ["wrong_answer"] * limit + ["output_limit"] * (20 - limit)
@@ -501,7 +501,7 @@ def test_uid_claims_skip_uids_in_use_and_never_touch_them(tmp_path):
     assert sandbox.UIDS.stop <= 61184
     free = []
     for u in sandbox.UIDS:   # the first two that a new pool would claim
-        if len(free) < 2 and not sandbox._uid_in_use(u):
+        if len(free) < 2 and not sandbox.host._uid_in_use(u):
             free.append(u)
     squatter = subprocess.Popen(["sleep", "60"], user=free[0], group=free[0])
     marker = Path(f"/tmp/nanorlef-claim-test-{os.getpid()}")
