@@ -58,6 +58,7 @@ class Test:
     expected: str = ""
     stdin: str = ""
     code: str = ""
+    tolerance: str = ""   # call tests: "" compares with ==; a number literal t: passes iff abs(got - expected) < t
 
     def __post_init__(self):
         where = f"Test(kind={self.kind!r})"
@@ -73,6 +74,8 @@ class Test:
                 ast.literal_eval(self.expected)
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
                 raise ValueError(f"{where}: field 'expected' is not a Python literal: {self.expected[:80]!r}") from e
+        if self.tolerance and (self.kind != "call" or not _is_number_literal(self.tolerance)):
+            raise ValueError(f"{where}: field 'tolerance' must be a number literal, on a call test only")
         if self.kind == "assert" and not self.code.strip():
             raise ValueError(f"{where}: field 'code' is empty")
         if self.kind in ("call", "assert"):  # caught here, at load, not at the first sandbox run
@@ -85,6 +88,8 @@ class Test:
         d = {"kind": self.kind}
         used = {"call": ("call", "expected"), "stdio": ("stdin", "expected"), "assert": ("code",)}[self.kind]
         d.update({k: getattr(self, k) for k in used})
+        if self.tolerance:
+            d["tolerance"] = self.tolerance
         return d
 
     @classmethod
@@ -96,8 +101,8 @@ class Test:
             raise ValueError(f"{where}: field 'kind' must be one of {TEST_KINDS}, got {kind!r}")
         needed = {"call": ("call", "expected"), "stdio": ("stdin", "expected"), "assert": ("code",)}[kind]
         values = {k: _require(d, k, str, where, optional=k not in needed, default="")
-                  for k in ("call", "expected", "stdin", "code")}
-        unknown = set(d) - {"kind", "call", "expected", "stdin", "code"}
+                  for k in ("call", "expected", "stdin", "code", "tolerance")}
+        unknown = set(d) - {"kind", "call", "expected", "stdin", "code", "tolerance"}
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} in test")
         try:
@@ -243,31 +248,72 @@ def _parse(source: str) -> ast.Module:
         return ast.parse(source)
 
 
+def _is_number_literal(source: str) -> bool:
+    try:
+        value = ast.literal_eval(source)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False
+    return type(value) in (int, float) and value >= 0
+
+
+# What an expected value may be computed with at load time, from the dataset's own test code: literals,
+# arithmetic without ** (no huge numbers) and these builtins of literals (`tuple([2, 6])`, `(3 + 5, 3 * 5)`).
+_FOLD_CALLS = {"tuple": tuple, "list": list, "set": set, "frozenset": frozenset, "sorted": sorted, "int": int,
+               "float": float, "str": str, "abs": abs}
+_FOLD_NODES = (ast.Expression, ast.Constant, ast.Tuple, ast.List, ast.Set, ast.Dict, ast.BinOp, ast.UnaryOp,
+               ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd, ast.Load)
+
+
 def _literal_source(node: ast.expr) -> str | None:
-    """Source of `node` if it is a Python literal (what the parent can ast.literal_eval), else None."""
+    """Literal source of what `node` evaluates to, if it is a literal or a constant expression of literals
+    (see _FOLD_CALLS), else None. The parent then ast.literal_evals it: no code runs there."""
     source = ast.unparse(node)
     try:
         ast.literal_eval(source)
+        return source
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    tree = ast.Expression(body=node)
+    for n in ast.walk(tree):
+        is_fold_call = isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _FOLD_CALLS \
+            and not n.keywords
+        if not (isinstance(n, _FOLD_NODES) or is_fold_call or (isinstance(n, ast.Name) and n.id in _FOLD_CALLS)):
+            return None
+    try:
+        value = eval(compile(ast.fix_missing_locations(tree), "<expected>", "eval"), {"__builtins__": _FOLD_CALLS})
+        folded = repr(value)
+        return folded if ast.literal_eval(folded) == value else None
+    except Exception:   # noqa: BLE001 - 1 / 0, int('x'), ...: not a constant; the assert stays an assert
         return None
-    return source
 
 
 def _free_names(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
-def _split_assert(stmt: ast.Assert, func: str, truthiness: bool) -> tuple[ast.Call, str] | None:
-    """(call, expected literal source) when `stmt` checks one call of `func` against a literal, else None.
+# Builtins the child may apply to the program's result in a call test (`tuple(f(x)) == (1, 2)`): the parent
+# still compares the value they return, so a patched builtin can only return what the program could.
+_WRAPPERS = ("tuple", "list", "set", "frozenset", "sorted", "int", "float", "str", "bool")
 
-    Forms: `func(..) == lit`, `lit == func(..)`, `func(..) is True/False/None`; with truthiness also
-    `func(..)` (expected True) and `not func(..)` (expected False). Those two are stricter than the assert
-    (1 or a non-empty list would have passed), so they are used only where the task promises a bool.
+
+def _split_assert(stmt: ast.Assert, func: str, truthiness: bool) -> tuple[ast.expr, str, str] | None:
+    """(call, expected literal source, tolerance) when `stmt` checks one call of `func` against a literal or
+    a constant expression, else None.
+
+    Forms: `func(..) == lit`, `lit == func(..)`, `func(..) is True/False/None`, the same with the call in one
+    of _WRAPPERS, and `abs(func(..) - lit) < tol` (or math.fabs, either order: tolerance tol). With truthiness
+    also `func(..)` (expected True) and `not func(..)` (expected False). Those two are stricter than the
+    assert (1 or a non-empty list would have passed), so they are used only where the task promises a bool.
     """
     test = stmt.test
 
-    def is_target(node):
+    def is_call(node):
         return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == func
+
+    def is_target(node):   # func(..), or a wrapper of it
+        wrapped = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _WRAPPERS \
+            and len(node.args) == 1 and not node.keywords and is_call(node.args[0])
+        return is_call(node) or wrapped
 
     if isinstance(test, ast.Compare) and len(test.ops) == 1:
         left, op, right = test.left, test.ops[0], test.comparators[0]
@@ -276,33 +322,59 @@ def _split_assert(stmt: ast.Assert, func: str, truthiness: bool) -> tuple[ast.Ca
                 left, right = right, left
             if is_target(left):
                 expected = _literal_source(right)
-                return (left, expected) if expected is not None else None
+                return (left, expected, "") if expected is not None else None
         if isinstance(op, ast.Is) and is_target(left) and isinstance(right, ast.Constant) \
                 and (right.value is None or isinstance(right.value, bool)):
-            return left, repr(right.value)
+            return left, repr(right.value), ""
+        if isinstance(op, ast.Lt):
+            return _split_tolerance(left, right, is_call)
         return None
-    if truthiness and is_target(test):
-        return test, "True"
-    if truthiness and isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and is_target(test.operand):
-        return test.operand, "False"
+    if truthiness and is_call(test):
+        return test, "True", ""
+    if truthiness and isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and is_call(test.operand):
+        return test.operand, "False", ""
     return None
 
 
-def assert_to_call_test(stmt: ast.Assert, func: str, call_name: str, truthiness: bool = False) -> Test | None:
-    """A call test equivalent to `stmt`, or None when it cannot be split (tolerance, loop variable, ...).
+def _split_tolerance(left: ast.expr, right: ast.expr, is_call) -> tuple[ast.expr, str, str] | None:
+    """`abs(call - e) < tol` or `math.fabs(e - call) < tol` -> (call, e folded, tol)."""
+    tol = _literal_source(right)
+    absolute = isinstance(left, ast.Call) and len(left.args) == 1 and not left.keywords and (
+        (isinstance(left.func, ast.Name) and left.func.id == "abs") or
+        (isinstance(left.func, ast.Attribute) and left.func.attr == "fabs" and
+         isinstance(left.func.value, ast.Name) and left.func.value.id == "math"))
+    if tol is None or not _is_number_literal(tol) or not absolute:
+        return None
+    diff = left.args[0]
+    if not (isinstance(diff, ast.BinOp) and isinstance(diff.op, ast.Sub)):
+        return None
+    call, other = (diff.left, diff.right) if is_call(diff.left) else (diff.right, diff.left)
+    expected = _literal_source(other) if is_call(call) else None
+    if expected is None or not _is_number_literal(expected.lstrip("-")):
+        return None
+    return call, expected, tol
 
-    The call may only use literals and builtins: names bound by the test's own code (locals, helpers,
-    setup) would not exist where the sandbox evaluates the call.
+
+def assert_to_call_test(stmt: ast.Assert, func: str, call_name: str, truthiness: bool = False,
+                        local_names: set[str] = frozenset()) -> Test | None:
+    """A call test equivalent to `stmt`, or None when it cannot be split (loop variable, random input, ...).
+
+    The call may use any name of the namespace the original assert ran in (the program's and setup_code's,
+    where the child evaluates it too), but none of `local_names`: names the test's own code binds locally
+    (check()'s locals), which would not exist there.
     """
     split = _split_assert(stmt, func, truthiness)
     if split is None:
         return None
-    call, expected = split
-    args = [*call.args, *(k.value for k in call.keywords)]
-    if any(not _free_names(a) <= _BUILTIN_NAMES - {func} for a in args):
+    call, expected, tolerance = split
+    if (_free_names(call) - {func}) & set(local_names):
         return None
-    renamed = ast.Call(func=ast.Name(id=call_name, ctx=ast.Load()), args=call.args, keywords=call.keywords)
-    return Test(kind="call", call=ast.unparse(renamed), expected=expected)
+
+    class Rename(ast.NodeTransformer):
+        def visit_Name(self, node):
+            return ast.Name(id=call_name, ctx=node.ctx) if node.id == func else node
+
+    return Test(kind="call", call=ast.unparse(Rename().visit(call)), expected=expected, tolerance=tolerance)
 
 
 def _bound_names(tree: ast.AST) -> set[str]:
@@ -321,11 +393,7 @@ def _bound_names(tree: ast.AST) -> set[str]:
 def _call_test_or_none(stmt: ast.stmt, func: str, call_name: str, local_names: set[str], truthiness: bool):
     if not isinstance(stmt, ast.Assert):
         return None
-    test = assert_to_call_test(stmt, func, call_name, truthiness)
-    if test is None:
-        return None
-    call_names = _free_names(ast.parse(test.call, mode="eval")) - {call_name}
-    return None if call_names & local_names else test   # a builtin shadowed by the test code
+    return assert_to_call_test(stmt, func, call_name, truthiness, local_names)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,8 +422,7 @@ def humaneval_tests(test_source: str, entry_point: str, where: str) -> tuple[lis
     check = checks[0]
     param = check.args.args[0].arg
     setup = "\n".join(ast.get_source_segment(test_source, s) for s in module.body if s is not check)
-    local_names = _bound_names(check) | _bound_names(ast.Module(body=[s for s in module.body if s is not check],
-                                                                type_ignores=[]))
+    local_names = _bound_names(check)   # module-level names are setup_code's: they exist in the child
     tests, context = [], []
     for stmt in check.body:
         if isinstance(stmt, ast.Assert) and isinstance(stmt.test, ast.Constant) and stmt.test.value is True:
@@ -485,7 +552,7 @@ def mbpp_test(assertion: str, entry_point: str, setup_names: set[str], where: st
     except SyntaxError as e:
         raise ValueError(f"{where}: not valid Python: {e}") from None
     if len(tree.body) == 1:
-        test = _call_test_or_none(tree.body[0], entry_point, entry_point, setup_names, truthiness=False)
+        test = _call_test_or_none(tree.body[0], entry_point, entry_point, set(), truthiness=False)
         if test is not None:
             return test
     return Test(kind="assert", code=assertion.strip() + "\n")

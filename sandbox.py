@@ -78,6 +78,7 @@ class TestResult:
     expected: str | None = None   # truncated repr (wrong_answer)
     got: str | None = None        # truncated repr (wrong_answer)
     cpu_time: float | None = None  # seconds of the child's CPU clock between the test's start and end messages
+    trusted: bool = True          # False: an assert test's pass, decided in the child (rewards must not pay it)
 
 
 @dataclass
@@ -91,8 +92,13 @@ class RunResult:
     def passed(self) -> bool:
         return bool(self.tests) and all(t.status == "pass" for t in self.tests)
 
+    @property
+    def trusted(self) -> bool:
+        """Whether every verdict was decided in the parent (no assert test's pass the program could forge)."""
+        return all(t.trusted for t in self.tests)
+
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "status": [t.status for t in self.tests],
+        return {"passed": self.passed, "trusted": self.trusted, "status": [t.status for t in self.tests],
                 "tests": [asdict(t) for t in self.tests], "cpu_time": self.cpu_time,
                 "wall_time": self.wall_time, "leftovers": self.leftovers}
 
@@ -427,12 +433,15 @@ def _verdict(test: Test, raw: dict) -> TestResult:
     mapped = {"error": "runtime_error", "exited": "runtime_error", "oom": "out_of_memory"}.get(status, status)
     if status != "ok":
         return TestResult(mapped, detail=raw.get("detail", ""), cpu_time=cpu)
-    if test.kind == "assert":
-        return TestResult("pass", cpu_time=cpu)
+    if test.kind == "assert":   # decided in the child: a program could have forged it
+        return TestResult("pass", cpu_time=cpu, trusted=False)
     got = decode_result(raw["value"])
     if test.kind == "stdio":
         ok = isinstance(got, str) and normalize_output(got) == normalize_output(test.expected)
         expected, shown = test.expected, got if isinstance(got, str) else repr(got)
+    elif test.tolerance:   # `abs(f(x) - expected) < tolerance`, on numbers only (no method of got runs)
+        expected, shown = ast.literal_eval(test.expected), got
+        ok = type(got) in (int, float, bool) and abs(got - expected) < ast.literal_eval(test.tolerance)
     else:
         expected = ast.literal_eval(test.expected)
         ok = bool(expected == got)  # builtins only on both sides: the same == as `assert f(x) == expected`

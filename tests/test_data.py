@@ -47,14 +47,18 @@ def mbpp_raw(mbpp_path):
 
 
 def run_in_process(program: str, task: Task) -> list[bool]:
-    """Per private test: does it pass, with plain `==` for call tests. Trusted programs only."""
+    """Per private test: does it pass, with plain `==` for call tests (abs(got - expected) < tolerance for
+    tolerance ones). Trusted programs only."""
     namespace = {"__name__": "__main__"}
     exec(program, namespace)
     exec(task.setup_code, namespace)
     verdicts = []
     for test in task.private_tests:
         try:
-            if test.kind == "call":
+            if test.kind == "call" and test.tolerance:
+                got, want = eval(test.call, namespace), ast.literal_eval(test.expected)
+                verdicts.append(abs(got - want) < ast.literal_eval(test.tolerance))
+            elif test.kind == "call":
                 verdicts.append(eval(test.call, namespace) == ast.literal_eval(test.expected))
             else:
                 exec(test.code, namespace)
@@ -238,7 +242,7 @@ def test_humaneval_conversion_examples(humaneval):
     assert first == Test(kind="call", call="has_close_elements([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3)",
                          expected="True")
     tolerance = by_id["HumanEval/2"].private_tests[1]       # abs(candidate(1.33) - 0.33) < 1e-6
-    assert tolerance.kind == "assert" and "_check(truncate_number)" in tolerance.code
+    assert tolerance == Test(kind="call", call="truncate_number(1.33)", expected="0.33", tolerance="1e-06")
     local = by_id["HumanEval/151"].private_tests[-1]        # uses locals lst / odd_sum
     assert local.kind == "assert" and "lst = list(range(-99, 100, 2))" in local.code
     assert "METADATA" in by_id["HumanEval/0"].setup_code
@@ -280,7 +284,8 @@ def test_mbpp_shape(mbpp, mbpp_raw):
     kinds = [t.kind for task in mbpp for t in task.private_tests]
     assert kinds.count("call") >= 0.85 * len(kinds)
     tree = next(t for t in mbpp if t.task_id == "MBPP/367")   # asserts on trees built by test_setup_code
-    assert tree.setup_code.startswith("root = Node(1)") and all(t.kind == "assert" for t in tree.private_tests)
+    assert tree.setup_code.startswith("root = Node(1)")   # its calls use setup_code's names, as the asserts did
+    assert [t.call for t in tree.private_tests] == [f"is_tree_balanced({r})" for r in ("root", "root1", "root2")]
 
 
 def test_mbpp_converted_tests_agree_with_asserts(mbpp, mbpp_raw):
@@ -554,3 +559,55 @@ def test_warm_start_errors_sorts_failing_answers_by_kind():
     assert error_kind(reference.replace("max", "min"), False, reference) == "other"
     assert error_kind(reference.replace("default=0)", "default=0"), False, reference) == "syntax error"
     assert error_kind(None, False, reference) == "no code block"
+
+
+# ---- asserts the parent can decide: tolerances, wrapped calls, constant expected values, setup names
+
+def _one(source: str, func: str = "f", local_names=frozenset()):
+    return data.assert_to_call_test(ast.parse(source).body[0], func, func, local_names=set(local_names))
+
+
+@pytest.mark.parametrize("source, call, expected, tolerance", [
+    ("assert abs(f(1.33) - 0.33) < 1e-06", "f(1.33)", "0.33", "1e-06"),
+    ("assert abs(2.0 / 3.0 - f([1.0])) < 1e-06", "f([1.0])", repr(2.0 / 3.0), "1e-06"),
+    ("assert math.fabs(f(2) - -1.5) < 0.001", "f(2)", "-1.5", "0.001"),
+    ("assert f([3, 5, 7]) == (3 + 5 + 7, 3 * 5 * 7)", "f([3, 5, 7])", "(15, 105)", ""),
+    ("assert tuple(f([5, 6])) == tuple([2, 6])", "tuple(f([5, 6]))", "(2, 6)", ""),
+    ("assert int(f(5, 3)) == 35", "int(f(5, 3))", "35", ""),
+    ("assert f(root) == False", "f(root)", "False", ""),   # a setup name: it exists where the call runs
+])
+def test_asserts_become_call_tests(source, call, expected, tolerance):
+    t = _one(source)
+    assert (t.kind, t.call, t.expected, t.tolerance) == ("call", call, expected, tolerance)
+    assert data.Test.from_dict(t.to_dict(), "x") == t
+
+
+@pytest.mark.parametrize("source, local_names", [
+    ("assert abs(f(1) - 0.5) < eps", ()),             # tolerance not a literal
+    ("assert abs(f(1) - g(2)) < 1e-6", ()),          # expected computed by other code
+    ("assert f(x) == x + 1", ()),                    # expected depends on the input
+    ("assert f(lst) == 3", ("lst",)),                # a local of check(): absent where the call runs
+    ("assert f(1) == 2 ** 100000", ()),              # ** is not folded (no huge numbers at load)
+    ("assert tuple(f(1)) == tuple(f(2))", ()),       # the program's own function on both sides
+])
+def test_asserts_that_stay_asserts(source, local_names):
+    assert _one(source, local_names=local_names) is None
+
+
+def test_tolerance_field_is_checked():
+    with pytest.raises(ValueError, match="tolerance"):
+        data.Test(kind="call", call="f()", expected="1", tolerance="eps")
+    with pytest.raises(ValueError, match="tolerance"):
+        data.Test(kind="assert", code="assert True", tolerance="0.1")
+
+
+def test_few_assert_tests_remain_on_the_real_data():
+    """After conversion, assert tests remain only where the check needs code (random inputs, loops, a
+    property of the answer): 9 tests of HumanEval 32, 33, 38, 44, 50, 53 and 151, none in MBPP."""
+    he = [(t.task_id, x) for t in data.load_humaneval() for x in t.private_tests if x.kind == "assert"]
+    assert len(he) == 9 and {i for i, _ in he} == {f"HumanEval/{n}" for n in (32, 33, 38, 44, 50, 53, 151)}
+    tolerant = [x for t in data.load_humaneval() for x in t.private_tests if x.tolerance]
+    assert len(tolerant) == 5 and all(x.tolerance == "1e-06" for x in tolerant)
+    if data.MBPP_PATH.exists():
+        mbpp = data.load_mbpp(data.MBPP_PATH, "all")
+        assert not [x for t in mbpp for x in t.private_tests if x.kind == "assert"]

@@ -30,11 +30,13 @@ SECRET = "NANORLEF_TEST_SECRET_TOKEN"
 # Hashed before and after the battery. data.py is attacked too but only checked for presence: in a shared
 # checkout another engineer may be editing it while this runs.
 HARNESS_FILES = [ROOT / "sandbox.py", ROOT / "sandbox_supervisor.py", ROOT / "sandbox_child.py", Path(__file__),
-                 ROOT / "tests" / "hostile" / "programs.py", ROOT / "tests" / "hostile" / "round2.py"]
+                 ROOT / "tests" / "hostile" / "programs.py", ROOT / "tests" / "hostile" / "round2.py",
+                 ROOT / "tests" / "hostile" / "round3.py"]
 
 sys.path.insert(0, str(ROOT / "tests" / "hostile"))
 import programs as hostile  # noqa: E402
 import round2  # noqa: E402
+import round3  # noqa: E402
 
 
 class LocalServer:
@@ -535,3 +537,120 @@ def test_fallback_still_holds_its_guarantees(monkeypatch):
         for case in chosen:
             r = fallback.submit(case.program, case.tests, limits=Limits(**{**LIMITS.__dict__, **case.limits})).result()
             check_case(case, r, leftover_processes(worker_uids(fallback)), leftover_files(fallback), before)
+
+
+# ---- round 3 (a security review after issue 32): tests/hostile/round3.py
+
+def _depth(v) -> int:
+    return 1 + max(map(_depth, v.values() if isinstance(v, dict) else v), default=0) \
+        if isinstance(v, (list, dict)) else 0
+
+
+def test_json_budget_check_is_linear_and_exact():
+    """The depth check agrees with a recursive depth on random JSON full of quotes, backslashes and brackets
+    inside strings, and a 2 MB unterminated string of escapes (quadratic for a backtracking pattern) or a
+    million arrays are refused in milliseconds."""
+    import random
+    import time
+    rng = random.Random(0)
+
+    def gen(d):
+        if d == 0 or rng.random() < 0.3:
+            return rng.choice(['a"[\\', 1, "}{", '\\"]', None, 2.5, "\ud800["])
+        if rng.random() < 0.5:
+            return [gen(d - 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(["k[", '"\\{', "x"]) + str(i): gen(d - 1) for i in range(rng.randint(0, 3))}
+    check = sandbox.sup.json_over_budget
+    for _ in range(2000):
+        v = gen(7)
+        text, d = json.dumps(v, ensure_ascii=rng.random() < 0.5), _depth(v)
+        assert check(text, limit=d) == "" and (d == 0 or "deeper" in check(text, limit=d - 1)), text
+    assert "malformed" in check('["a\\"]') and "malformed" in check("[[]") and check('["\\\\"]') == ""
+    t = time.perf_counter()
+    assert "malformed" in check('["' + '\\\\\\"' * 500_000)
+    assert "elements" in check("[" + ",".join(["[[]]"] * 400_000) + "]")
+    assert time.perf_counter() - t < 1.0
+
+
+def test_forged_slow_json_is_refused_fast(pool):
+    """Forged result lines built to be slow to check (an unterminated string of escapes) or to parse (a
+    million arrays) fail their test at once; the caller never waits on them."""
+    import time
+    for program in (round3.UNTERMINATED_ESCAPES, round3.MILLION_ARRAYS):
+        t = time.perf_counter()
+        r = pool.submit(program, [T("call", call="f()", expected="1")] * 2).result()
+        assert statuses(r)[0] == "output_limit" and time.perf_counter() - t < 5
+
+
+@needs_root
+def test_stalled_supervisor_fails_the_run_and_is_replaced(monkeypatch):
+    """Backstop for anything that stalls a supervisor: past the reply deadline the run fails (charged to the
+    program, never a hang or an exception in the caller) and a fresh supervisor serves the next job."""
+    import signal
+    monkeypatch.setattr(sandbox, "REPLY_MARGIN_S", 1.0)
+    with SandboxPool(workers=1, limits=Limits(timeout_s=0.5, wall_factor=1.0)) as p:
+        old = p._workers[0].proc.pid
+        os.kill(old, signal.SIGSTOP)
+        r = p.submit("def f():\n    return 1\n", [T("call", call="f()", expected="1")]).result(timeout=30)
+        assert statuses(r) == ["crash"] and "did not reply" in r.tests[0].detail
+        assert p._workers[0].proc.pid != old
+        r = p.submit("def f():\n    return 1\n", [T("call", call="f()", expected="1")]).result(timeout=30)
+        assert statuses(r) == ["pass"]
+
+
+def _store_then_find(p: SandboxPool, store: str, store_call: str, find: str, find_call: str):
+    assert statuses(p.submit(store, [T("call", call=store_call, expected="1")]).result()) == ["pass"]
+    return p.submit(find, [T("call", call=find_call, expected="0")]).result().tests[0]
+
+
+@needs_root
+@pytest.mark.parametrize("fallback", [False, True])
+def test_abstract_sockets_and_sysv_ipc_die_with_the_run(fallback, monkeypatch):
+    """An abstract unix socket kept alive by a reference to itself in flight, and a System V segment, are
+    gone for the next program on the same worker: each program has its own network and IPC namespaces."""
+    if fallback:
+        monkeypatch.setenv("NANORLEF_SANDBOX_FALLBACK", "1")
+    elif not HAS_BWRAP:
+        pytest.skip(ISOLATION)
+    with SandboxPool(workers=1, limits=LIMITS) as p:
+        found = _store_then_find(p, round3.SOCKET_STORE, "f('answer-42')", round3.SOCKET_FIND, "f()")
+        assert found.got == "[]" or found.status == "pass", found
+        found = _store_then_find(p, round3.SHM, "store()", round3.SHM, "find()")
+        assert found.status == "pass", found
+
+
+@needs_root
+def test_fallback_sees_only_its_allowlist(monkeypatch, tmp_path):
+    """The fallback builds the child's root from an allowlist (the system directories and private tmpfs
+    mounts), so data outside it, wherever a copy lies and however readable, is not there."""
+    monkeypatch.setenv("NANORLEF_SANDBOX_FALLBACK", "1")
+    copy = tmp_path / "answers.jsonl"   # a world-readable copy of task data, in a place nobody listed
+    copy.write_text('{"answer": 42}\n')
+    os.chmod(tmp_path, 0o755)
+    os.chmod(copy, 0o644)
+    paths = [str(copy), str(ROOT), CTX["data"], "/work", "/root", "/farm"]
+    with SandboxPool(workers=1, limits=LIMITS) as p:
+        r = p.submit(round3.LOOK_AROUND, [T("call", call=f"f({paths!r})", expected="0")]).result()
+    listing, reachable = eval(r.tests[0].got)   # noqa: S307 - the repr of two lists of str, from our verdict
+    assert reachable == [] and set(listing) <= {"usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32",
+                                                 "proc", "dev", "tmp", "var", "home"}, r.tests[0]
+
+
+def test_exception_text_is_always_utf8(pool):
+    r = pool.submit(round3.SURROGATE, [T("call", call="f()", expected="1")]).result()
+    assert statuses(r) == ["runtime_error"] and "broken" in r.tests[0].detail
+    json.dumps(r.to_dict(), ensure_ascii=False).encode("utf-8")   # raises on a lone surrogate
+
+
+def test_forged_verdicts_pass_no_call_test_and_no_trusted_assert(pool):
+    """A program that reports 'ok' for every test itself: call tests (tolerance ones too) fail in the parent;
+    an assert test's pass is decided in the child, so it is marked untrusted."""
+    tests = [T("call", call="f(1.0)", expected="0.5", tolerance="1e-06"), T("call", call="f(2)", expected="1"),
+             T("assert", code="assert f(3) == 1.5\n")]
+    r = pool.submit(round3.FORGE_OK, tests).result()
+    assert [t.status for t in r.tests[:2]] == ["wrong_answer"] * 2 and not r.trusted
+    assert r.tests[2].status != "pass" or not r.tests[2].trusted
+    honest = pool.submit("def f(x):\n    return x / 2\n", tests[:2]).result()
+    assert honest.passed and honest.trusted
+    off = pool.submit("def f(x):\n    return x / 2 + 1e-5\n", tests[:1]).result()
+    assert statuses(off) == ["wrong_answer"]
