@@ -89,6 +89,12 @@ def combined_reward(result: RunResult | None, cfg: RewardConfig, time: float = 0
 # Time reward
 
 
+def has_assert_tests(task: Task) -> bool:
+    """Whether any private test is an assert, whose verdict the sandbox's child decides: a program could forge
+    its pass. Such tasks earn no time reward, and train.py keeps them out of RL."""
+    return any(test.kind == "assert" for test in task.private_tests)
+
+
 class TimeReward:
     """Reward for running faster than the task's reference solution, on the private tests.
 
@@ -115,7 +121,7 @@ class TimeReward:
     per round; if it still fails, the sample leaves the time term (0, counted as "reference_failed" in
     `outcomes`), as does a task without a reference. `last_outcome` and `outcomes` say which case each call was.
     """
-    OUTCOMES = ("timed", "under_floor", "candidate_failed", "reference_failed", "no_reference")
+    OUTCOMES = ("timed", "under_floor", "candidate_failed", "reference_failed", "no_reference", "assert_tests")
 
     def __init__(self, pool: SandboxPool, repeats: int = 3, clip: float = 1.0, floor_s: float = 0.005,
                  ref_tries: int = 3):
@@ -131,6 +137,10 @@ class TimeReward:
                    ref_tries=cfg.time_ref_tries)
 
     def __call__(self, task: Task, program: str) -> float:
+        if has_assert_tests(task):  # a program can forge an assert test's pass (sandbox.TestResult.trusted)
+            self.outcomes["assert_tests"] += 1
+            self.last_outcome = "assert_tests"
+            return 0.0
         times = self.net_cpu_times(task, program)
         if times is None:
             outcome, r = ("no_reference" if task.reference_solution is None else "reference_failed"), 0.0

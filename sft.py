@@ -291,11 +291,11 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     model = Transformer(model_config)
     train_sft(model, examples, steps=steps, batch_size=batch_size, lr=lr, pad_id=tokenizer.pad_id, seed=seed,
               log=log)
-    publish_checkpoint(model, path, log)
+    publish_checkpoint(model, path, log, tokenizer)
     return path
 
 
-def publish_checkpoint(model, path: Path, log=print) -> None:
+def publish_checkpoint(model, path: Path, log=print, tokenizer=None) -> None:
     """Save into a folder of this process's own, then rename it to `path` in one step: a killed run never
     leaves a half-written cache entry, and two runs training the same warm start at once (two table cells of
     one seed, two shells) never write into one folder. When the other run renamed first, its checkpoint,
@@ -307,7 +307,7 @@ def publish_checkpoint(model, path: Path, log=print) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, tokenizer=tokenizer)  # a complete HF folder: --model_dir finds its tokenizer
     try:
         tmp.rename(path)
     except OSError:

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -32,13 +31,13 @@ import ppo
 import data
 from evaluate import fast_share_records, summarize, summarize_fast_share, task_results
 from kernels import fused_linear_logprobs
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, read_json
 from plot import write_plot
-from reward import RewardConfig, TimeReward, correctness_reward
-from rollout import INSTRUCTION, Episode, RolloutConfig, RolloutWorker, Turn, collate, model_sampler, task_message
+from reward import RewardConfig, TimeReward, has_assert_tests
+from rollout import INSTRUCTION, RolloutConfig, RolloutWorker, collate, model_sampler
 from sandbox import Limits, SandboxPool
-from sft import demonstration, next_turn, repairs_with_feedback, warm_start
-from tokenizer import Tokenizer, tokenizer_for
+from sft import warm_start
+from tokenizer import Tokenizer, check_vocab, tokenizer_for
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,10 +60,6 @@ class Config:
     # algorithm
     algo: str = arg("ppo", "ppo | grpo | dr_grpo | expert_iteration (dr_grpo: GRPO without the division by "
                           "the group's std, Liu et al. 2025)")
-    self_repairs: bool = arg(False, "expert iteration: also train on repairs relabelled from each step's own "
-                                    "episodes (self_repair_episodes)")
-    replay_repairs: int = arg(0, "expert iteration: also train on N of the warm start's repair demonstrations "
-                                 "in each update (replay_repair_episodes); needs --tiny_repairs")
     critic: str = arg("separate", "separate (a copy of the policy with a fresh value head, as RLEF) | head (a "
                                   "value head on the policy trunk; its loss trains the trunk) | probe (the same head "
                                   "on the trunk's hidden states with the gradient stopped: its loss trains the head)")
@@ -80,7 +75,7 @@ class Config:
     value_clip: float = arg(0.2, "value clip range (0 = off)")
     vf_coef: float = arg(0.5, "value loss weight (critic=head or probe)")
     ent_coef: float = arg(0.0, "entropy bonus weight")
-    truncation_penalty: float = arg(0.5, "subtracted from episodes whose last response hit max_new_tokens")
+    truncation_penalty: float = arg(0.5, "subtracted from episodes in which any response hit max_new_tokens")
     max_grad_norm: float = arg(1.0, "gradient clipping, applied to the policy's and the critic's gradients apart")
     lr: float = arg(1e-6, "policy learning rate")
     critic_lr: float = arg(1e-5, "critic learning rate: the separate critic, or the value head on the policy trunk")
@@ -143,7 +138,7 @@ PRESETS = {
     # 1200 warm-start steps: at 600 the model had not learned to copy a constant from the prompt (docs/experiments.md,
     # "What the warm start gets wrong"; bench/warm_start_errors.py). Batches of 32: 16 halved the warm start's
     # time but trained weaker warm starts, one of which RL raised by only 6 points (docs/experiments.md).
-    "tiny": dict(tokenizer="bytes", dataset="synthetic", instruction="",  # short prompts: bytes are tokens
+    "tiny": dict(dataset="synthetic", instruction="",  # short prompts: bytes are tokens
                  tiny_hidden=128, tiny_layers=4, warmstart_steps=1200, tiny_warmstart_batch=32,
                  tiny_warmstart_lr=3e-3, tiny_repairs=128, tiny_bug_rate=0.3,
                  # lr 1e-4 for all three algorithms: at 3e-4 expert iteration gains more on some seeds and
@@ -221,8 +216,8 @@ def load_tasks(cfg: Config):
     """(training tasks, held-out evaluation tasks)."""
     if cfg.dataset == "synthetic":
         return data.synthetic_tasks("train", cfg.seed), data.synthetic_tasks(cfg.eval_split, cfg.seed)
-    if cfg.dataset == "mbpp":  # the customary split: 511-1000 train, 11-510 test
-        path = cfg.data_path or Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+    if cfg.dataset == "mbpp":  # the customary split: 601-1000 train (511-600 validation), 11-510 test
+        path = cfg.data_path or data.MBPP_PATH
         return data.load_mbpp(path, split="train"), data.load_mbpp(path, split="test")
     if cfg.dataset == "humaneval":  # no training split exists: train and evaluate on disjoint halves
         tasks = data.load_humaneval()
@@ -232,9 +227,7 @@ def load_tasks(cfg: Config):
         cut = max(1, len(tasks) // 10)
         return tasks[cut:], tasks[:cut]
     if cfg.dataset == "tasks":  # the project's own format; the same tasks train and evaluate
-        lines = Path(cfg.data_path).read_text().splitlines()
-        tasks = [data.Task.from_dict(json.loads(line), f"{cfg.data_path} line {i}")
-                 for i, line in enumerate(lines, 1) if line.strip()]
+        tasks = data.load_tasks_jsonl(cfg.data_path)
         return tasks, tasks
     raise ValueError(f"--dataset must be synthetic | mbpp | humaneval | stdio | tasks, got {cfg.dataset!r}")
 
@@ -570,71 +563,6 @@ def expert_iteration_update(cfg: Config, models: Models, optimizers: list, b: di
     return {"sft_loss": sum(losses) / len(losses)}
 
 
-def self_repair_episodes(episodes: list[Episode]) -> list[Episode]:
-    """Repair demonstrations relabelled from one step's episodes, for expert iteration (--self_repairs).
-
-    An episode that failed for good after a feedback turn still holds the policy's wrong first answer and the
-    sandbox's feedback on it. Followed by the passing final answer of a sibling (an episode of the same task in
-    the same step), it becomes a two-turn episode whose second turn is a right repair, in exactly the context
-    the policy saw. ReST-EM keeps only what passes, and most episodes pass at their first turn, so without
-    these the repair turns get little training: after 12 iterations turns 2 and 3 added 0.4-4.9 points of
-    held-out 1@3 where the warm start's added 7.8-9.2 (docs/experiments.md). Like hindsight relabelling, the
-    new episode is one the policy could have produced, scored with the sibling's reward.
-
-    Off by default. In the runs of docs/experiments.md it kept what the repair turns add (about 4 points) but
-    pass@1 gained less, and from a weak warm start (the shortened run of tests/test_default_run.py) it wrecked
-    the policy.
-    """
-    passing: dict[str, list[Episode]] = {}
-    for ep in episodes:
-        if ep.passed:
-            passing.setdefault(ep.task.task_id, []).append(ep)
-    repairs = []
-    for ep in episodes:
-        donors = passing.get(ep.task.task_id)
-        if ep.passed or len(ep.turns) < 2 or not donors:
-            continue
-        donor = donors[len(repairs) % len(donors)]
-        answer = donor.turns[-1]
-        answer_tokens = donor.tokens[answer.start:answer.end]
-        start = ep.turns[1].start                       # the context: task, first answer, feedback, header
-        repaired = Episode(ep.task, ep.tokens[:start] + answer_tokens,
-                           ep.action_mask[:start] + [True] * len(answer_tokens), private=donor.private, done=True)
-        repaired.turns = [dataclasses.replace(ep.turns[0]),
-                          dataclasses.replace(answer, start=start, end=start + len(answer_tokens))]
-        repairs.append(repaired)
-    return repairs
-
-
-def replay_repair_episodes(tokenizer, pool, train_tasks, cfg: Config) -> list[Episode]:
-    """The tiny warm start's own repair demonstrations as passed two-turn episodes, for --replay_repairs.
-
-    Before RL the turns 2 and 3 of the README's warm starts add 0.8, 6.1 and 6.7 points of held-out 1@3 to the
-    first turns; after expert iteration 0 to 0.8 (docs/experiments.md). Expert iteration trains the final turn of
-    passing episodes, and nearly all of those are first turns, so what the warm start taught the later turns
-    fades. Replaying some of its demonstrations in each update keeps them in the mix, as InstructGPT's PPO-ptx
-    (Ouyang et al. 2022) mixes pretraining data into RL updates. The same pairs and feedback as the warm start's
-    (same tasks, count and seed); the right answer, the task's reference, is scored on the private tests by the
-    sandbox. Off by default: with 16 per update the repair turns kept 3.3 and 5.3 points on one seed of three and
-    about nothing on the other two (docs/experiments.md, "What the repair turns do")."""
-    demonstrated, _ = data.split_for_rl(train_tasks, cfg.tiny_rl_share)
-    repairs = repairs_with_feedback(demonstrated, cfg.tiny_repairs, cfg.seed, pool)
-    results = pool.map([(t.reference_solution, t.private_tests, t.setup_code) for t, _, _ in repairs])
-    episodes = []
-    for (task, wrong, feedback), private in zip(repairs, results):
-        if not private.passed:
-            raise ValueError(f"--replay_repairs: the reference solution of task {task.task_id} fails its private "
-                             "tests")
-        # laid out by the warm start's own helpers; both answers are marked as the policy's turns
-        first, first_mask = demonstration(tokenizer, task_message(task, cfg.instruction), wrong)
-        tokens, mask = next_turn(tokenizer, first, first_mask, feedback, task.reference_solution)
-        turns = [Turn(first_mask.index(True), len(first), True, wrong),
-                 Turn(mask.index(True, len(first)), len(tokens), True, task.reference_solution,
-                      reward=correctness_reward(private))]  # the reference is as fast as itself: no time reward
-        episodes.append(Episode(task, tokens, mask, turns, private=private, done=True))
-    return episodes
-
-
 def kept_rows(keep: torch.Tensor, world: int) -> torch.Tensor:
     """Indices of the rows of `keep` (B, T) with any weight: the forward and backward passes of the others would
     only add zeros. DDP needs the same number of backward passes on every rank, so each rank pads its list with
@@ -683,21 +611,23 @@ class Trainer:
         lr_scale(cfg.warmup_steps, cfg.steps, cfg.warmup_steps, cfg.lr_decay)  # so does an unknown --lr_decay
         if cfg.algo in ("grpo", "dr_grpo") and cfg.kl_placement == "reward" and cfg.kl_coef > 0:
             raise ValueError(f"--algo {cfg.algo} puts the KL in the loss (k3): use --kl_placement loss or --kl_coef 0")
-        if cfg.self_repairs and cfg.algo != "expert_iteration":
-            raise ValueError(f"--self_repairs relabels episodes for --algo expert_iteration, not --algo {cfg.algo}")
-        if cfg.replay_repairs and (cfg.algo != "expert_iteration" or not cfg.tiny_repairs):
-            raise ValueError("--replay_repairs replays the warm start's repair demonstrations in expert iteration: "
-                             f"it needs --algo expert_iteration and --tiny_repairs > 0, got --algo {cfg.algo} "
-                             f"and --tiny_repairs {cfg.tiny_repairs}")
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = load_tokenizer(cfg)
         self.train_tasks, self.eval_tasks = load_tasks(cfg)
-        _, self.rl_tasks = data.split_for_rl(self.train_tasks, cfg.tiny_rl_share)  # the tasks RL samples
+        _, rl_tasks = data.split_for_rl(self.train_tasks, cfg.tiny_rl_share)  # the tasks RL samples
+        self.rl_tasks = [t for t in rl_tasks if not has_assert_tests(t)]  # RL would learn to forge their passes
+        if len(self.rl_tasks) < len(rl_tasks):
+            self.log(f"RL leaves out {len(rl_tasks) - len(self.rl_tasks)} tasks with assert tests, whose passes a "
+                     "program can forge (the sandbox decides them in the child)")
+        if not self.rl_tasks:
+            raise ValueError("no training task is left for RL: every one has an assert test")
         if cfg.eval_tasks:
             self.eval_tasks = self.eval_tasks[:cfg.eval_tasks]
         self.model_dir = Path(cfg.model_dir) if cfg.model_dir else self._tiny_warm_start()
+        config_file = self.model_dir / "config.json"  # the tokenizer must fit the model before any work
+        check_vocab(ModelConfig.from_hf(read_json(config_file), str(config_file)), self.tokenizer, config_file)
         self.models = build_models(cfg, self.model_dir, self.device)
         state = self._load_checkpoint_weights() if cfg.resume else None
         self.models.scorer = wrap(self.models.scorer, cfg, self.world)
@@ -717,8 +647,6 @@ class Trainer:
                                     max_episode_tokens=self.models.policy.config.max_position_embeddings)
         self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
         self.eval_timer = TimeReward.from_config(self.pool, reward_cfg)  # times programs for the fast share
-        self.replay = replay_repair_episodes(self.tokenizer, self.pool, self.train_tasks, cfg) \
-            if cfg.replay_repairs else []
 
     # -- setup helpers -------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> list:
@@ -810,17 +738,10 @@ class Trainer:
         return self.step_metrics(step, episodes, b, stats, times)
 
     def expert_iteration_step(self, step: int, episodes: list, times: dict) -> dict:
-        """The update of --algo expert_iteration on this step's episodes (and, with --self_repairs, the repairs
-        relabelled from them; with --replay_repairs, some of the warm start's repair demonstrations); the metrics
-        describe the sampled episodes only."""
+        """The update of --algo expert_iteration on this step's episodes."""
         cfg, m = self.cfg, self.models
-        repairs = self_repair_episodes(episodes) if cfg.self_repairs else []
-        draw = random.Random(f"replay {cfg.seed} {step}").sample(self.replay, min(cfg.replay_repairs,
-                                                                                  len(self.replay)))
-        replayed = draw[self.rank::self.world]  # the same draw on every rank; each trains its share
-        trained = episodes + repairs + replayed
-        b = {k: v.to(self.device) for k, v in shifted(collate(trained, self.tokenizer.pad_id)).items()}
-        passed = torch.tensor([ep.passed for ep in trained], device=self.device)
+        b = {k: v.to(self.device) for k, v in shifted(collate(episodes, self.tokenizer.pad_id)).items()}
+        passed = torch.tensor([ep.passed for ep in episodes], device=self.device)
         t0 = time.perf_counter()
         b["ref_logprobs"] = self.reference_logprobs(b)  # no KL term in the loss; the KL is logged for the plot
         if b["ref_logprobs"] is not None:
@@ -828,12 +749,7 @@ class Trainer:
                 b["old_logprobs"], _ = forward_in_chunks(m.scorer, b, cfg.micro_batch_size)
         stats = expert_iteration_update(cfg, m, self.optimizers, b, passed, self.generator(step, 1), self.world)
         times["update"] = time.perf_counter() - t0
-        if cfg.self_repairs:
-            stats["self_repairs"] = len(repairs)
-        if cfg.replay_repairs:
-            stats["replayed_repairs"] = len(replayed)
-        sampled = {k: v[:len(episodes)] if torch.is_tensor(v) else v for k, v in b.items()}
-        return self.step_metrics(step, episodes, sampled, stats, times)
+        return self.step_metrics(step, episodes, b, stats, times)
 
     @torch.no_grad()
     def reference_logprobs(self, b: dict):
@@ -911,7 +827,9 @@ class Trainer:
             final, tmp = self.out / "checkpoint", self.out / "checkpoint.tmp"
             if not self.cfg.fsdp:
                 shutil.rmtree(tmp, ignore_errors=True)
-            policy.save_pretrained(tmp / "policy")
+            # a complete HF folder: weights, config, tokenizer files with the chat template, generation_config
+            policy.save_pretrained(tmp / "policy", tokenizer=self.tokenizer,
+                                   sampling={"temperature": self.cfg.temperature, "top_p": self.cfg.top_p})
             if critic is not None:
                 critic.save_pretrained(tmp / "critic")
             trainable = {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}

@@ -10,7 +10,8 @@ JOBS.safetensors (keys "<name>.<field>"), outputs to OUT.safetensors; everything
             save_pretrained it to dir
   forward   AutoModelForCausalLM from dir at dtype: logits (and the last hidden state) for input_ids
             [+ attention_mask, position_ids]
-  tokenizer AutoTokenizer from dir: ids of apply_chat_template for each dialog (with the generation prompt),
+  tokenizer AutoTokenizer from dir: ids of apply_chat_template for each dialog (with the generation prompt
+            unless generation_prompt is false),
             ids of plain texts, and the special ids
   generate  AutoModelForCausalLM + generation_config.json from dir: greedy generate for each prompt
 """
@@ -52,7 +53,8 @@ def tokenizer(job, inputs):
     tok = transformers.AutoTokenizer.from_pretrained(job["dir"])
     chats = []
     for dialog in job.get("dialogs", []):
-        ids = tok.apply_chat_template(dialog, tokenize=True, add_generation_prompt=True, return_dict=True)
+        ids = tok.apply_chat_template(dialog, tokenize=True, add_generation_prompt=job.get("generation_prompt", True),
+                                      return_dict=True)
         chats.append(list(ids["input_ids"]))
     texts = [tok(t, add_special_tokens=False)["input_ids"] for t in job.get("texts", [])]
     specials = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

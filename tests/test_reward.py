@@ -301,3 +301,14 @@ def test_lint_penalty():
 
 def test_reward_does_not_execute_code_in_lint():
     assert lint_penalty("import os\nos._exit(3)\n") == 0.0     # compiled, never run: we are still here
+
+
+def test_a_task_with_an_assert_test_earns_no_time_reward():
+    """An assert test's pass is decided in the child, where a program can forge it: no time term, whatever the
+    program (the pool is never used)."""
+    from reward import TimeReward, has_assert_tests
+    task = Task(task_id="t", prompt="p", public_tests=[], entry_point="f", reference_solution="def f():\n    return 1\n",
+                private_tests=[Test(kind="call", call="f()", expected="1"), Test(kind="assert", code="assert f() == 1")])
+    timer = TimeReward(pool=None)
+    assert has_assert_tests(task) and timer(task, "def f():\n    return 1\n") == 0.0
+    assert timer.last_outcome == "assert_tests" and timer.outcomes["assert_tests"] == 1

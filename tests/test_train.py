@@ -80,21 +80,6 @@ def test_lr_scale_warms_up_then_decays_by_cosine_to_a_tenth():
         lr_scale(5, 12, 3, "linear")
 
 
-def test_self_repairs_only_with_expert_iteration(tmp_path):
-    import train
-    cfg = train.parse_config(["--algo", "ppo", "--self_repairs", "--out_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="--self_repairs .* not --algo ppo"):
-        train.Trainer(cfg)
-
-
-def test_replay_repairs_needs_expert_iteration_and_repair_demonstrations(tmp_path):
-    import train
-    for argv in (["--algo", "grpo"], ["--tiny_repairs", "0"]):
-        cfg = train.parse_config([*argv, "--replay_repairs", "16", "--out_dir", str(tmp_path)])
-        with pytest.raises(ValueError, match="--replay_repairs .* needs --algo expert_iteration and --tiny_repairs"):
-            train.Trainer(cfg)
-
-
 def test_a_misspelt_choice_is_refused_naming_its_flag(tmp_path):
     import train
     for flag, value in (("--critic", "probes"), ("--algo", "reinforce"), ("--advantage", "gae")):
@@ -233,7 +218,8 @@ def test_tiny_warm_start_trains_with_the_flags_given(monkeypatch):
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "expert_iteration"])
 def test_reward_rises_on_print_seven(setup, tmp_path, algo):
     per_algo = ["--kl_placement", "loss"] if algo == "grpo" else ["--critic", "probe"]  # the tiny preset's critic
-    extra = ["--algo", algo, "--steps", "12", *per_algo]
+    # GRPO's advantages are not re-whitened over the batch: its steps are smaller here, and 12 were not always enough
+    extra = ["--algo", algo, "--steps", "16" if algo == "grpo" else "12", *per_algo]
     proc = run_train(args(setup, tmp_path, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = read_metrics(tmp_path, "train")
