@@ -166,10 +166,9 @@ def _supervisor_env() -> dict:
 
 
 def reply_deadline(job: dict) -> float:
-    """Seconds the parent waits for a supervisor's reply: every test may run into its wall-clock watchdog in
-    a fresh child, plus a margin for starting children and for cleanup."""
-    lim = job["limits"]
-    return len(job["tests"]) * (lim["timeout_s"] * lim["wall_factor"] + 2.0) + REPLY_MARGIN_S
+    """Seconds the parent waits for a supervisor's reply: the run's own wall budget, which the supervisor
+    enforces (sandbox_supervisor.run_budget_s), plus a margin for cleanup."""
+    return job["budget_s"] + REPLY_MARGIN_S
 
 
 def _failed_reply(job: dict, why: str) -> dict:
@@ -237,11 +236,17 @@ class _Worker:
         return _failed_reply(job, "the sandbox supervisor did not reply in time or died")
 
     def _kill(self) -> None:
-        """The supervisor and the processes of our uid (bubblewrap's children die with their parent)."""
+        """The supervisor, the processes of our uid (bubblewrap's children die with their parent) and the
+        cgroups it left (their processes killed first)."""
         self.proc.kill()
         self.proc.wait()
         if self.uid is not None:
             host.kill_uid(self.uid)
+            for tree in host.CgroupTree.of_dead_supervisor(self.proc.pid):
+                try:
+                    tree.remove_all()
+                except OSError:   # a hierarchy that went away meanwhile: nothing left to remove there
+                    pass
 
     def close(self) -> None:
         if self.proc is not None:
@@ -252,8 +257,7 @@ class _Worker:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self._kill()
             self.proc = None
         if self.lock_fd is not None:
             os.close(self.lock_fd)
@@ -287,7 +291,8 @@ def _check_job(program, tests, setup_code) -> str:
 
 def _job(program: str, tests: list[Test], setup_code: str, limits: Limits) -> dict:
     wire = [[t.kind, t.call if t.kind == "call" else t.code, t.stdin] for t in tests]  # inputs only
-    return {"program": program, "setup": setup_code, "tests": wire, "limits": asdict(limits)}
+    return {"program": program, "setup": setup_code, "tests": wire, "limits": asdict(limits),
+            "budget_s": sup.run_budget_s(len(wire), asdict(limits))}
 
 
 class _Unsupported:
@@ -429,6 +434,15 @@ def normalize_output(text: str) -> str:
 
 
 def _verdict(test: Test, raw: dict) -> TestResult:
+    """A failed comparison (10**400 - 1.5 overflows) fails the test, never the caller."""
+    try:
+        return _decide(test, raw)
+    except Exception as e:  # noqa: BLE001 - whatever the program's value makes the comparison raise
+        return TestResult("wrong_answer", detail=f"the result could not be compared: {type(e).__name__}: "
+                          f"{_short(str(e))}", cpu_time=raw.get("cpu"))
+
+
+def _decide(test: Test, raw: dict) -> TestResult:
     status, cpu = raw["status"], raw.get("cpu")
     mapped = {"error": "runtime_error", "exited": "runtime_error", "oom": "out_of_memory"}.get(status, status)
     if status != "ok":
@@ -441,7 +455,8 @@ def _verdict(test: Test, raw: dict) -> TestResult:
         expected, shown = test.expected, got if isinstance(got, str) else repr(got)
     elif test.tolerance:   # `abs(f(x) - expected) < tolerance`, on numbers only (no method of got runs)
         expected, shown = ast.literal_eval(test.expected), got
-        ok = type(got) in (int, float, bool) and abs(got - expected) < ast.literal_eval(test.tolerance)
+        numeric = type(got) in (int, float, bool, complex)
+        ok = numeric and abs(got - expected) < ast.literal_eval(test.tolerance)
     else:
         expected = ast.literal_eval(test.expected)
         ok = bool(expected == got)  # builtins only on both sides: the same == as `assert f(x) == expected`

@@ -47,13 +47,19 @@ class CgroupTree:
     def __init__(self, bases: dict[str, str], v2: bool):
         self.bases, self.v2, self.count = bases, v2, 0
 
-    @classmethod
-    def create(cls) -> tuple[CgroupTree | None, str]:
-        """(tree, description); tree None when there is no writable cgroup hierarchy."""
+    @staticmethod
+    def _own() -> dict[str, str]:
+        """This process's cgroup per hierarchy; the supervisor inherits the parent's, so both see the same."""
         own = {}
         for line in read_file("/proc/self/cgroup").splitlines():
             _, ctrls, path = line.split(":", 2)
             own[ctrls] = path
+        return own
+
+    @classmethod
+    def create(cls) -> tuple[CgroupTree | None, str]:
+        """(tree, description); tree None when there is no writable cgroup hierarchy."""
+        own = cls._own()
         name = f"nanorlef-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):   # v2: the root first (controllers live there)
             for parent in dict.fromkeys(["/sys/fs/cgroup", "/sys/fs/cgroup" + own.get("", "/")]):
@@ -85,6 +91,37 @@ class CgroupTree:
             return None, "no writable cgroup v1 cpuacct, memory and pids"
         return cls(bases, False), "cgroup v1 (" + ", ".join(bases) + ")"
 
+    @classmethod
+    def of_dead_supervisor(cls, pid: int) -> list[CgroupTree]:
+        """The subtrees a supervisor of `pid` made (nanorlef-<pid>-*, where create() puts them), for the
+        parent to remove once it has killed that supervisor. No other name is ever matched."""
+        own, prefix, found = cls._own(), f"nanorlef-{pid}-", {}
+        if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            roots = ["/sys/fs/cgroup", "/sys/fs/cgroup" + own.get("", "/")]
+            parents = [("", p) for p in dict.fromkeys(roots)]
+        else:
+            keys = {c: next((k for k in own if c in k.split(",")), None) for c in cls.V1}
+            parents = [(c, f"/sys/fs/cgroup/{k}{own[k].rstrip('/')}") for c, k in keys.items() if k]
+        for ctrl, parent in parents:
+            try:
+                names = [n for n in os.listdir(parent) if n.startswith(prefix) and n[len(prefix):].isalnum()]
+            except OSError:
+                continue
+            for n in names:
+                found.setdefault(n, {})[ctrl] = f"{parent}/{n}"
+        v2 = "" in {c for bases in found.values() for c in bases}
+        return [cls(bases, v2) for bases in found.values()]
+
+    def remove_all(self) -> list[str]:
+        """Its run cgroups (processes killed first, v1 frozen), then the subtree itself."""
+        runs: dict[str, dict[str, str]] = {}
+        for ctrl, base in self.bases.items():
+            for n in os.listdir(base) if os.path.isdir(base) else []:
+                if n.startswith("run") and n[3:].isdigit():
+                    runs.setdefault(n, {})[ctrl] = f"{base}/{n}"
+        problems = [p for dirs in runs.values() for p in RunCgroup(dirs, self.v2, None).remove()]
+        return problems + self.close()
+
     def run(self, lim: dict) -> RunCgroup:
         self.count += 1
         return RunCgroup({c: f"{b}/run{self.count}" for c, b in self.bases.items()}, self.v2, lim)
@@ -100,8 +137,11 @@ class CgroupTree:
 
 
 class RunCgroup:
-    def __init__(self, dirs: dict[str, str], v2: bool, lim: dict):
+    def __init__(self, dirs: dict[str, str], v2: bool, lim: dict | None):
+        """Makes the directories with limits `lim`; lim=None takes existing ones (to remove them)."""
         self.dirs, self.v2 = dirs, v2
+        if lim is None:
+            return
         for d in dirs.values():
             os.mkdir(d)
         mem, pids = lim["memory_mb"] << 20, lim["max_processes"] + 3   # + bwrap's two processes and the fork

@@ -39,7 +39,7 @@ MAX_DEPTH = 100                 # nesting of a result value: the child's encoder
 MAX_ELEMENTS = 200_000          # elements of all result values of a run: child's encoder, supervisor, parent
 JSON_DEPTH = 3 * MAX_DEPTH + 8  # JSON nesting of such a value (a dict entry is 3 levels): supervisor and parent
 MAX_CONTAINERS = 2 * MAX_ELEMENTS + 2   # JSON arrays of that many elements (tagged nodes, items, dict pairs)
-MAX_REPLY_BYTES = 16 << 20      # all results of one run; later results become output_limit
+MAX_REPLY_BYTES = 16 << 20      # all results of a run as sent (escaped JSON); later ones become output_limit
 CHILD_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 HOME = "/home/sandbox"          # the program's home and cwd inside bubblewrap and the fallback's private root
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", HOME)   # each a private tmpfs of disk_mb per program
@@ -51,6 +51,13 @@ KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_
 
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 _BRACKET_SIGN = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+
+
+def run_budget_s(n_tests: int, lim: dict) -> float:
+    """Wall-clock seconds one run may take in all, loading and respawns included: each test and one load may
+    use the wall watchdog, plus 2 s each to start a child. Past it the remaining tests time out; the parent
+    waits this plus a margin for the reply."""
+    return (n_tests + 1) * (lim["timeout_s"] * lim["wall_factor"] + 2.0)
 
 
 def json_over_budget(text: str, max_containers: int = MAX_CONTAINERS, limit: int = JSON_DEPTH) -> str:
@@ -224,11 +231,18 @@ class Supervisor:
         results: list[dict] = []
         cpu, leftovers, reply_bytes = 0.0, [], 0
         self.containers_left = MAX_CONTAINERS
+        budget = job.get("budget_s") or run_budget_s(len(tests), lim)   # the parent's, which waits for it
+        self.run_deadline = time.monotonic() + budget   # one for the run, not one per message or child
         try:
             while len(results) < len(tests):
+                if time.monotonic() >= self.run_deadline:
+                    why = f"the run's wall-clock budget ({budget:.1f} s) ran out"
+                    results += [{"status": "timeout", "value": None, "detail": why, "cpu": None}
+                                for _ in range(len(tests) - len(results))]
+                    break
                 got, used, problems = self._run_child(job, len(results), lim)
                 for r in got:
-                    reply_bytes += len(r["value"] or "") + len(r["detail"])
+                    reply_bytes += len(json.dumps(r)) + 2   # as it goes on the wire: escaped again
                     if reply_bytes > MAX_REPLY_BYTES:
                         r.update(status="output_limit", value=None,
                                  detail=f"the results of this program exceed {MAX_REPLY_BYTES} bytes in total")
@@ -326,7 +340,7 @@ class Supervisor:
                 pass
             os.close(job_w)
             reader = _LineReader(res_r, pidfd, cpu_now, 2 * lim["max_output_bytes"] + 8192)
-            reader.arm(lim)
+            reader.arm(lim, self.run_deadline)
             started_cpu, expecting = 0.0, (b"L", b"S")
             while first + len(results) < len(tests):
                 line, stop = reader.next_line()
@@ -352,7 +366,7 @@ class Supervisor:
                     os.write(ack_w, b"k")   # the child waits for this, so the clock sample above is exact
                 except BrokenPipeError:     # the child is gone; still read what it wrote before leaving
                     pass
-                reader.arm(lim)
+                reader.arm(lim, self.run_deadline)
         finally:
             for fd in (res_r, ack_w, pidfd):
                 os.close(fd)
@@ -488,9 +502,10 @@ class _LineReader:
     def __init__(self, fd: int, pidfd: int, cpu_now, cap: int):
         self.fd, self.pidfd, self.cpu_now, self.cap, self.buf = fd, pidfd, cpu_now, cap, b""
 
-    def arm(self, lim: dict) -> None:
+    def arm(self, lim: dict, run_deadline: float) -> None:
         self.deadline_cpu = self.cpu_now() + lim["timeout_s"]
-        self.deadline_wall = time.monotonic() + lim["timeout_s"] * lim["wall_factor"]
+        self.run_deadline = run_deadline
+        self.deadline_wall = min(time.monotonic() + lim["timeout_s"] * lim["wall_factor"], run_deadline)
 
     def next_line(self) -> tuple[bytes | None, dict | None]:
         """(line, None), or (None, why) where why=None means the child ended by itself."""
@@ -503,7 +518,9 @@ class _LineReader:
                 return None, {"status": "output_limit", "detail": f"result message larger than {self.cap} bytes"}
             now, cpu = time.monotonic(), self.cpu_now()
             if now >= self.deadline_wall or cpu >= self.deadline_cpu:
-                return None, {"status": "timeout", "detail": "Execution took too long."}
+                over = now >= self.run_deadline
+                why = "the run's wall-clock budget ran out" if over else "Execution took too long."
+                return None, {"status": "timeout", "detail": why}
             wait = min(self.deadline_wall - now, max(self.deadline_cpu - cpu, 0.001), 0.25)
             ready, _, _ = select.select([self.fd, self.pidfd], [], [], wait)
             if self.fd in ready and self._read():

@@ -31,12 +31,13 @@ SECRET = "NANORLEF_TEST_SECRET_TOKEN"
 # checkout another engineer may be editing it while this runs.
 HARNESS_FILES = [ROOT / "sandbox.py", ROOT / "sandbox_supervisor.py", ROOT / "sandbox_child.py", Path(__file__),
                  ROOT / "tests" / "hostile" / "programs.py", ROOT / "tests" / "hostile" / "round2.py",
-                 ROOT / "tests" / "hostile" / "round3.py"]
+                 ROOT / "tests" / "hostile" / "round3.py", ROOT / "tests" / "hostile" / "round4.py"]
 
 sys.path.insert(0, str(ROOT / "tests" / "hostile"))
 import programs as hostile  # noqa: E402
 import round2  # noqa: E402
 import round3  # noqa: E402
+import round4  # noqa: E402
 
 
 class LocalServer:
@@ -654,3 +655,60 @@ def test_forged_verdicts_pass_no_call_test_and_no_trusted_assert(pool):
     assert honest.passed and honest.trusted
     off = pool.submit("def f(x):\n    return x / 2 + 1e-5\n", tests[:1]).result()
     assert statuses(off) == ["wrong_answer"]
+
+
+# ---- round 4 (a second security review): tests/hostile/round4.py
+def test_a_comparison_that_raises_fails_the_test_not_the_caller(pool):
+    """abs(10**400 - 1.5) overflows: a wrong answer; complex is a number, as in the original assert."""
+    test = T("call", call="f()", expected="1.5", tolerance="1e-6")
+    r = pool.submit(round4.HUGE_INT, [test]).result()
+    assert statuses(r) == ["wrong_answer"] and "OverflowError" in r.tests[0].detail
+    assert statuses(pool.submit(round4.NEAR_COMPLEX, [test]).result()) == ["pass"]
+
+
+def test_results_are_counted_as_sent(pool):
+    """8 results of 10**6 quotes are 16 MB as the child encodes them but 32 MB in the reply line: counted as
+    sent, the later ones are output_limit, and the supervisor is neither killed nor restarted."""
+    pids = [w.proc.pid for w in pool._workers]
+    r = pool.submit(round4.QUOTES, [T("call", call="f()", expected="'x'")] * 8).result()
+    assert statuses(r)[:3] == ["wrong_answer"] * 3 and statuses(r)[-1] == "output_limit"
+    assert [w.proc.pid for w in pool._workers] == pids
+
+
+def test_one_wall_budget_for_the_whole_run(monkeypatch):
+    """Slow loading in every fresh child, then a sleep in every test: the run ends at its wall budget, the
+    remaining tests time out, and the supervisor (which enforces it) replies before the parent gives up."""
+    import time
+    monkeypatch.setattr(sandbox.sup, "run_budget_s", lambda n, lim: 3.0)
+    with SandboxPool(workers=1, limits=Limits(timeout_s=1.0, wall_factor=1.0)) as p:
+        pid, t = p._workers[0].proc.pid, time.perf_counter()
+        r = p.submit(round4.SLOW_LOAD_THEN_SLEEP.format(load_s=0.3), [T("call", call="f()", expected="1")] * 8
+                     ).result()
+        assert time.perf_counter() - t < 7 and set(statuses(r)) == {"timeout"}
+        assert "wall-clock budget" in r.tests[-1].detail and p._workers[0].proc.pid == pid
+
+
+def _cgroup_dirs(pid: int) -> list:
+    import glob
+    patterns = ["/sys/fs/cgroup/" + "*/" * depth + f"nanorlef-{pid}-*" for depth in range(4)]
+    return [d for pattern in patterns for d in glob.glob(pattern)]
+
+
+@pytest.mark.skipif(not (IS_ROOT and HAS_CGROUPS), reason=f"needs root and writable cgroups: {ISOLATION}")
+def test_killed_supervisor_leaves_no_cgroups(monkeypatch):
+    """A supervisor stopped mid-run is killed at the reply deadline; its cgroups (a run with a live program
+    in it) are removed by the parent."""
+    import signal
+    import time
+    monkeypatch.setattr(sandbox.sup, "run_budget_s", lambda n, lim: 4.0)
+    monkeypatch.setattr(sandbox, "REPLY_MARGIN_S", 1.0)
+    with SandboxPool(workers=1, limits=Limits(timeout_s=30.0)) as p:
+        pid = p._workers[0].proc.pid
+        future = p.submit(round4.SLEEPER, [T("call", call="f()", expected="1")])
+        deadline = time.monotonic() + 3
+        while not any(run.startswith("run") for tree in _cgroup_dirs(pid) for run in os.listdir(tree)):
+            assert time.monotonic() < deadline, "the run's cgroup never appeared"
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        r = future.result(timeout=30)
+        assert statuses(r) == ["crash"] and _cgroup_dirs(pid) == []
