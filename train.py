@@ -81,7 +81,7 @@ class Config:
     critic_lr: float = arg(1e-5, "critic learning rate: the separate critic, or the value head on the policy trunk")
     warmup_steps: int = arg(0, "iterations of linear learning-rate warm-up: Adam's first updates are the size of "
                                "the lr whatever the gradient's noise, before its moment estimates settle")
-    lr_decay: str = arg("constant", "constant | cosine (to 10% of the lr at the last iteration, after the warm-up)")
+    lr_decay: str = arg("constant", "constant | cosine (to a tenth of the lr at the last iteration, after the warm-up)")
     ppo_epochs: int = arg(2, "passes over each batch of episodes")
     minibatch_size: int = arg(32, "episodes per optimizer step (per rank)")
     micro_batch_size: int = arg(8, "episodes per forward/backward (gradient accumulation)")
@@ -174,7 +174,8 @@ CHOICES = {"algo": ("ppo", "grpo", "dr_grpo", "expert_iteration"), "critic": ("s
 
 def parse_config(argv=None) -> Config:
     """Dataclass fields become flags; a preset fills the defaults, explicit flags win."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # a prefix of a flag is an error, not a guess
     for f in dataclasses.fields(Config):
         if f.type in ("bool", bool):
             parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
@@ -660,7 +661,8 @@ class Trainer:
         in_head = {id(p) for p in head_params}
         policy = [p for p in m.scorer.parameters() if p.requires_grad and id(p) not in in_head]
         optimizers = [torch.optim.AdamW(policy, lr=cfg.lr, weight_decay=0.0)]
-        critic = list(m.critic_scorer.parameters()) if m.critic_scorer is not None else head_params
+        critic = [p for p in m.critic_scorer.parameters() if p.requires_grad] if m.critic_scorer is not None \
+            else head_params
         if critic:
             optimizers.append(torch.optim.AdamW(critic, lr=cfg.critic_lr, weight_decay=0.0))
         return optimizers

@@ -1,7 +1,7 @@
 """Do bf16 checkpoints really train? The share of trained elements an optimizer moves, and the memory per trained
 parameter, with the weights in bf16 (as the presets were before) and with fp32 master weights (as train.py does).
 
-    python bench/bench_master_weights.py [--steps 50] [--hidden 256] [--layers 4]
+    python bench/bench_master_weights.py [--steps 50] [--hidden 128] [--layers 2]
 
 A Llama-shaped model with random weights of std 0.02 (a pretrained Llama's are of that size), bf16 as its
 checkpoint. Each case runs AdamW at a preset's learning rate on a fixed next-token loss:
@@ -83,8 +83,8 @@ def run(model: Transformer, lr: float, steps: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"{'case':<34} {'moved':>7} {'as bf16':>8} {'lora_A':>7} {'B/param':>8} {'casts':>6}  param / Adam")

@@ -292,3 +292,11 @@ def test_killed_run_resumes_exactly(setup, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rs]
     assert strip(read_metrics(straight, "train")) == strip(read_metrics(broken, "train"))
+
+
+def test_help_prints_and_a_flag_prefix_is_refused():
+    """--help used to crash on a '%' in a help string; argparse took '--ste' for --steps."""
+    help_ = run_train(["--help"])
+    assert help_.returncode == 0 and "--kl_target" in help_.stdout and "per episode" in help_.stdout
+    prefix = run_train(["--ste", "3"])
+    assert prefix.returncode == 2 and "unrecognized arguments: --ste 3" in prefix.stderr
