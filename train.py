@@ -31,7 +31,7 @@ import ppo
 import data
 from evaluate import fast_share_records, summarize, summarize_fast_share, task_results
 from kernels import fused_linear_logprobs
-from model import ModelConfig, Transformer, read_json
+from model import LORA_TARGETS, ModelConfig, Transformer, read_json
 from plot import write_plot
 from reward import RewardConfig, TimeReward, has_assert_tests
 from rollout import INSTRUCTION, RolloutConfig, RolloutWorker, collate, model_sampler
@@ -167,29 +167,121 @@ PRESETS = {
 }
 
 
-# Checked in Trainer.__init__; --kl_placement and --lr_decay are checked there by the functions that use them.
-CHOICES = {"algo": ("ppo", "grpo", "dr_grpo", "expert_iteration"), "critic": ("separate", "head", "probe"),
-           "advantage": ("turn", "token"), "dtype": tuple(DTYPES)}
+# Enforced by the parser (and again in Trainer.__init__, for a Config built in code).
+CHOICES = {"preset": tuple(PRESETS), "dtype": tuple(DTYPES),
+           "dataset": ("synthetic", "mbpp", "humaneval", "stdio", "tasks"), "eval_split": ("validation", "test"),
+           "algo": ("ppo", "grpo", "dr_grpo", "expert_iteration"), "critic": ("separate", "head", "probe"),
+           "advantage": ("turn", "token"), "kl_placement": ppo.KL_PLACEMENTS, "lr_decay": ("constant", "cosine")}
+# The help's sections, as Config's comments read: the first flag of each.
+GROUPS = {"preset": "model and data", "algo": "algorithm", "steps": "rollouts", "time_weight": "rewards and sandbox",
+          "lora_rank": "LoRA and distribution", "eval_every": "evaluation, logging, checkpoints",
+          "warmstart_steps": "tiny preset: warm start on reference solutions"}
+# The domain of every numeric flag (--seed takes any int), as the error prints it: ">= a", "> a" or an interval.
+RANGES = {
+    **dict.fromkeys(("steps", "tasks_per_step", "samples_per_task", "gen_batch_size", "micro_batch_size",
+                     "minibatch_size", "ppo_epochs", "max_turns", "max_new_tokens", "eval_samples", "eval_episodes",
+                     "kl_horizon", "logprob_chunk", "tiny_layers", "tiny_hidden", "tiny_warmstart_batch",
+                     "tiny_copies"), ">= 1"),
+    **dict.fromkeys(("sandbox_workers", "warmstart_steps", "warmup_steps", "eval_tasks", "eval_every",
+                     "save_every", "lora_rank", "fast_share_samples", "tiny_repairs", "kl_coef", "kl_target",
+                     "value_clip", "vf_coef", "ent_coef", "truncation_penalty", "time_weight", "lint_weight"), ">= 0"),
+    **dict.fromkeys(("lr", "critic_lr", "tiny_warmstart_lr", "clip_eps", "max_grad_norm", "temperature",
+                     "eval_temperature", "test_timeout", "lora_alpha"), "> 0"),
+    **dict.fromkeys(("gamma", "lam", "tiny_bug_rate", "tiny_chat_share"), "[0, 1]"),
+    "top_p": "(0, 1]", "tiny_rl_share": "[0, 1)",  # data.split_for_rl keeps some compositions for the warm start
+}
+
+
+def in_range(x: float, rule: str) -> bool:
+    """x within a RANGES rule; NaN never is (every comparison with it is False)."""
+    if rule[0] == ">":
+        op, bound = rule.split()
+        return x >= float(bound) if op == ">=" else x > float(bound)
+    lo, hi = map(float, rule[1:-1].split(","))
+    return (lo <= x if rule[0] == "[" else lo < x) and (x <= hi if rule[-1] == "]" else x < hi)
+
+
+def strict_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true | false | 1 | 0 | yes | no, got {text!r}")
+
+
+def flag_help(f: dataclasses.Field, preset: dict, preset_name: str) -> str:
+    """The field's help with its default and, when the preset sets it, the preset's value ('%' escaped for argparse)."""
+    shown = lambda v: repr(v) if isinstance(v, str) else v  # noqa: E731 ('' must stay visible)
+    text = f"{f.metadata['help']} (default: {shown(f.default)}"
+    if f.name in preset:
+        text += f"; {preset_name} preset: {shown(preset[f.name])}"
+    return (text + ")").replace("%", "%%")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2: the usage of 70 flags would bury the message
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def parse_config(argv=None) -> Config:
-    """Dataclass fields become flags; a preset fills the defaults, explicit flags win."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # a prefix of a flag is an error, not a guess
+    """Dataclass fields become flags, grouped as Config reads; a preset fills the defaults, explicit flags win;
+    validate() checks every value before any work."""
+    first = Parser(add_help=False, allow_abbrev=False)  # the preset whose values --help shows
+    first.add_argument("--preset", default=Config.preset)
+    preset_name = first.parse_known_args(argv)[0].preset
+    preset = PRESETS.get(preset_name, {})  # an unknown one fails below, with the other flags' errors
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    allow_abbrev=False,  # a prefix of a flag is an error, not a guess
+                    usage="%(prog)s [--flag value ...]")
+    group = parser
     for f in dataclasses.fields(Config):
-        if f.type in ("bool", bool):
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
-                                const=True, default=None, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
+        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
+        kind = {"bool": strict_bool, "int": int, "float": float}.get(str(f.type), str)
+        extra = dict(nargs="?", const=True, metavar="true|false") if kind is strict_bool else {}
+        group.add_argument(f"--{f.name}", type=kind, default=None, choices=CHOICES.get(f.name),
+                           help=flag_help(f, preset, preset_name), **extra)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if args.get("algo") in ("grpo", "dr_grpo"):  # GRPO puts the KL in the loss (k3), never in the reward
         args.setdefault("kl_placement", "loss")
-    preset = args.get("preset", Config.preset)
-    if preset not in PRESETS:
-        parser.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    return Config(**{**PRESETS[preset], **args})
+    cfg = Config(**{**preset, **args})
+    validate(cfg, parser)
+    return cfg
+
+
+def validate(cfg: Config, parser: argparse.ArgumentParser) -> None:
+    """Every flag's domain, before any work: a bad value exits (status 2) with one line naming the flag, its
+    value and what is allowed."""
+    def refuse(name, allowed):
+        parser.error(f"--{name} {getattr(cfg, name)!r}: {allowed}")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            refuse(f.name, "must be a finite number")
+        if f.name in RANGES and not in_range(value, RANGES[f.name]):
+            refuse(f.name, f"must be {RANGES[f.name]}")
+    if cfg.tiny_hidden % 8:  # tiny_model_config: 4 heads, each with an even head_dim for RoPE's pairs
+        refuse("tiny_hidden", "must be a multiple of 8 (4 heads of an even size, for RoPE)")
+    if cfg.algo in ("grpo", "dr_grpo") and cfg.kl_placement == "reward" and cfg.kl_coef > 0:
+        refuse("kl_placement", f"--algo {cfg.algo} puts the KL in the loss (k3): use loss, or --kl_coef 0")
+    if not cfg.model_dir and not cfg.warmstart_steps:
+        refuse("warmstart_steps", "without a --model_dir, the tiny warm start needs at least 1 step")
+    if cfg.model_dir and not (Path(cfg.model_dir) / "config.json").is_file():
+        refuse("model_dir", "must be a HF checkpoint folder with a config.json")
+    if cfg.tokenizer not in ("", "bytes") and not Path(cfg.tokenizer).is_file():
+        refuse("tokenizer", "must be '', 'bytes' or an existing tokenizer.json / tokenizer.model file")
+    if cfg.model_dir and not cfg.tokenizer and not any((Path(cfg.model_dir) / name).is_file() for name in (
+            "tokenizer.json", "tokenizer.model", "original/tokenizer.model")):  # tokenizer_for's rule 2
+        refuse("tokenizer", f"--model_dir {cfg.model_dir} has no tokenizer of its own: pass --tokenizer")
+    if cfg.dataset in ("stdio", "tasks") and not cfg.data_path:
+        refuse("data_path", f"--dataset {cfg.dataset} needs a jsonl file")
+    if cfg.data_path and not Path(cfg.data_path).is_file():
+        refuse("data_path", "must be an existing jsonl file")
+    targets = cfg.lora_targets.split(",")
+    if not set(targets) <= set(LORA_TARGETS):
+        refuse("lora_targets", f"must be comma-separated names from {', '.join(LORA_TARGETS)}")
+    for name in ("out_dir", "cache_dir"):
+        if not getattr(cfg, name):
+            refuse(name, "must be a folder name, not empty")
 
 
 # ----------------------------------------------------------------------------------------------------------------
