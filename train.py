@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -115,8 +116,11 @@ class Config:
     eval_episodes: int = arg(1, "multi-turn episodes per task for 1@3")
     fast_share_samples: int = arg(0, "samples per training slow/fast task for the fast share (0 = skip)")
     out_dir: str = arg("out", "metrics.jsonl, checkpoint/, samples.txt, plot.png")
-    save_every: int = arg(0, "checkpoint every k steps (0 = only at the end)")
-    resume: bool = arg(False, "continue from out_dir/checkpoint exactly (same data order and metrics)")
+    save_every: int = arg(1, "checkpoint every k iterations (0 = only at the end); written atomically")
+    resume: bool = arg(False, "continue from out_dir/checkpoint exactly (same data order and metrics); the "
+                              "run's saved config.json must match, but --steps may go up")
+    overwrite: bool = arg(False, "replace an earlier run's outputs in out_dir (without it, a new run refuses a "
+                                 "non-empty out_dir)")
     seed: int = arg(0, "seed for data order, sampling and initialisation")
     # tiny preset: warm start on reference solutions (issue 6)
     warmstart_steps: int = arg(0, "SFT steps of the tiny warm start (0 = no warm start)")
@@ -669,6 +673,40 @@ def kept_rows(keep: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat([rows, padding])
 
 
+class ConfigError(ValueError):
+    """A configuration the run refuses before any work: main prints it as one line and exits with status 2."""
+
+
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.tmp", "plot.png", "samples-*.txt")
+# Flags a resumed run may change: they do not alter what it computes (only --steps may go up, checked at load).
+RESUMABLE = {"resume", "overwrite", "steps", "sandbox_workers", "save_every", "eval_every", "out_dir", "cache_dir"}
+
+
+def prepare_out_dir(cfg: Config, out: Path) -> None:
+    """A new run never deletes an earlier one without --overwrite; --resume continues the run that config.json
+    describes, and refuses a flag that would change it. Writes config.json, the resolved configuration."""
+    saved_file = out / "config.json"
+    if cfg.resume:
+        if not saved_file.exists():
+            raise ConfigError(f"--resume: {saved_file} not found: nothing to resume in --out_dir {out}")
+        saved = json.loads(saved_file.read_text())
+        for name, value in dataclasses.asdict(cfg).items():
+            if name not in RESUMABLE and name in saved and saved[name] != value:
+                raise ConfigError(f"--resume: --{name} {value!r} differs from the run's {saved[name]!r} "
+                                  f"({saved_file}); only --steps may change")
+    elif any(path for pattern in RUN_OUTPUTS for path in out.glob(pattern)):
+        if not cfg.overwrite:
+            raise ConfigError(f"--out_dir {out} holds an earlier run: pass --overwrite to replace it, --resume to "
+                              "continue it, or another --out_dir")
+        for pattern in RUN_OUTPUTS:
+            for path in out.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    tmp.replace(saved_file)
+
+
 def kl_stats(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
     """The k1 KL to the reference per sampled token (kl_ref) and summed over each episode (kl_episode), both
     averaged over the batch. The adaptive controller steers kl_episode."""
@@ -706,7 +744,10 @@ class Trainer:
             raise ValueError(f"--algo {cfg.algo} puts the KL in the loss (k3): use --kl_placement loss or --kl_coef 0")
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            prepare_out_dir(cfg, self.out)
+        barrier(self.world)
+        self.log("config: " + json.dumps(dataclasses.asdict(cfg)))
         self.tokenizer = load_tokenizer(cfg)
         self.train_tasks, self.eval_tasks = load_tasks(cfg)
         _, rl_tasks = data.split_for_rl(self.train_tasks, cfg.tiny_rl_share)  # the tasks RL samples
@@ -955,6 +996,9 @@ class Trainer:
         if not (path / "trainer.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {path} (expected {path / 'trainer.pt'})")
         state = torch.load(path / "trainer.pt", weights_only=False)
+        if self.cfg.steps < state["step"]:
+            raise ConfigError(f"--resume: --steps {self.cfg.steps} is below the checkpoint's step {state['step']} "
+                              f"({path / 'trainer.pt'}); --steps may only go up")
         m, dtype = self.models, self.models.policy.embed_tokens.weight.dtype
         if self.cfg.lora_rank:  # the base stays as loaded; the adapters (and value head) come from the state
             m.policy.load_state_dict(state["lora_and_head"], strict=False)
@@ -1000,15 +1044,16 @@ class Trainer:
         cfg = self.cfg
         before = None
         if self.start_step == 0:
-            if self.rank == 0:
-                (self.out / "metrics.jsonl").unlink(missing_ok=True)
             before = self.evaluate(0, "before")
             self.write_metrics(before)
             self.log(format_eval(before))
+        started = time.perf_counter()
         for step in range(self.start_step, cfg.steps):
             metrics = self.train_step(step)
             self.write_metrics(metrics)
-            self.log(format_step(metrics, cfg.steps))
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (step + 1 - self.start_step) * (cfg.steps - step - 1)
+            self.log(f"{format_step(metrics, cfg.steps)} | {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 ev = self.evaluate(step + 1, f"step{step + 1}")
                 self.write_metrics(ev)
@@ -1082,11 +1127,11 @@ def barrier(world: int):
 def format_step(m: dict, steps: int) -> str:
     parts = [f"step {m['step'] + 1:4d}/{steps}", f"reward {m['reward']:+.3f}", f"pass {m['pass_rate']:.2f}",
              f"len {m['response_len']:.0f}"]
-    for key, fmt in (("kl_ref", "kl {:.4f}"), ("approx_kl", "akl {:.4f}"), ("clipfrac", "clip {:.2f}"),
-                     ("entropy", "ent {:.2f}"), ("explained_variance", "ev {:.2f}"), ("sft_loss", "sft {:.3f}"),
-                     ("grad_norm_policy", "gn {:.2f}"), ("grad_norm_critic", "gn_v {:.2f}")):
+    for key, label, spec in (("kl_ref", "kl", ".4f"), ("approx_kl", "akl", ".4f"), ("clipfrac", "clip", ".2f"),
+                             ("entropy", "ent", ".2f"), ("explained_variance", "ev", ".2f"), ("sft_loss", "sft", ".3f"),
+                             ("grad_norm_policy", "gn", ".2f"), ("grad_norm_critic", "gn_v", ".2f")):
         if key in m:
-            parts.append(fmt.format(m[key]))
+            parts.append(f"{label} {number(m[key], spec)}")
     parts.append(f"{sum(v for k, v in m.items() if k.startswith('time_')):.1f}s")
     if m.get("skipped_updates"):
         parts.append(f"SKIPPED {m['skipped_updates']} non-finite updates")
@@ -1094,18 +1139,27 @@ def format_step(m: dict, steps: int) -> str:
 
 
 def format_eval(m: dict) -> str:
-    scores = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("pass@", "1@", "turn1"))
+    scores = "  ".join(f"{k} {number(v)}" for k, v in m.items() if k.startswith(("pass@", "1@", "turn1"))
                        or k == "fast_share")
     return f"eval[{m['label']}] {m['tasks']} tasks  {scores}  ({m['time_eval']:.0f}s)"
 
 
+def number(x, spec: str = ".3f") -> str:
+    """A metric for the console: NaN or missing (e.g. the fast share of a run with no fast program) is n/a."""
+    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+
+
 def main(argv=None):
     cfg = parse_config(argv)
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:  # a configuration the run refuses: one line, no traceback
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         before, after = trainer.fit()
         if before is not None:
-            trainer.log("\n" + "\n".join(f"{k:>12}: {before[k]:.3f} -> {after[k]:.3f}" for k in after
+            trainer.log("\n" + "\n".join(f"{k:>12}: {number(before.get(k))} -> {number(after[k])}" for k in after
                                          if k.startswith(("pass@", "1@", "turn1")) or k == "fast_share"))
     finally:
         trainer.pool.close()

@@ -12,6 +12,7 @@ transformers from the checkpoint's own tokenizer_config.json), and the saved che
 AutoModelForCausalLM and AutoTokenizer and computes the logits our model does.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -54,6 +55,8 @@ def checkpoints(shared_data, tmp_path_factory):
                                                "rope_parameters": ROPE, "tie_word_embeddings": True}},
               {"op": "build", "name": "qwen3", "dir": str(root / "hf_qwen3"), "arch": "Qwen3ForCausalLM",
                "dtype": "bfloat16", "config": {**SMALL, "vocab_size": 640, "head_dim": 16}}]
+    if os.environ.get("NANORLEF_LLAMA3") != "1":  # see LLAMA3 below
+        builds, toks = builds[1:], {"qwen3": toks["qwen3"]}
     hf_reference(builds)
     (root / "tasks.jsonl").write_text(json.dumps(TASK.to_dict()) + "\n")
     out = {}
@@ -107,8 +110,13 @@ def run_two_steps(family, checkpoints, name, tmp_path):
     return trainer, trained, episodes
 
 
+# Llama 3's runs take about 4 minutes on 2 cores (its 128k-vocabulary bf16 forwards), beyond the default
+# suite's budget: they run with NANORLEF_LLAMA3=1 (README, "Tests"). Qwen3 runs every algorithm by default.
+LLAMA3 = pytest.mark.skipif(os.environ.get("NANORLEF_LLAMA3") != "1", reason="opt-in: NANORLEF_LLAMA3=1")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+@pytest.mark.parametrize("family", [pytest.param("llama3", marks=LLAMA3), "qwen3"])
 def test_each_algorithm_trains_a_real_bf16_checkpoint(family, checkpoints, tmp_path):
     jobs, inputs, ours = [], {}, {}
     for name in FAMILY_RUNS[family]:

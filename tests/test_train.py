@@ -83,7 +83,7 @@ def test_lr_scale_warms_up_then_decays_by_cosine_to_a_tenth():
 def test_a_misspelt_choice_is_refused_naming_its_flag(tmp_path):
     import train
     for flag, value in (("--critic", "probes"), ("--algo", "reinforce"), ("--advantage", "gae")):
-        cfg = train.parse_config([flag, value, "--out_dir", str(tmp_path)])
+        cfg = train.Config(**{flag[2:]: value}, out_dir=str(tmp_path))  # parse_config refuses it (test_cli.py)
         with pytest.raises(ValueError, match=f"{flag} must be one of .* got '{value}'"):
             train.Trainer(cfg)
 
@@ -176,8 +176,8 @@ def test_resume_checks_the_saved_optimizers_against_the_run(setup, tmp_path):
     torch.save({**state, "optimizers": None}, file)  # as an --fsdp run writes it (states in optimizer-rank*.pt)
     with pytest.raises(ValueError, match=r"trainer\.pt holds no optimizer state.*resume with --fsdp"):
         train.Trainer(train.parse_config(args(setup, tmp_path, "--critic", "probe", "--resume")))
-    torch.save(state, file)  # the probe run's two states, resumed by a run without a critic (one optimizer)
-    with pytest.raises(ValueError, match=r"trainer\.pt holds 2 optimizer state"):
+    torch.save(state, file)  # a run with another algorithm: refused by the saved config.json before any loading
+    with pytest.raises(train.ConfigError, match=r"--algo 'grpo' differs from the run's 'ppo'"):
         train.Trainer(train.parse_config(args(setup, tmp_path, "--algo", "grpo", "--resume")))
 
 
@@ -186,8 +186,8 @@ def test_rl_share_keeps_the_rl_tasks_out_of_the_warm_start(setup, tmp_path, monk
     start is given only the others."""
     import data
     import train
-    cfg = train.parse_config(["--model_dir", str(setup / "init"), "--tiny_rl_share", "0.5", "--out_dir",
-                              str(tmp_path), "--sandbox_workers", "1"])
+    cfg = train.parse_config(["--model_dir", str(setup / "init"), "--tokenizer", "bytes", "--tiny_rl_share", "0.5",
+                              "--out_dir", str(tmp_path), "--sandbox_workers", "1"])
     demonstrated, for_rl = data.split_for_rl(data.synthetic_tasks("train", cfg.seed), 0.5)
     trainer = train.Trainer(cfg)
     try:
@@ -300,3 +300,33 @@ def test_help_prints_and_a_flag_prefix_is_refused():
     assert help_.returncode == 0 and "--kl_target" in help_.stdout and "per episode" in help_.stdout
     prefix = run_train(["--ste", "3"])
     assert prefix.returncode == 2 and "unrecognized arguments: --ste 3" in prefix.stderr
+
+
+@pytest.mark.slow
+def test_outputs_are_never_lost_and_resume_keeps_the_run(setup, tmp_path):
+    """config.json holds the resolved run; a new run refuses an out_dir that holds one; --resume refuses a flag
+    that would change the run, and a --steps below the checkpoint's; each refusal is one line, exit status 2."""
+    short = ("--steps", "2", "--samples_per_task", "2", "--eval_samples", "1")
+    assert run_train(args(setup, tmp_path, *short)).returncode == 0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["steps"] == 2 and saved["lr"] == 1e-3 and saved["algo"] == "ppo"
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    for extra, message in ((short, "holds an earlier run: pass --overwrite"),
+                           ((*short, "--resume", "--lr", "0.5"), "--lr 0.5 differs from the run's 0.001"),
+                           (("--steps", "1", "--samples_per_task", "2", "--eval_samples", "1", "--resume"),
+                            "--steps 1 is below the checkpoint's step 2")):
+        proc = run_train(args(setup, tmp_path, *extra))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics      # nothing was lost
+
+
+def test_overwrite_replaces_only_the_earlier_runs_outputs(tmp_path):
+    import train
+    (tmp_path / "checkpoint").mkdir()
+    for name in ("metrics.jsonl", "samples-after.txt", "config.json", "notes.txt"):
+        (tmp_path / name).write_text("earlier")
+    cfg = train.parse_config(["--out_dir", str(tmp_path), "--overwrite"])
+    train.prepare_out_dir(cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "notes.txt"]
+    assert json.loads((tmp_path / "config.json").read_text())["overwrite"] is True
