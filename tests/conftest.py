@@ -21,6 +21,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~10 s; still part of the default test run")
 
 
+# Opt-in runs beyond the default suite's 15-minute budget (README, "Tests"): NANORLEF_FULL=1.
+FULL = pytest.mark.skipif(os.environ.get("NANORLEF_FULL") != "1", reason="opt-in: NANORLEF_FULL=1")
+
+
 def shared_data_dir() -> Path:
     return Path(os.environ.get("NANORLEF_DATA", ROOT.parent / "shared" / "data"))
 

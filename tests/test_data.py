@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from conftest import FULL
+
 import data
 from data import Task, Test
 
@@ -402,6 +404,7 @@ def describe(failed) -> str:
 
 
 @pytest.mark.slow
+@FULL  # every reference of the data set in the sandbox: opt-in (NANORLEF_FULL=1)
 def test_humaneval_references_pass_and_bugs_fail_in_sandbox(pool, humaneval):
     failed = failures(pool, humaneval, [t.reference_solution for t in humaneval])
     assert not failed, describe(failed)
@@ -413,6 +416,7 @@ def test_humaneval_references_pass_and_bugs_fail_in_sandbox(pool, humaneval):
 
 
 @pytest.mark.slow
+@FULL  # every reference of the data set in the sandbox: opt-in (NANORLEF_FULL=1)
 def test_mbpp_references_pass_and_bugs_fail_in_sandbox(pool, mbpp):
     failed = failures(pool, mbpp, [t.reference_solution for t in mbpp])
     assert {int(tid.split("/")[1]) for tid in failed} == MBPP_FAILING, describe(failed)
@@ -536,6 +540,7 @@ def test_synthetic_task_shape():
 
 
 @pytest.mark.slow
+@FULL  # every reference of the data set in the sandbox: opt-in (NANORLEF_FULL=1)
 def test_synthetic_references_and_slow_solutions_pass_in_sandbox(pool):
     tasks = [t for s in SPLITS for t in data.synthetic_tasks(s, 0)]
     failed = failures(pool, tasks, [t.reference_solution for t in tasks])

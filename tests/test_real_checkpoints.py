@@ -55,7 +55,7 @@ def checkpoints(shared_data, tmp_path_factory):
                                                "rope_parameters": ROPE, "tie_word_embeddings": True}},
               {"op": "build", "name": "qwen3", "dir": str(root / "hf_qwen3"), "arch": "Qwen3ForCausalLM",
                "dtype": "bfloat16", "config": {**SMALL, "vocab_size": 640, "head_dim": 16}}]
-    if os.environ.get("NANORLEF_LLAMA3") != "1":  # see LLAMA3 below
+    if os.environ.get("NANORLEF_FULL") != "1":  # see LLAMA3 below
         builds, toks = builds[1:], {"qwen3": toks["qwen3"]}
     hf_reference(builds)
     (root / "tasks.jsonl").write_text(json.dumps(TASK.to_dict()) + "\n")
@@ -111,8 +111,8 @@ def run_two_steps(family, checkpoints, name, tmp_path):
 
 
 # Llama 3's runs take about 4 minutes on 2 cores (its 128k-vocabulary bf16 forwards), beyond the default
-# suite's budget: they run with NANORLEF_LLAMA3=1 (README, "Tests"). Qwen3 runs every algorithm by default.
-LLAMA3 = pytest.mark.skipif(os.environ.get("NANORLEF_LLAMA3") != "1", reason="opt-in: NANORLEF_LLAMA3=1")
+# suite's budget: they run with NANORLEF_FULL=1 (conftest.FULL; README, "Tests"). Qwen3 runs every algorithm by default.
+LLAMA3 = pytest.mark.skipif(os.environ.get("NANORLEF_FULL") != "1", reason="opt-in: NANORLEF_FULL=1")
 
 
 @pytest.mark.slow
