@@ -240,7 +240,7 @@ def benchmark_tasks(args) -> list[Task]:
 def load_policy(ap: Parser, args):
     """(model, tokenizer), after checking that the tokenizer's ids fit the model's vocabulary."""
     from model import ModelConfig, Transformer, read_json
-    from tokenizer import tokenizer_for
+    from tokenizer import check_vocab, tokenizer_for
     try:
         tokenizer = tokenizer_for(args.model_dir, args.tokenizer)
     except (OSError, ValueError) as e:
@@ -250,9 +250,10 @@ def load_policy(ap: Parser, args):
         config = ModelConfig.from_hf(read_json(config_file), str(config_file))
     except (OSError, ValueError, KeyError, TypeError) as e:
         ap.error(f"argument --model_dir: {e}")
-    if tokenizer.n_words > config.vocab_size:
-        ap.error(f"argument --tokenizer: {tokenizer.name!r} has {tokenizer.n_words} token ids, but the model "
-                 f"in {args.model_dir} has a vocabulary of {config.vocab_size}: not this model's tokenizer")
+    try:  # the one check train.py makes too: it names the tokenizer file and config.json
+        check_vocab(config, tokenizer, config_file)
+    except ValueError as e:
+        ap.error(f"argument --tokenizer: {e}")
     dtype = None if args.dtype == "auto" else args.dtype
     model = Transformer.from_pretrained(args.model_dir, dtype=dtype, device=args.device)
     return model.eval(), tokenizer
