@@ -537,7 +537,8 @@ def advantages(cfg: Config, b: dict, kl_coef: float, group_ids: torch.Tensor):
     return ppo.masked_whiten(adv, mask), returns, mask, b["values"]
 
 
-def ppo_update(cfg: Config, models: Models, optimizers: list, b: dict, kl_coef: float, generator) -> dict:
+def ppo_update(cfg: Config, models: Models, optimizers: list, b: dict, kl_coef: float, generator,
+               world: int = 1) -> dict:
     """Several epochs of shuffled minibatches; micro-batches accumulate gradients; a NaN/inf loss or gradient
     skips the optimizer step (the weights are untouched)."""
     stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "grad_norm_policy",
@@ -554,7 +555,7 @@ def ppo_update(cfg: Config, models: Models, optimizers: list, b: dict, kl_coef: 
             sync = j == len(micro_batches) - 1
             with maybe_no_sync(models.scorer, sync), maybe_no_sync(models.critic_scorer, sync):
                 loss, mb = micro_batch_loss(cfg, models, b, idx, loss_kl, tokens_in_step, turns_in_step)
-                finite &= ppo.is_finite(loss)
+                finite &= finite_on_every_rank(loss, world)
                 if finite:
                     loss.backward()
             for k, v in mb.items():
@@ -619,6 +620,15 @@ def value_views(cfg, b, idx, values, T):
         new = ppo.gather_turn_values(values, b["turn_value_index"][idx], tm)
         return new, b["old_values"][idx], b["returns"][idx], tm
     return values, b["old_values"][idx, :T], b["returns"][idx, :T], b["mask"][idx, :T]
+
+
+def finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank. Each rank skips the backward of a non-finite loss; if one rank
+    skipped alone, DDP's gradient all-reduce in the others' backward would be left unmatched."""
+    ok = torch.tensor([1.0 if ppo.is_finite(loss) else 0.0], device=loss.device)
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def maybe_no_sync(module, sync: bool):
@@ -866,7 +876,7 @@ class Trainer:
         b["advantages"], b["returns"], b["value_mask"], b["old_values"] = advantages(cfg, b, self.kl_ctl.value, groups)
         times["score"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stats = ppo_update(cfg, m, self.optimizers, b, self.kl_ctl.value, self.generator(step, 1))
+        stats = ppo_update(cfg, m, self.optimizers, b, self.kl_ctl.value, self.generator(step, 1), self.world)
         times["update"] = time.perf_counter() - t0
         if b["returns"] is not None:
             stats["explained_variance"] = ppo.explained_variance(b["old_values"], b["returns"], b["value_mask"])

@@ -155,3 +155,27 @@ def test_the_adaptive_controller_steers_the_kl_per_episode():
     ctl = ppo.AdaptiveKLController(0.05, target=6.0, horizon=100)
     ctl.update(stats["kl_episode"], n_steps=2)
     assert ctl.value == pytest.approx(0.05 * (1 + 0.2 * 2 / 100))
+
+
+def _finite_rank(rank: int, port: int, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        finite = torch.tensor(0.5)
+        results[rank] = (train.finite_on_every_rank(finite, 2),
+                         train.finite_on_every_rank(torch.tensor(float("nan")) if rank == 1 else finite, 2))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_rank_skips_the_backward_on_every_rank():
+    """Under DDP a rank that skipped its backward alone would leave the others' gradient all-reduce unmatched:
+    the decision is taken on every rank together."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_finite_rank, args=(port, results), nprocs=2)
+    assert dict(results) == {0: (True, False), 1: (True, False)}
