@@ -516,6 +516,10 @@ def _bpe_below_rank(ranks: dict[bytes, int], token: bytes, max_rank: int) -> lis
     return parts
 
 
+# The files a model folder may hold its tokenizer in, in the order tokenizer_for looks for them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+
+
 def tokenizer_for(model_dir="", tokenizer: str = "") -> Tokenizer:
     """The one rule for a run's tokenizer (train.py and evaluate.py), first match wins:
       1. an explicit `tokenizer`: 'bytes' (the tiny byte-level one), or a tokenizer.json / .model path;
@@ -526,7 +530,7 @@ def tokenizer_for(model_dir="", tokenizer: str = "") -> Tokenizer:
         return Tokenizer.byte_level()
     path = Path(tokenizer) if tokenizer else None
     if path is None:
-        for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+        for name in TOKENIZER_FILES:
             if (Path(model_dir) / name).exists():
                 path = Path(model_dir) / name
                 break

@@ -38,7 +38,7 @@ from reward import RewardConfig, TimeReward, has_assert_tests
 from rollout import INSTRUCTION, RolloutConfig, RolloutWorker, collate, model_sampler
 from sandbox import Limits, SandboxPool
 from sft import warm_start
-from tokenizer import Tokenizer, check_vocab, tokenizer_for
+from tokenizer import TOKENIZER_FILES, Tokenizer, check_vocab, tokenizer_for
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -273,8 +273,8 @@ def validate(cfg: Config, parser: argparse.ArgumentParser) -> None:
         refuse("model_dir", "must be a HF checkpoint folder with a config.json")
     if cfg.tokenizer not in ("", "bytes") and not Path(cfg.tokenizer).is_file():
         refuse("tokenizer", "must be '', 'bytes' or an existing tokenizer.json / tokenizer.model file")
-    if cfg.model_dir and not cfg.tokenizer and not any((Path(cfg.model_dir) / name).is_file() for name in (
-            "tokenizer.json", "tokenizer.model", "original/tokenizer.model")):  # tokenizer_for's rule 2
+    if cfg.model_dir and not cfg.tokenizer and not any((Path(cfg.model_dir) / name).is_file()
+                                                       for name in TOKENIZER_FILES):  # tokenizer_for's rule 2
         refuse("tokenizer", f"--model_dir {cfg.model_dir} has no tokenizer of its own: pass --tokenizer")
     if cfg.dataset in ("stdio", "tasks") and not cfg.data_path:
         refuse("data_path", f"--dataset {cfg.dataset} needs a jsonl file")
