@@ -56,16 +56,14 @@ def test_cached_decoding_equals_full_forward(kind):
     B, P = prompt.shape
     steps = 6
     new = torch.randint(0, V, (B, steps), generator=torch.Generator().manual_seed(3))
-    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
     full_mask = torch.cat([key_mask, torch.ones(B, steps, dtype=torch.bool)], 1)
     model.setup_cache(B, P + steps)
     try:
-        cached = [model.decode(prompt, positions, key_mask, cache_start=0)]
+        cached = [model.decode(prompt, key_mask, cache_start=0)]
         for s in range(steps - 1):
-            pos = positions[:, -1:] + 1 + s
-            cached.append(model.decode(new[:, s:s + 1], pos, full_mask[:, :P + s + 1], cache_start=P + s))
+            cached.append(model.decode(new[:, s:s + 1], full_mask[:, :P + s + 1], cache_start=P + s))
     finally:
-        model.clear_cache()
+        model.setup_cache(None)
     cached = torch.stack(cached, 1)  # (B, steps, V): logits predicting new[:, s]
     for i, p in enumerate(PROMPTS):
         ref = _full_logits(model, p, new[i, :steps - 1].tolist())[len(p) - 1:]

@@ -241,7 +241,8 @@ def test_config_defaults_follow_hf():
     assert llama.num_key_value_heads == 4 and llama.head_dim == 16 and llama.rope_scaling is None
     qwen2 = ModelConfig.from_hf({**base, "model_type": "qwen2", "sliding_window": 4096,
                                  "use_sliding_window": False}, "x")
-    assert qwen2.attention_bias and not qwen2.attention_out_bias and not qwen2.qk_norm
+    assert qwen2.attention_bias and not qwen2.qk_norm
+    assert Transformer(qwen2).layers[0].self_attn.o_proj.bias is None  # Qwen2: q/k/v bias, none on o
     qwen3 = ModelConfig.from_hf({**base, "model_type": "qwen3"}, "x")
     assert qwen3.qk_norm and qwen3.head_dim == 128 and not qwen3.attention_bias
     for cfg in (llama, qwen2, qwen3):  # to_hf -> from_hf is the identity
