@@ -1,4 +1,4 @@
-"""Chunked pure-PyTorch path: the same four primitives as triton_kernels.py, for CPU (and any device).
+"""Chunked pure-PyTorch path: the same two primitives as triton_kernels.py, for CPU (and any device).
 
 Each primitive walks the rows in chunks so that at most one fp32 (rows_per_chunk, V) block, plus a few
 temporaries of that size, exist at a time: 16 MB each at any V. Backward recomputes the softmax of
@@ -80,35 +80,4 @@ def logprobs_backward(logits, targets, temperature, lse, entropy, grad_logprobs,
             gh = grad_entropy[s:e, None].to(p.dtype)
             grad -= gh * torch.where(p > 0, p * (logp + entropy[s:e, None]), 0.0)
         out[s:e] = grad.div_(temperature)
-    return out
-
-
-def full_kl_forward(policy_logits, ref_logits, temperature: float):
-    """Exact KL(pi || pi_ref) per row, both at temperature T -> kl (N,), lse_p (N,), lse_q (N,)."""
-    n, vocab = policy_logits.shape
-    acc = _acc_dtype(policy_logits)
-    kl = torch.empty(n, dtype=acc, device=policy_logits.device)
-    lse_p = torch.empty_like(kl)
-    lse_q = torch.empty_like(kl)
-    for s, e in _row_chunks(n, vocab):
-        logp = _scaled(policy_logits[s:e], temperature)
-        logq = ref_logits[s:e].to(acc) / temperature
-        lse_p[s:e] = _log_softmax_(logp)
-        lse_q[s:e] = _log_softmax_(logq)
-        p = logp.exp()
-        kl[s:e] = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
-    return kl, lse_p, lse_q
-
-
-def full_kl_backward(policy_logits, ref_logits, temperature, lse_p, lse_q, kl, grad_kl):
-    """d KL / d z_p,i = p_i (log p_i - log q_i - KL); d/d logits = (1/T) d/d z. Returns (N, V) logits dtype."""
-    n, vocab = policy_logits.shape
-    acc = _acc_dtype(policy_logits)
-    out = torch.empty_like(policy_logits)
-    for s, e in _row_chunks(n, vocab):
-        logp = _scaled(policy_logits[s:e], temperature).sub_(lse_p[s:e, None])
-        logq = (ref_logits[s:e].to(acc) / temperature).sub_(lse_q[s:e, None])
-        p = logp.exp()
-        grad = torch.where(p > 0, p * (logp - logq - kl[s:e, None]), 0.0)
-        out[s:e] = grad.mul_(grad_kl[s:e, None].to(acc) / temperature)
     return out
