@@ -149,7 +149,8 @@ GOOD = {"task_id": "t1", "prompt": "p", "entry_point": "f",
     ({"prompt": 3}, "field 'prompt' must be str"),
     ({"prompt": None}, "field 'prompt' must be str"),
     ({"colour": "red"}, "unknown field(s) ['colour']"),
-    ({"private_tests": [{"kind": "call", "call": "f(1)"}]}, "field 'private_tests'[0]: missing field 'expected'"),
+    ({"private_tests": [{"kind": "call", "call": "f(1)"}]},
+     "field 'private_tests'[0]: missing field 'expected'"),
     ({"private_tests": [{"kind": "call", "call": "f(1)", "expected": "x + 1"}]}, "is not a Python literal"),
     ({"private_tests": [{"kind": "shell", "code": "ls"}]}, "field 'kind' must be one of"),
     ({"private_tests": [{"kind": "assert", "code": "  "}]}, "field 'code' is empty"),
@@ -223,7 +224,7 @@ def test_humaneval_shape(humaneval, humaneval_raw):
     assert len(humaneval) == 164
     for task in humaneval:
         raw = humaneval_raw[task.task_id]
-        assert task.private_tests and len(task.public_tests) == 1 and task.public_tests[0] in task.private_tests
+        assert len(task.public_tests) == 1 and task.public_tests[0] in task.private_tests
         assert task.entry_point == raw["entry_point"]
         assert task.reference_solution == raw["prompt"] + raw["canonical_solution"]
         assert raw["prompt"] in task.prompt
@@ -268,7 +269,8 @@ def test_humaneval_converted_tests_agree_with_check(humaneval, humaneval_raw):
 
 
 def test_mbpp_splits(mbpp_path):
-    sizes = {s: len(data.load_mbpp(mbpp_path, split=s)) for s in ("test", "train", "validation", "prompt", "all")}
+    splits = ("test", "train", "validation", "prompt", "all")
+    sizes = {s: len(data.load_mbpp(mbpp_path, split=s)) for s in splits}
     assert sizes == {"test": 500, "train": 374, "validation": 90, "prompt": 10, "all": 974}
     with pytest.raises(ValueError, match="split must be one of"):
         data.load_mbpp(mbpp_path, split="dev")
@@ -286,12 +288,13 @@ def test_mbpp_shape(mbpp, mbpp_raw):
     kinds = [t.kind for task in mbpp for t in task.private_tests]
     assert kinds.count("call") >= 0.85 * len(kinds)
     tree = next(t for t in mbpp if t.task_id == "MBPP/367")   # asserts on trees built by test_setup_code
-    assert tree.setup_code.startswith("root = Node(1)")   # its calls use setup_code's names, as the asserts did
-    assert [t.call for t in tree.private_tests] == [f"is_tree_balanced({r})" for r in ("root", "root1", "root2")]
+    assert tree.setup_code.startswith("root = Node(1)")   # calls use setup_code's names, as the asserts did
+    calls = [f"is_tree_balanced({r})" for r in ("root", "root1", "root2")]
+    assert [t.call for t in tree.private_tests] == calls
 
 
 def test_mbpp_converted_tests_agree_with_asserts(mbpp, mbpp_raw):
-    """Per test, the converted test passes iff the original assert passes (reference and mutated solutions)."""
+    """Per test, the converted test passes iff the original assert passes (reference and mutated programs)."""
     failing = set()
     for task in mbpp:
         raw = mbpp_raw[int(task.task_id.split("/")[1])]
@@ -333,7 +336,8 @@ def test_mbpp_bad_record(tmp_path):
 
 def test_stdio_jsonl(tmp_path):
     path = tmp_path / "cc.jsonl"
-    rows = [{"task_id": "a", "prompt": "Add two numbers.", "public_tests": [{"input": "1 2\n", "output": "3\n"}],
+    rows = [{"task_id": "a", "prompt": "Add two numbers.",
+             "public_tests": [{"input": "1 2\n", "output": "3\n"}],
              "private_tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10\n"}],
              "reference_solution": "print(sum(map(int, input().split())))\n"},
             {"task_id": 7, "prompt": "Echo.", "private_tests": [{"input": "x", "output": "x"}]}]
@@ -382,19 +386,19 @@ def test_data_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=data.__file__.rsplit("/", 1)[0])
 
 
-# ---------------------------------------------------------------------------------------------- through the sandbox
+# -------------------------------------------------------------------------------------- through the sandbox
 
 
 @pytest.fixture(scope="module")
 def pool():
-    sandbox = pytest.importorskip("sandbox", reason="sandbox.py (issue 3) is required")
+    import sandbox
     # 20 s per test: MBPP/123's reference needs ~4 s of CPU, too close to the 5 s default on a busy machine.
     with sandbox.SandboxPool(workers=2, limits=sandbox.Limits(timeout_s=20.0)) as p:
         yield p
 
 
 def failures(pool, tasks, programs):
-    results = pool.map([(program, task.private_tests, task.setup_code) for task, program in zip(tasks, programs)])
+    results = pool.map([(program, t.private_tests, t.setup_code) for t, program in zip(tasks, programs)])
     return {task.task_id: result for task, result in zip(tasks, results) if not result.passed}
 
 
@@ -411,7 +415,8 @@ def test_humaneval_references_pass_and_bugs_fail_in_sandbox(pool, humaneval):
     for make_buggy in (lambda t: mutated(t.reference_solution, t.entry_point),
                        lambda t: "import sys\nsys.exit(0)\n" + t.reference_solution,
                        lambda t: "import os\nos._exit(0)\n" + t.reference_solution):
-        passed = set(t.task_id for t in humaneval) - set(failures(pool, humaneval, map(make_buggy, humaneval)))
+        failed = failures(pool, humaneval, map(make_buggy, humaneval))
+        passed = {t.task_id for t in humaneval} - set(failed)
         assert not passed
 
 
@@ -456,114 +461,6 @@ def test_check_references_reports_unparsable_and_failing_solutions(pool):
                                                         ("slow", "slow_solution")]
     assert problems[0].detail.startswith("is not valid Python (its line 2: ")
     assert problems[1].detail == "fails 1 of its 2 tests (test 1: wrong_answer: Expected 9 but got 6)"
-
-
-# ---------------------------------------------------------------------------------------------- synthetic tasks
-
-SPLITS = ("train", "validation", "test")
-
-
-def id_composition(task) -> tuple[str, str, str]:
-    """(reduction, map, filter) read off a synthetic task id, constants stripped: independent of data.py."""
-    return tuple(p.rstrip("0123456789") for p in task.task_id.split("/")[2].split("-"))
-
-
-def test_synthetic_deterministic_and_seeded():
-    for split in SPLITS:
-        a, b = data.synthetic_tasks(split, seed=3), data.synthetic_tasks(split, seed=3)
-        assert [t.to_dict() for t in a] == [t.to_dict() for t in b]
-    assert [t.to_dict() for t in data.synthetic_tasks("train", 3)] != \
-        [t.to_dict() for t in data.synthetic_tasks("train", 4)]
-    with pytest.raises(ValueError, match="split must be"):
-        data.synthetic_tasks("dev", 0)
-
-
-def test_synthetic_held_out_are_new_compositions_of_seen_primitives():
-    splits = data.synthetic_compositions()
-    train, val, test = (set(splits[s]) for s in SPLITS)
-    assert not (train & val) and not (train & test) and not (val & test)
-    assert len(test) >= 30 and len(train) >= 3 * len(test)
-    seen = [set(column) for column in zip(*train)]
-    for triple in test | val:
-        assert all(p in seen[i] for i, p in enumerate(triple)), triple
-    # The tasks follow the split: the composition in a task id belongs to that split, for any seed.
-    for split in SPLITS:
-        for seed in (0, 1):
-            for task in data.synthetic_tasks(split, seed):
-                if "composition" in task.tags:
-                    reduction, mapping, filt = id_composition(task)
-                    assert (filt, mapping, reduction) in splits[split]
-    slow_fast = {s: {t.task_id.split("/")[2] for t in data.synthetic_tasks(s, 0) if "slow_fast" in t.tags}
-                 for s in SPLITS}
-    assert all(slow_fast.values()) and not (slow_fast["train"] & slow_fast["test"])
-
-
-def test_split_for_rl_keeps_rl_compositions_out_of_the_warm_start():
-    train = data.synthetic_tasks("train", 0)
-    demonstrated, for_rl = data.split_for_rl(train, 1 / 3)
-    shown = {id_composition(t) for t in demonstrated if "composition" in t.tags}
-    rl_only = {id_composition(t) for t in for_rl if "composition" in t.tags}
-    assert not shown & rl_only and shown | rl_only == {id_composition(t) for t in train if "composition" in t.tags}
-    assert len(rl_only) == round(len(shown | rl_only) / 3)
-    # every instance of a composition on one side; the slow/fast tasks on both
-    for task in train:
-        in_warm, in_rl = task in demonstrated, task in for_rl
-        assert (in_warm and in_rl) if "slow_fast" in task.tags else (in_warm != in_rl), task.task_id
-    # RL's compositions are still made of primitives the warm start shows, and they do not depend on the seed
-    for triple in rl_only:
-        assert all(p in {c[i] for c in shown} for i, p in enumerate(triple)), triple
-    assert {id_composition(t) for t in data.split_for_rl(data.synthetic_tasks("train", 1), 1 / 3)[1]} == \
-        {id_composition(t) for t in for_rl}
-    assert data.split_for_rl(train, 0) == (train, train)
-    with pytest.raises(ValueError, match="must be in"):
-        data.split_for_rl(train, 1.0)
-    with pytest.raises(ValueError, match="no synthetic composition"):
-        data.split_for_rl([t for t in train if "slow_fast" in t.tags], 0.5)
-
-
-def test_synthetic_task_shape():
-    tasks = [t for s in SPLITS for t in data.synthetic_tasks(s, 0)]
-    assert len({t.task_id for t in tasks}) == len(tasks)
-    for task in tasks:
-        # public: the first private test, and for compositions also the empty list (the last private test)
-        public = task.private_tests[:1] + (task.private_tests[-1:] if "composition" in task.tags else [])
-        assert task.entry_point == "f" and task.public_tests == public
-        assert task.reference_solution.startswith("def f(") and len(task.prompt) < 160
-        assert all(t.kind == "call" for t in task.private_tests)
-        assert ("slow_fast" in task.tags) == (task.slow_solution is not None)
-    example = next(t for t in tasks if t.task_id.endswith("/sum-square-even"))
-    assert example.prompt == "Write f(xs) that returns the sum of the squares of the even numbers in xs."
-    assert example.reference_solution == "def f(xs):\n    return sum(x * x for x in xs if x % 2 == 0)\n"
-    # expected values by hand for one test
-    xs = ast.literal_eval(example.private_tests[0].call[2:-1])
-    assert ast.literal_eval(example.private_tests[0].expected) == sum(x * x for x in xs if x % 2 == 0)
-
-
-@pytest.mark.slow
-@FULL  # every reference of the data set in the sandbox: opt-in (NANORLEF_FULL=1)
-def test_synthetic_references_and_slow_solutions_pass_in_sandbox(pool):
-    tasks = [t for s in SPLITS for t in data.synthetic_tasks(s, 0)]
-    failed = failures(pool, tasks, [t.reference_solution for t in tasks])
-    assert not failed, describe(failed)
-    slow_fast = [t for t in tasks if "slow_fast" in t.tags]
-    failed = failures(pool, slow_fast, [t.slow_solution for t in slow_fast])
-    assert not failed, describe(failed)
-    buggy = failures(pool, tasks, [mutated(t.reference_solution, "f") for t in tasks])
-    assert len(buggy) == len(tasks)
-
-
-def test_warm_start_errors_sorts_failing_answers_by_kind():
-    from bench.warm_start_errors import error_kind
-    reference = "def f(xs):\n    return max((x + 7 for x in xs if x > 2), default=0)\n"
-    no_default = "def f(xs):\n    return max((x + 7 for x in xs if x > 2))\n"
-    assert error_kind(reference, True, reference) == "pass"
-    assert error_kind(no_default, False, reference) == "classic bugs"
-    assert error_kind("def f(xs):\n    return max((x + 7 for x in xs if x >= 2))\n", False, reference) == "classic bugs"
-    assert error_kind(reference.replace("+ 7", "+ 8"), False, reference) == "wrong constant"
-    assert error_kind(no_default.replace("> 2", "> 4"), False, reference) == "wrong constant"
-    assert error_kind(reference.replace("max", "min"), False, reference) == "other"
-    assert error_kind(reference.replace("default=0)", "default=0"), False, reference) == "syntax error"
-    assert error_kind(None, False, reference) == "no code block"
 
 
 # ---- asserts the parent can decide: tolerances, wrapped calls, constant expected values, setup names
