@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from hf_io import (DTYPES, checkpoint_files, config_fields, config_json, load_safetensors, read_json,
+                   save_safetensors)
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 VALUE_HEAD_FILE = "value_head.safetensors"  # kept out of model.safetensors, so HF loads the policy cleanly
 
 
@@ -38,7 +38,7 @@ class ModelConfig:
     head_dim: int | None = None          # None: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None     # None, or {"rope_type": "llama3", **LLAMA3_ROPE_KEYS}
+    rope_scaling: dict | None = None     # None, or llama3 scaling: {"rope_type": "llama3", "factor": ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False         # bias on q, k, v, and on o except in Qwen2
@@ -57,78 +57,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> ModelConfig:
-        """Parses config.json in transformers 4.x's layout (rope_theta, rope_scaling, torch_dtype) or 5.x's
-        (rope_parameters, dtype). What this model would compute differently is refused, naming the key."""
-        def refuse(key, why):
-            raise ValueError(f"{source}: unsupported config: {key!r} {why}")
-
-        model_type = d.get("model_type")
-        if model_type not in ARCHITECTURES:
-            refuse("model_type", f"is {model_type!r}; supported: {sorted(ARCHITECTURES)}")
-        if any(arch != ARCHITECTURES[model_type] for arch in d.get("architectures") or []):
-            refuse("architectures", f"is {d['architectures']}; expected {ARCHITECTURES[model_type]!r}")
-        if d.get("hidden_act", "silu") != "silu":
-            refuse("hidden_act", f"is {d['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
-        if d.get("use_sliding_window") or (model_type == "llama" and d.get("sliding_window")):
-            refuse("use_sliding_window" if "use_sliding_window" in d else "sliding_window",
-                   "enables sliding-window attention, which is not supported")
-        if any(t != "full_attention" for t in d.get("layer_types") or []):
-            refuse("layer_types", "contains non-'full_attention' layers (sliding window is not supported)")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads")
-        for key in required:
-            if not isinstance(d.get(key), int):
-                raise ValueError(f"{source}: missing or non-integer required key {key!r}")
-        dtype = d.get("dtype", d.get("torch_dtype"))
-        if dtype is not None and dtype not in DTYPES:
-            refuse("dtype" if "dtype" in d else "torch_dtype", f"is {dtype!r}; supported: {sorted(DTYPES)}")
-        rope_theta, rope_scaling = parse_rope(d, refuse)
-        return cls(
-            **{key: d[key] for key in required},
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim") or (128 if model_type == "qwen3" else None),  # Qwen3Config's default
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=model_type == "qwen2" or bool(d.get("attention_bias")),  # Qwen2: q/k/v bias always
-            mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type == "qwen3", model_type=model_type,
-            dtype=dtype, bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
+        """Parses HF's config.json (hf_io.config_fields); what this model would compute differently is
+        refused, naming `source` and the key."""
+        return cls(**config_fields(d, source))
 
     def to_hf(self) -> dict:
-        """config.json in both layouts, so that transformers 4.x and 5.x load it."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("qk_norm", "dtype")}
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
-        d.update(architectures=[ARCHITECTURES[self.model_type]], hidden_act="silu", use_cache=True,
-                 rope_parameters=rope)
-        if self.dtype is not None:
-            d["dtype"] = d["torch_dtype"] = self.dtype
-        if self.model_type != "llama":
-            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers,
-                     layer_types=["full_attention"] * self.num_hidden_layers)
-        if self.model_type == "qwen2":
-            del d["attention_bias"]  # implied by the architecture
-        return d
-
-
-def parse_rope(d: dict, refuse) -> tuple[float, dict | None]:
-    """-> (rope_theta, rope_scaling): None for plain RoPE, else llama3 scaling's four numbers."""
-    key, params = "rope_scaling", d.get("rope_scaling") or {}
-    if isinstance(d.get("rope_parameters"), dict):
-        key, params = "rope_parameters", d["rope_parameters"]
-        if "rope_theta" not in params and "rope_type" not in params:
-            refuse(key, "is nested per layer type, which is not supported")
-    if float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
-        refuse("partial_rotary_factor", "is not 1.0 (partial rotary embeddings are not supported)")
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
-    if rope_type != "llama3":
-        refuse(f"{key}.rope_type", f"is {rope_type!r}; supported: 'default', 'llama3'")
-    for k in LLAMA3_ROPE_KEYS:
-        if k not in params:
-            refuse(f"{key}.{k}", "is missing (required by llama3 rope scaling)")
-    return theta, {"rope_type": "llama3", **{k: params[k] for k in LLAMA3_ROPE_KEYS}}
+        """config.json, as transformers 4.x and 5.x load it."""
+        return config_json(asdict(self))
 
 
 # -- layers -----------------------------------------------------------------------------------------------
@@ -141,7 +76,9 @@ def rope_inv_freq(c: ModelConfig) -> Tensor:
     inv_freq = 1.0 / c.rope_theta ** exponents
     if c.rope_scaling is None:
         return inv_freq
-    factor, low, high, old_len = (c.rope_scaling[k] for k in LLAMA3_ROPE_KEYS)
+    s = c.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
@@ -404,14 +341,11 @@ class Transformer(nn.Module):
         value_head.safetensors, or starts at zero where the folder has none: RLEF's critic starts from the
         policy."""
         path = Path(path)
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"from_pretrained: dtype {dtype!r} is not one of {sorted(DTYPES)}")
-            dtype = DTYPES[dtype]
         config = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
         with torch.device("meta"):  # no random init of weights about to be overwritten
             model = cls(config, value_head=value_head)
-        model = model.to(dtype or DTYPES.get(config.dtype, torch.float32)).to_empty(device=device or "cpu")
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or DTYPES.get(config.dtype, torch.float32)
+        model = model.to(dtype).to_empty(device=device or "cpu")
         if config.tie_word_embeddings:  # to_empty re-creates the parameters, which breaks the tie
             model.lm_head.weight = model.embed_tokens.weight
         params = {hf_name(n): p for n, p in model.named_parameters() if not n.startswith("value_head")}
@@ -428,16 +362,14 @@ class Transformer(nn.Module):
         to value_head.safetensors. With a tokenizer (tokenizer.Tokenizer) the folder is complete for
         AutoTokenizer too: its files, and a generation_config.json that stops on every end-of-turn id and
         samples as `sampling` (e.g. temperature, top_p) says."""
-        from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file(self.merged_state_dict(), str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(self.merged_state_dict(), path / "model.safetensors")
         config = self.config.to_hf()
         config["dtype"] = config["torch_dtype"] = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if self.value_head is not None:
-            head = {k: p.detach().cpu() for k, p in self.value_head.named_parameters("value_head")}
-            save_file(head, str(path / VALUE_HEAD_FILE), metadata={"format": "pt"})
+            save_safetensors(dict(self.value_head.named_parameters("value_head")), path / VALUE_HEAD_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
             generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids),
@@ -446,7 +378,7 @@ class Transformer(nn.Module):
             (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     def merged_state_dict(self) -> dict[str, Tensor]:
-        """HF-named CPU weights with LoRA merged in; no value head, and no lm_head when tied (as HF saves)."""
+        """HF-named weights with LoRA merged in; no value head, and no lm_head when tied (as HF saves)."""
         out = {}
         for name, m in self.named_modules():
             for pname, p in m.named_parameters(recurse=False):
@@ -454,79 +386,12 @@ class Transformer(nn.Module):
                         name == "lm_head" and self.config.tie_word_embeddings):
                     continue
                 t = m.merged_weight() if isinstance(m, Linear) and pname == "weight" else p.detach()
-                out[hf_name(f"{name}.{pname}")] = t.contiguous().cpu()
+                out[hf_name(f"{name}.{pname}")] = t
         return out
 
 
 def hf_name(name: str) -> str:
     return name if name.startswith("lm_head") else "model." + name
-
-
-# -- checkpoint files -------------------------------------------------------------------------------------
-
-def read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: not found")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON: {e}") from None
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    """model.safetensors, or the shards that model.safetensors.index.json names."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if not index.is_file():
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: missing 'weight_map'")
-    return [path / shard for shard in sorted(set(weight_map.values()))]
-
-
-def load_safetensors(params: dict[str, Tensor], files: list[Path], ignore: set[str] = frozenset()):
-    """Copies the tensors of `files` into `params` (name -> parameter). Every name and shape is checked from
-    the files' headers before any tensor is read; then tensor by tensor, so the peak is the model plus one
-    tensor. `ignore`: names a file may hold that the model does not use, as old files' rotary_emb.inv_freq."""
-    where, shapes = {}, {}
-    for file in files:
-        with open_safetensors(file) as f:
-            for k in f.keys():
-                where[k], shapes[k] = file, tuple(f.get_slice(k).get_shape())
-    missing = sorted(params.keys() - where.keys())
-    ignore = {*ignore, *(k for k in where if k.endswith("rotary_emb.inv_freq"))}
-    unexpected = sorted(where.keys() - params.keys() - ignore)
-    folder = files[0].parent
-    if missing:
-        raise KeyError(f"{folder}: checkpoint is missing {len(missing)} weight(s), e.g. {missing[:5]}")
-    if unexpected:
-        raise KeyError(f"{folder}: checkpoint has {len(unexpected)} unexpected weight(s), e.g. "
-                       f"{[f'{k} (in {where[k].name})' for k in unexpected[:5]]}")
-    for k, p in params.items():
-        if shapes[k] != tuple(p.shape):
-            raise ValueError(f"{where[k]}: shape mismatch for {k!r}: checkpoint {shapes[k]}, model "
-                             f"{tuple(p.shape)} (from config.json)")
-    with torch.no_grad():
-        for file in files:
-            with open_safetensors(file) as f:
-                for k in f.keys():
-                    if k in params:
-                        params[k].copy_(f.get_tensor(k))
-
-
-@contextmanager
-def open_safetensors(file: Path):
-    """safe_open, reporting a missing or damaged file by its name."""
-    from safetensors import SafetensorError, safe_open
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: not found")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            yield f
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{file}: truncated or corrupt safetensors file: {e}") from None
 
 
 # -- sampling ---------------------------------------------------------------------------------------------
