@@ -1,7 +1,7 @@
 """One two-turn RLEF episode, through the real rollout loop, sandbox and rewards (the README's example).
 
 A scripted policy stands in for the model so that the episode is reproducible: its first answer is the task's
-reference solution with one classic bug (data.CLASSIC_BUGS), as the warm start's repair demonstrations have it,
+reference solution with one classic bug (synthetic.CLASSIC_BUGS), as the warm start's repair demonstrations have it,
 and its second answer is the reference. Everything else is the code's own output: the prompt in the tiny
 preset's chat template, the sandbox's verdicts on the public tests, the feedback message, the private-test run
 and the rewards (the tiny preset's: time reward on).
@@ -13,11 +13,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402
 from reward import RewardConfig  # noqa: E402
 from rollout import RolloutConfig, RolloutWorker  # noqa: E402
 from sandbox import Limits, SandboxPool  # noqa: E402
 from sft import format_answer  # noqa: E402
+from synthetic import bug_sites, synthetic_tasks, with_bugs  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -31,8 +31,8 @@ def scripted_sampler(tokenizer, answers: list[str]):
 
 
 def main():
-    task = next(t for t in data.synthetic_tasks("train", seed=0) if "default=0" in t.reference_solution)
-    buggy = data.with_bugs(task.reference_solution, data.bug_sites(task.reference_solution)[:1])
+    task = next(t for t in synthetic_tasks("train", seed=0) if "default=0" in t.reference_solution)
+    buggy = with_bugs(task.reference_solution, bug_sites(task.reference_solution)[:1])
     tokenizer = Tokenizer.byte_level()
     with SandboxPool(2, Limits(timeout_s=2.0)) as pool:
         worker = RolloutWorker(tokenizer, pool, RolloutConfig(max_turns=3, max_new_tokens=112, instruction=""),
