@@ -49,12 +49,12 @@ class Tokenizer:
     """A tiktoken encoding, the special ids and the chat format of its model family.
 
     chat_format: "llama3" (<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>), "chatml"
-    (<|im_start|>role\\ncontent<|im_end|>\\n, Qwen and SmolLM2) or None (no chat methods).
+    (<|im_start|>role\\ncontent<|im_end|>\\n, Qwen and SmolLM2).
     bos_id is None for families that use no BOS token (Qwen).
     """
 
     def __init__(self, name: str, pattern: str, ranks: dict[bytes, int], special_tokens: dict[str, int], *,
-                 chat_format: str | None, bos: str | None, eos: str, eot: str, pad: str,
+                 chat_format: str, bos: str | None, eos: str, eot: str, pad: str,
                  extra_stops: tuple[str, ...] = (), nfc: bool = False, file: Path | None = None):
         self.name, self.file, self.ranks, self.chat_format = name, file, ranks, chat_format
         self.nfc = nfc  # Unicode NFC before encoding: the tokenizer.json had an NFC normalizer
@@ -67,14 +67,10 @@ class Tokenizer:
         stops = [self.eot_id, self.eos_id] + [self.special_tokens[s] for s in extra_stops]
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))  # ordered, no duplicates
 
-    def __repr__(self):
-        return f"Tokenizer({self.name!r}, n_words={self.n_words}, chat_format={self.chat_format!r})"
-
     @classmethod
     def llama3(cls, path) -> "Tokenizer":
-        """Meta's Llama 3 `tokenizer.model` (a file, or a folder that holds one)."""
+        """Meta's Llama 3 `tokenizer.model`."""
         path = Path(path)
-        path = path / "tokenizer.model" if path.is_dir() else path
         ranks = load_tiktoken_ranks(path)
         specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
         return cls("llama3", LLAMA3_PATTERN, ranks, specials,
@@ -92,12 +88,11 @@ class Tokenizer:
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "Tokenizer":
-        """A Hugging Face byte-level BPE `tokenizer.json` (a file, or a folder that holds one); see the
-        conversion's comment below. Every added token becomes a special, so encode() never makes one from
-        text; the post_processor is ignored (encode(bos=, eos=) adds those). Chat format: Llama 3's where its
-        header and eot specials exist, else ChatML where <|im_start|> and <|im_end|> do, else none."""
-        path = Path(path)
-        return tokenizer_from_json(cls, path / "tokenizer.json" if path.is_dir() else path)
+        """A Hugging Face byte-level BPE `tokenizer.json`; see the conversion's comment below. Every added
+        token becomes a special, so encode() never makes one from text; the post_processor is ignored.
+        Chat format: Llama 3's where its header and eot specials exist, else ChatML where <|im_start|> and
+        <|im_end|> do; a file with neither is refused."""
+        return tokenizer_from_json(cls, Path(path))
 
     def save_pretrained(self, path) -> None:
         """Writes tokenizer.json and tokenizer_config.json (with the chat template), which HF's AutoTokenizer
@@ -114,20 +109,14 @@ class Tokenizer:
         name = {i: t for t, i in self.special_tokens.items()}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name.get(self.bos_id),
                   "eos_token": name[self.eot_id], "pad_token": name[self.pad_id],
-                  "clean_up_tokenization_spaces": False}
-        if self.chat_format is not None:
-            config["chat_template"] = CHAT_TEMPLATES[self.chat_format]
+                  "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATES[self.chat_format]}
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # -- text <-> ids --------------------------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         """Text to ids. The text of a special token ("<|eot_id|>") is encoded as ordinary text."""
-        if self.nfc:
-            text = unicodedata.normalize("NFC", text)
-        if bos and self.bos_id is None:
-            raise ValueError(f"tokenizer {self.name!r} has no BOS token")
-        return [self.bos_id] * bos + self.model.encode_ordinary(text) + [self.eos_id] * eos
+        return self.model.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
 
     def decode(self, ids) -> str:
         """ids (any iterable of ints, e.g. a 1-D tensor) to text; invalid UTF-8 becomes U+FFFD."""
@@ -145,7 +134,6 @@ class Tokenizer:
 
     def encode_header(self, role: str) -> list[int]:
         """The ids that open a turn of `role`; the model writes the content after them."""
-        self.require_chat()
         if self.chat_format == "llama3":
             return ([self.special_tokens["<|start_header_id|>"]] + self.encode(role)
                     + [self.special_tokens["<|end_header_id|>"]] + self.encode("\n\n"))
@@ -163,7 +151,6 @@ class Tokenizer:
     def encode_message_end(self) -> list[int]:
         """What the template writes after a message's content: <|eot_id|> (llama3), <|im_end|> "\\n" (chatml).
         Its first id is eot_id, the end-of-turn token a model samples; ChatML's newline is never sampled."""
-        self.require_chat()
         return [self.eot_id] + (self.encode("\n") if self.chat_format == "chatml" else [])
 
     def close_turn(self, response: list[int], stopped: bool) -> tuple[list[int], list[int]]:
@@ -184,17 +171,12 @@ class Tokenizer:
 
     def encode_dialog_prompt(self, messages: list[dict]) -> list[int]:
         """BOS (llama3 only) + every message + the assistant header: the prompt to generate a reply from."""
-        self.require_chat()
         ids = [self.bos_id] if self.chat_format == "llama3" else []
         for i, message in enumerate(messages):
             if not all(isinstance(message.get(key), str) for key in ("role", "content")):
                 raise ValueError(f"messages[{i}] needs str 'role' and 'content' fields, got {message!r}")
             ids += self.encode_message(message["role"], message["content"])
         return ids + self.encode_header("assistant")
-
-    def require_chat(self):
-        if self.chat_format is None:
-            raise ValueError(f"tokenizer {self.name!r} has no chat format (no Llama 3 or ChatML specials)")
 
     @functools.cached_property
     def hf_tokenizer_json(self) -> str:
@@ -347,7 +329,6 @@ def tokenizer_from_json(cls, path: Path) -> Tokenizer:
     def has(*names):
         return all(n in specials for n in names)
 
-    eos = next((t for t in ("<|endoftext|>", "<|end_of_text|>", "<|im_end|>") if has(t)), None)
     if has("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>"):
         pad = next(p for p in ("<|finetune_right_pad_id|>", "<|pad|>", "<|end_of_text|>") if has(p))
         family = dict(chat_format="llama3", bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>",
@@ -355,11 +336,11 @@ def tokenizer_from_json(cls, path: Path) -> Tokenizer:
     elif has("<|im_start|>", "<|im_end|>"):
         # ChatML (Qwen2/3, SmolLM2), no BOS. Padding is <|endoftext|> as in Qwen: it only ever fills the slots
         # after a row stopped, which every loss masks out.
+        eos = "<|endoftext|>" if has("<|endoftext|>") else "<|im_end|>"
         family = dict(chat_format="chatml", bos=None, eos=eos, eot="<|im_end|>", pad=eos)
-    elif eos is not None:
-        family = dict(chat_format=None, bos=None, eos=eos, eot=eos, pad=eos)
-    else:
-        fail("added_tokens", "no end-of-text token (<|endoftext|>, <|end_of_text|> or <|im_end|>) to stop on")
+    else:  # every episode is a chat
+        fail("added_tokens", "has neither Llama 3's chat tokens (<|start_header_id|>, <|end_header_id|>, "
+                             "<|eot_id|>) nor ChatML's (<|im_start|>, <|im_end|>)")
     try:
         return cls(path.parent.name or path.stem, pattern, ranks, specials, nfc=nfc, file=path, **family)
     except ValueError as e:  # tiktoken compiles the pattern with the Rust fancy-regex crate, not Oniguruma

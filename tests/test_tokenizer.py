@@ -70,8 +70,8 @@ def llama3(llama3_path) -> Tokenizer:
 
 def test_llama3_encodes_meta_published_ids(llama3):
     # Expected ids are from Meta's llama-models tests (models/llama3/tests/api/test_tokenizer.py).
-    assert llama3.encode("This is a test sentence.", bos=True, eos=True) == [
-        128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    ids = [llama3.bos_id] + llama3.encode("This is a test sentence.") + [llama3.eos_id]
+    assert ids == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
     assert llama3.decode([128000, 2028, 374, 264, 1296, 11914, 13, 128001]) == (
         "<|begin_of_text|>This is a test sentence.<|end_of_text|>")
     assert llama3.encode("hello world") == [15339, 1917]  # cl100k's ranks, which Llama 3 keeps
@@ -215,24 +215,23 @@ def byte_level(use_regex):
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
 
 
-VARIANTS = {
+CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VARIANTS = {  # each with ChatML's specials: a tokenizer without chat tokens is refused
     # GPT-2 style: ByteLevel does the regex split itself.
-    "gpt2": lambda: train_bpe(byte_level(True), ["<|endoftext|>"]),
+    "gpt2": lambda: train_bpe(byte_level(True), CHATML),
     # Qwen2/3 style: Split(Qwen2 regex) then ByteLevel without regex, NFC normalizer, ChatML specials.
     "qwen2": lambda: train_bpe(
         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), "isolated"), byte_level(False)]),
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], normalizer=normalizers.NFC()),
+        CHATML, normalizer=normalizers.NFC()),
     # SmolLM2 style: individual digits, then GPT-2's regex.
     "smollm2": lambda: train_bpe(
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level(True)]),
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level(True)]), CHATML),
     "digit_runs": lambda: train_bpe(
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False), byte_level(True)]),
-        ["<|endoftext|>"]),
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False), byte_level(True)]), CHATML),
     # A Split regex that does not match everything: the text between matches must be kept, as HF keeps it.
     "gappy_split": lambda: train_bpe(
         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}"), "isolated"), byte_level(False)]),
-        ["<|endoftext|>"]),
+        CHATML),
 }
 
 
@@ -280,15 +279,10 @@ def test_tokenizer_json_merges_as_strings(trained, tmp_path):
 
 def test_tokenizer_json_chat_and_specials(trained):
     name, hf, path = trained
-    ours = Tokenizer.from_tokenizer_json(path.parent)  # a directory works too
+    ours = Tokenizer.from_tokenizer_json(path)
     endoftext = hf.token_to_id("<|endoftext|>")
     assert ours.eos_id == endoftext and ours.bos_id is None
     assert ours.encode("<|endoftext|>") != [endoftext]  # plain text, not the special
-    if name not in ("qwen2", "smollm2"):
-        assert ours.chat_format is None and ours.stop_ids == (endoftext,)
-        with pytest.raises(ValueError, match="no chat format"):
-            ours.encode_message("user", "hi")
-        return
     im_start, im_end = hf.token_to_id("<|im_start|>"), hf.token_to_id("<|im_end|>")
     assert ours.chat_format == "chatml" and ours.eot_id == im_end
     assert set(ours.stop_ids) == {im_end, endoftext} and ours.pad_id == endoftext
@@ -363,15 +357,16 @@ def test_unsupported_normalizer_is_refused(tmp_path, normalizer, shown):
         Tokenizer.from_tokenizer_json(save(hf, tmp_path, "norm.json"))
 
 
-def tiny_bpe_json(tmp_path: Path, extra: dict[str, int], merges: list[list[str]], ignore_merges=False) -> Path:
-    """A hand-written byte-level BPE: the 256 byte tokens (ids 0-255), then `extra`."""
+def tiny_bpe_json(tmp_path: Path, extra: dict[str, int], merges: list[list[str]], ignore_merges=False,
+                  specials=CHATML) -> Path:
+    """A hand-written byte-level BPE: the 256 byte tokens (ids 0-255), then `extra`; specials from 300."""
     from tokenizer import bytes_to_unicode
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     vocab.update(extra)
     spec = {
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
-        "added_tokens": [{"id": 300, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True}],
+        "added_tokens": [{"id": 300 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, t in enumerate(specials)],
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -412,6 +407,12 @@ def test_tokens_unreachable_by_bpe_need_ignore_merges(tmp_path):
     for text in ["abc", "abc abc xyabc", "abcabc xy"]:
         assert ours.encode(text) == hf.encode(text).ids
     assert ours.encode("abc") == [257]
+
+
+def test_tokenizer_json_without_chat_tokens_is_refused(tmp_path):
+    path = tiny_bpe_json(tmp_path, {"ab": 256}, [["a", "b"]], specials=["<|endoftext|>"])
+    with pytest.raises(TokenizerError, match=r"tiny\.json: key 'added_tokens'.*<\|im_start\|>"):
+        Tokenizer.from_tokenizer_json(path)
 
 
 def test_bad_tokenizer_json_files(tmp_path):
