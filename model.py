@@ -1,8 +1,9 @@
-"""The Llama architecture (Llama 3.x, Qwen2, Qwen3) in plain PyTorch, Hugging Face checkpoints, and sampling.
+"""The Llama architecture (Llama 3.x, Qwen2, Qwen3) in plain PyTorch, and sampling from it.
 
-Weight names mirror HF's (minus the "model." prefix), so loading is a loop with shape checks, and RoPE follows
-HF's rotate_half layout, so HF's q/k weights load without permutation. Also here: LoRA adapters, an optional
-value head for the critic, and batched KV-cache generation for RL rollouts.
+Weight names mirror Hugging Face's (minus the "model." prefix), so loading a checkpoint is a loop with shape
+checks (the file format is in hf_io.py), and RoPE follows HF's rotate_half layout, so HF's q/k weights load
+without permutation. Also here: LoRA adapters, an optional value head for the critic, and batched KV-cache
+generation for RL rollouts.
 """
 from __future__ import annotations
 

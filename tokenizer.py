@@ -114,9 +114,10 @@ class Tokenizer:
 
     # -- text <-> ids --------------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        """Text to ids. The text of a special token ("<|eot_id|>") is encoded as ordinary text."""
-        return self.model.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Text to ids (after BOS with bos=True). A special token's text ("<|eot_id|>") is ordinary text."""
+        ids = self.model.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
+        return [self.bos_id] + ids if bos else ids
 
     def decode(self, ids) -> str:
         """ids (any iterable of ints, e.g. a 1-D tensor) to text; invalid UTF-8 becomes U+FFFD."""

@@ -103,7 +103,7 @@ class TokenLogprobs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-# -- checks and dispatch ---------------------------------------------------------------------------------------
+# -- checks and dispatch ----------------------------------------------------------------------------------
 
 def check_float(name: str, x: torch.Tensor):
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
