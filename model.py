@@ -261,6 +261,8 @@ class Transformer(nn.Module):
         slots 0..S-1 (None: no padding); positions count real tokens only, so left padding shifts nothing.
         With cache_start the tokens sit at slots cache_start.. of the KV cache and attend to what it holds."""
         B, T = tokens.shape
+        if key_mask is None and cache_start:  # the cached prefix's slots are real tokens too
+            key_mask = torch.ones(B, cache_start + T, dtype=torch.bool, device=tokens.device)
         if key_mask is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         else:

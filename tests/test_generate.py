@@ -71,6 +71,19 @@ def test_cached_decoding_equals_full_forward(kind):
     assert all(layer.self_attn.kv_cache is None for layer in model.layers)  # cache freed
 
 
+def test_cached_chunks_without_padding_equal_full_forward():
+    """Without a key_mask the cached prefix counts as real tokens: a chunk after it sits at the right positions
+    and sees the prefix but not its own future."""
+    model = _model()
+    x = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(4))
+    model.setup_cache(2, 10)
+    try:
+        chunks = [model.lm_head(model.hidden_states(x[:, a:b], cache_start=a)) for a, b in [(0, 4), (4, 7), (7, 8)]]
+    finally:
+        model.setup_cache(None)
+    assert (torch.cat(chunks, 1) - model(x)[:, :8]).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
 def test_logprobs_equal_log_softmax_of_full_forward(temperature, top_p):
     model = _model()
