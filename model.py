@@ -279,8 +279,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache_start)
         return self.norm(x)
 
-    def forward(self, tokens: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        return self.lm_head(self.hidden_states(tokens, key_mask))  # (B, T, V)
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.lm_head(self.hidden_states(tokens))  # (B, T, V)
 
     def values(self, h: Tensor) -> Tensor:
         """h (B, T, D) final hidden states -> (B, T) fp32 values."""
