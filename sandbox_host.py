@@ -62,7 +62,7 @@ class CgroupTree:
         cls.sweep_orphans()
         own = cls._own()
         name = f"nanorlef-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):   # v2: the root first (controllers live there)
+        if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):   # v2: the root first (the controllers)
             for parent in dict.fromkeys(["/sys/fs/cgroup", "/sys/fs/cgroup" + own.get("", "/")]):
                 try:
                     os.mkdir(f"{parent}/{name}")
@@ -74,7 +74,8 @@ class CgroupTree:
                         write_file(f"{base}/cgroup.subtree_control", f"+{ctrl}")
                     except OSError:
                         pass
-                return cls({"": base}, True), f"cgroup v2 ({read_file(base + '/cgroup.subtree_control').strip()})"
+                controllers = read_file(base + "/cgroup.subtree_control").strip()
+                return cls({"": base}, True), f"cgroup v2 ({controllers})"
             return None, "no writable cgroup v2 directory"
         bases = {}
         for ctrl in cls.V1:
@@ -121,8 +122,8 @@ class CgroupTree:
             except OSError:
                 continue
             for n in names:
-                _, owner, tag = (n.split("-", 2) + ["", ""])[:3] if n.startswith("nanorlef-") else ("", "", "")
-                if owner.isdigit() and tag.isalnum() and owner_matches(int(owner)):
+                prefix, owner, tag = (n.split("-", 2) + ["", ""])[:3]
+                if prefix == "nanorlef" and owner.isdigit() and tag.isalnum() and owner_matches(int(owner)):
                     found.setdefault(n, {})[ctrl] = f"{parent}/{n}"
         v2 = "" in {c for bases in found.values() for c in bases}
         return [cls(bases, v2) for bases in found.values()]
@@ -276,7 +277,8 @@ def proc_ppid(pid: str) -> str | None:
 
 def uid_processes(uid: int) -> list[str]:
     """Processes with `uid` as any of their real, effective, saved or filesystem uids."""
-    return [p for p in os.listdir("/proc") if p.isdigit() and str(uid).encode() in (_proc_field(p, b"Uid") or [])]
+    uid_text = str(uid).encode()
+    return [p for p in os.listdir("/proc") if p.isdigit() and uid_text in (_proc_field(p, b"Uid") or [])]
 
 
 def kill_uid(uid: int) -> None:
@@ -319,7 +321,8 @@ def remove_tree(paths: list[str]) -> None:
     """`rm -rf` (iterative, never follows symlinks, stays on one file system) of paths whose writers are all
     dead: a 3,000-deep directory costs no recursion here. Raises OSError with rm's message on failure."""
     if paths:
-        out = subprocess.run(["rm", "-rf", "--one-file-system", "--", *paths], capture_output=True, timeout=60)
+        out = subprocess.run(["rm", "-rf", "--one-file-system", "--", *paths], capture_output=True,
+                             timeout=60)
         if out.returncode:
             raise OSError(f"rm -rf: {out.stderr.decode(errors='replace')[-300:]}")
 
@@ -456,9 +459,10 @@ def isolate(libc, python: str, hide: list[str]) -> dict:
     hidden = []
     # Our mounts must not propagate back to the host's namespace.
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
-        needed = (os.path.realpath(python), os.path.dirname(os.__file__))  # the child's interpreter and stdlib
+        needed = (os.path.realpath(python), os.path.dirname(os.__file__))  # the child's interpreter, stdlib
         for path in hide:
-            if any(n == path or n.startswith(path.rstrip("/") + "/") for n in needed) or not os.path.isdir(path):
+            inside = path.rstrip("/") + "/"
+            if any(n == path or n.startswith(inside) for n in needed) or not os.path.isdir(path):
                 continue
             if libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                           b"size=4k,mode=0755") == 0:
@@ -506,7 +510,8 @@ def seccomp_program() -> bytes | None:
              "flags", (ld, None, None, 16 + 8 * 5), (jset, "deny", None, RWF_NOWAIT), allow,
              "advice", (ld, None, None, 16 + 8 * 2), (jeq, "deny", None, MADV_COLD),
              (jeq, "deny", None, MADV_PAGEOUT), allow,
-             "deny", (ret, None, None, SECCOMP_RET_ERRNO_EPERM), "kill", (ret, None, None, SECCOMP_RET_KILL_PROCESS)]
+             "deny", (ret, None, None, SECCOMP_RET_ERRNO_EPERM),
+             "kill", (ret, None, None, SECCOMP_RET_KILL_PROCESS)]
     return _assemble(code)
 
 

@@ -1,6 +1,7 @@
 """The sandbox's supervisor: one long-lived process per worker (root in training, stdlib only), started by
-sandbox.py, that runs each program in a fresh child and reports per-test results as JSON lines. Another process
-on another interpreter (the child's), so it imports none of the parent's code. Two ways to run a child:
+sandbox.py, that runs each program in a fresh child and reports per-test results as JSON lines. Another
+process on another interpreter (the child's), so it imports none of the parent's code. Two ways to run a
+child:
 
 * bubblewrap (root, `bwrap` on PATH, writable cgroups): `bwrap ... python -I -S` as the worker's uid, in new
   user, PID, IPC, UTS, network and cgroup namespaces, with read-only /usr and /etc, fresh /proc and /dev, and
@@ -9,9 +10,9 @@ on another interpreter (the child's), so it imports none of the parent's code. T
   kill ends it all, and the namespaces and mounts go with its last process. The next child starts as soon as a
   run ends (a spare that has run nothing and waits for its job), so a job does not wait for an interpreter.
 * fallback (no bwrap, no writable cgroups, or no root): `python -I -S` forked directly, as the worker's uid
-  when root, with rlimits, in a private root with its own network and IPC namespaces where root allows; its CPU
-  is its own clock plus the rusage of the descendants we reap as their subreaper, and cleanup removes the uid's
-  processes and files. Cgroups are still used when writable.
+  when root, with rlimits, in a private root with its own network and IPC namespaces where root allows; its
+  CPU is its own clock plus the rusage of the descendants we reap as their subreaper, and cleanup removes the
+  uid's processes and files. Cgroups are still used when writable.
 Both install a seccomp filter (sandbox_host.seccomp_program) before the program starts.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sandbox_host import (BOX_MARKER, BOX_PREFIX, CgroupTree, RunCgroup, enter_p
 
 MAX_DEPTH = 100                 # nesting of a result value: the child's encoder and the parent's decoder
 MAX_ELEMENTS = 200_000          # elements of all result values of a run: child's encoder, supervisor, parent
-JSON_DEPTH = 3 * MAX_DEPTH + 8  # JSON nesting of such a value (a dict entry is 3 levels): supervisor and parent
+JSON_DEPTH = 3 * MAX_DEPTH + 8  # JSON nesting of such a value (a dict entry is 3 levels): both sides
 MAX_CONTAINERS = 2 * MAX_ELEMENTS + 2   # JSON arrays of that many elements (tagged nodes, items, dict pairs)
 MAX_REPLY_BYTES = 16 << 20      # all results of a run as sent (escaped JSON); later ones become output_limit
 CHILD_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -65,7 +66,8 @@ def json_over_budget(text: str, max_containers: int = MAX_CONTAINERS, limit: int
     `max_containers` arrays and objects, unbalanced brackets or an unterminated string. One linear pass of
     C-speed steps, no recursion; the supervisor and the parent both call it before json.loads, whose cost is
     per container: escaped backslashes and quotes are dropped, every '"' left delimits a string, the parts
-    outside strings keep only their brackets, and the running sum of +1 per opening and -1 per closing one is the depth."""
+    outside strings keep only their brackets, and the running sum of +1 per opening and -1 per closing one
+    is the depth."""
     plain = text.replace("\\\\", "").replace('\\"', "")   # left to right, as a JSON scanner pairs them
     parts = plain.split('"')
     if len(parts) % 2 == 0:    # an odd number of quotes: a string never ends
@@ -108,7 +110,7 @@ def supervise(uid: int | None, python: str, hide: list[str]) -> None:
     if uid is not None and not sup.bwrap and hello["network"] == "isolated":   # root with CAP_SYS_ADMIN
         sup.private_root = True
         sup.isolation += ", private root, network and IPC namespaces per program"
-    sup.prespawn = bool(sup.bwrap)   # only now: a spare started before isolate() would be outside its namespaces
+    sup.prespawn = bool(sup.bwrap)   # only now: a spare started before isolate() would be outside them
     hello["isolation"] = sup.isolation
     if sup.bwrap or sup.private_root:                # nothing but the system directories is mounted there
         hello["hidden"] = hide
@@ -119,8 +121,9 @@ def supervise(uid: int | None, python: str, hide: list[str]) -> None:
             reply = sup.run_job(job)
         except Exception as e:  # a bug of ours must fail this run, not every later one
             detail = f"sandbox error: {type(e).__name__}: {e}"
-            reply = {"tests": [{"status": "crash", "value": None, "detail": detail, "cpu": None}] * len(job["tests"]),
-                     "cpu_time": 0.0, "wall_time": 0.0, "leftovers": sup.cleanup()}
+            crash = {"status": "crash", "value": None, "detail": detail, "cpu": None}
+            reply = {"tests": [crash] * len(job["tests"]), "cpu_time": 0.0, "wall_time": 0.0,
+                     "leftovers": sup.cleanup()}
         print(json.dumps(reply), flush=True)
         sup.start_spare(job)
     sup.close()
@@ -169,7 +172,7 @@ class Supervisor:
             self.home = os.path.join(self.box, "home")
             self._fresh_home()
         if uid is None:  # RLIMIT_NPROC counts all processes of our own uid here: leave room for them
-            self.nproc_base = sum(1 for p in os.listdir("/proc") if p.isdigit() and proc_uid(p) == os.getuid())
+            self.nproc_base = sum(p.isdigit() and proc_uid(p) == os.getuid() for p in os.listdir("/proc"))
 
     # ---- bubblewrap
     def _bwrap_argv(self) -> list[str] | None:
@@ -224,13 +227,14 @@ class Supervisor:
                     reply_bytes += len(json.dumps(r)) + 2   # as it goes on the wire: escaped again
                     if reply_bytes > MAX_REPLY_BYTES:
                         r.update(status="output_limit", value=None,
-                                 detail=f"the results of this program exceed {MAX_REPLY_BYTES} bytes in total")
+                                 detail=f"the results of this program exceed {MAX_REPLY_BYTES} bytes")
                 results += got
                 cpu += used
                 leftovers += problems
         finally:
             leftovers += self.cleanup()
-        return {"tests": results, "cpu_time": cpu, "wall_time": time.perf_counter() - t0, "leftovers": leftovers}
+        wall = time.perf_counter() - t0
+        return {"tests": results, "cpu_time": cpu, "wall_time": wall, "leftovers": leftovers}
 
     def start_spare(self, job: dict) -> None:
         """Start the next child now, with this job's limits, so that it has its interpreter up when the next
@@ -251,7 +255,7 @@ class Supervisor:
 
     @staticmethod
     def _cpu_rlimit(lim: dict, n_tests: int) -> int:
-        return math.ceil(lim["timeout_s"] * (n_tests + 1)) + 1   # the per-test CPU watchdog is ours; this backs it
+        return math.ceil(lim["timeout_s"] * (n_tests + 1)) + 1   # backs our per-test CPU watchdog
 
     def _fresh_keyrings(self) -> None:
         """Keys a program stored must not reach the next one: a new session keyring, the uid's keyrings
@@ -284,7 +288,8 @@ class Supervisor:
                 devnull = os.open(os.devnull, os.O_RDWR)
                 err = 2 if self.debug else devnull  # NANORLEF_SANDBOX_DEBUG=1: harness errors to our stderr
                 # Move the sources above the targets first, so no dup2 clobbers one (or is a no-op on fd 3).
-                sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for fd in (devnull, devnull, err, job_r, res_w, ack_r)]
+                sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16)
+                           for fd in (devnull, devnull, err, job_r, res_w, ack_r)]
                 for target, source in enumerate(sources):
                     os.dup2(source, target)
                 os.closerange(6, 1 << 16)
@@ -351,7 +356,7 @@ class Supervisor:
                      MAX_DEPTH, MAX_ELEMENTS)
         cg, pid, job_w, res_r, ack_w = self._take_child(lim, len(tests) - first)
         pidfd = os.pidfd_open(pid)
-        clock = ((~pid) << 3) | 2   # CPUCLOCK_SCHED of process `pid`: CPU time of all its threads, ns precision
+        clock = ((~pid) << 3) | 2   # CPUCLOCK_SCHED of process `pid`: CPU of all its threads, in ns
         cpu_now = cg.cpu if cg else (lambda: _cpu(clock))
         results: list[dict] = []
         stop: dict | None = None    # why we stopped the child early (None: it ended by itself)
@@ -461,7 +466,7 @@ class Supervisor:
             leftovers = []
             if self.uid is not None:
                 remove_tree(owned_entries(self.uid))
-                if found:  # only possible if something escaped the subreaper, which we then want to hear about
+                if found:  # only if something escaped the subreaper, which we then want to hear about
                     leftovers = [f"process {p} of uid {self.uid}" for p in os.listdir("/proc")
                                  if p.isdigit() and proc_uid(p) == self.uid]
             self._fresh_home()
@@ -544,7 +549,8 @@ class _LineReader:
                 line, self.buf = self.buf[:nl], self.buf[nl + 1:]
                 return line, None
             if len(self.buf) > self.cap:
-                return None, {"status": "output_limit", "detail": f"result message larger than {self.cap} bytes"}
+                why = f"result message larger than {self.cap} bytes"
+                return None, {"status": "output_limit", "detail": why}
             now, cpu = time.monotonic(), self.cpu_now()
             if now >= self.deadline_wall or cpu >= self.deadline_cpu:
                 over = now >= self.run_deadline
@@ -557,7 +563,8 @@ class _LineReader:
             if self.fd in ready:  # EOF: every writer closed the channel; did the child exit?
                 if select.select([self.pidfd], [], [], 0.2)[0]:
                     return None, None
-                return None, {"status": "error", "detail": "the result channel was closed before the test reported"}
+                why = "the result channel was closed before the test reported"
+                return None, {"status": "error", "detail": why}
             if self.pidfd in ready:  # the child exited: take what it wrote before leaving
                 if select.select([self.fd], [], [], 0)[0] and self._read():
                     continue
@@ -587,5 +594,6 @@ def _death_status(stop: dict | None, wstatus: int, cpu: float, cpu_limit: int, d
         if sig == signal.SIGXFSZ:
             return {**out, "status": "output_limit", "detail": "file size limit exceeded"}
         return {**out, "status": "crash", "detail": f"killed by {_signal_name(sig)}{where}"}
-    return {**out, "status": "exited", "detail": f"the program exited with code {os.WEXITSTATUS(wstatus)}{where} "
-                                                  "before the test reported a result"}
+    code = os.WEXITSTATUS(wstatus)
+    return {**out, "status": "exited",
+            "detail": f"the program exited with code {code}{where} before the test reported a result"}

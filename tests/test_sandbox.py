@@ -116,10 +116,12 @@ def leftover_processes(uids: set) -> list:
             pass
     spares = set()
     for group in by_cgroup.values():
-        argv0 = [Path(f"/proc/{p}/cmdline").read_bytes() for p in group]   # a booting spare has no python yet
+        # A booting spare is still our fork (before its exec of bwrap), or bwrap without the interpreter yet.
+        argvs = [Path(f"/proc/{p}/cmdline").read_bytes() for p in group]
         kinds = sorted("bwrap" if a.split(b"\0")[0].endswith(b"/bwrap") else
-                       "boot" if b"while chunk := os.read(3" in a else "other" for a in argv0)
-        if kinds in (["bwrap"], ["bwrap", "bwrap"], ["boot", "bwrap", "bwrap"]):
+                       "boot" if b"while chunk := os.read(3" in a else
+                       "fork" if b"sandbox_supervisor.supervise(" in a else "other" for a in argvs)
+        if kinds in (["fork"], ["bwrap"], ["bwrap", "bwrap"], ["boot", "bwrap", "bwrap"]):
             spares.update(group)
     return [pid for pid in found if pid not in spares]
 
