@@ -1,11 +1,9 @@
 """Tasks: one record format, and loaders for HumanEval, MBPP and stdin/stdout jsonl (CodeContests/APPS style).
 
-A Task holds a prompt, public tests (their failures are the feedback of the next turn), private tests (they
-decide the reward), the entry point that call tests call, and a reference solution (the time reward's
-yardstick). The sandbox runs a program's tests in a child process and compares in the parent, so an expected
-value never reaches the program; the datasets' asserts therefore become call tests wherever the parent can
-decide them (assert_to_call_test). Every loading error names the file, the line, the task and the field.
-
+A Task holds a prompt, public tests (their failures are the next turn's feedback), private tests (they decide
+the reward) and a reference solution (the time reward's yardstick). The sandbox compares a test's result in
+the parent, so an expected value never reaches the program: the datasets' asserts become call tests wherever
+the parent can decide them (assert_to_call_test). Loading errors name the file, line, task and field.
 This file never imports torch: the sandbox imports Test from it. The CPU demo's tasks are in synthetic.py.
 """
 from __future__ import annotations
@@ -63,11 +61,7 @@ class Test:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> Test:
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: a test must be an object, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} in test")
+        check_fields(cls, d, where)
         for name in TEST_FIELDS.get(require(d, "kind", str, where), ()):
             require(d, name, str, where)
         try:
@@ -118,11 +112,7 @@ class Task:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> Task:
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: a task must be a JSON object, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} in task")
+        check_fields(cls, d, where)
         task_id = str(require(d, "task_id", (str, int), where))
         where = f"{where} (task {task_id!r})"
         require(d, "prompt", str, where)
@@ -132,6 +122,15 @@ class Task:
                  for name in ("public_tests", "private_tests") if name in d}
         return cls(**{"public_tests": [], **d, **tests, "task_id": task_id, "tags": d.get("tags") or ()},
                    where=where)
+
+
+def check_fields(cls, d: dict, where: str) -> None:
+    """`d` is a JSON object with no field that `cls` lacks (a misspelt field would be ignored)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: a {cls.__name__} must be a JSON object, got {type(d).__name__}")
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} in {cls.__name__}")
 
 
 def require(d: dict, key: str, typ, where: str):
@@ -202,9 +201,9 @@ def check_references(tasks: list[Task], pool) -> list[TaskProblem]:
     for task, name, n_tests, check in checks:
         if not isinstance(check, str):
             result = check.result()
-            failed = [(i, t) for i, t in enumerate(result.tests) if t.status != "pass"]
-            if result.passed and not failed:
+            if result.passed:
                 continue
+            failed = [(i, t) for i, t in enumerate(result.tests) if t.status != "pass"]
             why = f"test {failed[0][0]}: {failed[0][1].status}: {failed[0][1].detail.strip()[-200:]}" \
                 if failed else "no verdict"
             check = f"fails {len(failed)} of its {n_tests} tests ({why})"
@@ -490,12 +489,7 @@ def load_stdio_jsonl(path: str | Path) -> list[Task]:
 
 
 def stdio_task(record: dict, where: str) -> Task:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: a task must be a JSON object")
-    unknown = set(record) - {"task_id", "prompt", "public_tests", "private_tests", "reference_solution",
-                             "tags"}
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+    check_fields(Task, record, where)
     task_id = str(require(record, "task_id", (str, int), where))
     where = f"{where} (task {task_id!r})"
     private = _stdio_tests(record, "private_tests", where)
@@ -590,13 +584,8 @@ def _read_bytes(path: Path) -> bytes:
     return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
 
 
-# The CPU demo's tasks moved to synthetic.py; these names still resolve here for callers not yet updated.
-_MOVED = ("synthetic_tasks", "synthetic_compositions", "split_for_rl", "composition_of", "bug_sites",
-          "with_bugs", "CLASSIC_BUGS")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
+def __getattr__(name: str):   # the CPU demo's tasks moved to synthetic.py: for callers not yet updated
+    if name in ("synthetic_tasks", "split_for_rl", "bug_sites", "with_bugs", "CLASSIC_BUGS"):
         import synthetic
         return getattr(synthetic, name)
     raise AttributeError(f"module 'data' has no attribute {name!r}")

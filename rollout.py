@@ -1,4 +1,4 @@
-"""Multi-turn episodes with execution feedback, as in RLEF (Gehring et al. 2024, Sec. 3).
+"""Multi-turn episodes with execution feedback, as in RLEF (Gehring et al. 2024, section 2).
 
 One episode of a task:
     user: problem statement
@@ -39,8 +39,8 @@ from typing import Callable
 import torch
 
 from data import Task
-from reward import (NO_CODE_FEEDBACK, RewardConfig, TimeReward, combined_reward, extract_code, feedback_text,
-                    lint_penalty)
+from reward import (INVALID, NO_CODE_FEEDBACK, RewardConfig, TimeReward, extract_code, feedback_text,
+                    final_reward, lint_penalty)
 from sandbox import RunResult, SandboxPool
 
 # A sampler maps prompts (token id lists) to (response ids, stopped) pairs. `stopped` is False when the
@@ -96,36 +96,12 @@ class Episode:
         return tokenizer.decode(self.tokens)
 
 
-def task_message(task: Task, instruction: str = INSTRUCTION) -> str:
-    return f"{task.prompt.rstrip()}\n\n{instruction}" if instruction else task.prompt.rstrip()
-
-
-def response_code(tokenizer, response: list[int], stopped: bool) -> str | None:
-    """The code block of a sampled response (None without one), decoded without its stop token."""
-    return extract_code(tokenizer.decode(response[:-1] if stopped else response))
-
-
-def model_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> Sampler:
-    """A Sampler backed by model.generate (KV cache, per-row stop ids)."""
-    from model import generate
-
-    def sample(prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
-        out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=generator)
-        rows = []
-        for tokens, mask, stopped in zip(out.tokens.tolist(), out.mask.tolist(), out.stopped.tolist()):
-            rows.append(([t for t, m in zip(tokens, mask) if m], bool(stopped)))
-        return rows
-    return sample
-
-
 class RolloutWorker:
-    """Runs batches of multi-turn episodes. Holds the sandbox pool and the time-reward cache."""
+    """Runs batches of multi-turn episodes; holds the sandbox pool and the time reward."""
 
     def __init__(self, tokenizer, pool: SandboxPool, cfg: RolloutConfig, reward_cfg: RewardConfig):
         self.tokenizer, self.pool, self.cfg, self.reward_cfg = tokenizer, pool, cfg, reward_cfg
-        self.time_reward = TimeReward.from_config(pool, reward_cfg) if reward_cfg.time_weight else None
+        self.time_reward = TimeReward(pool) if reward_cfg.time_weight else None
         # where rollout time goes (bench/bench_train.py)
         self.seconds = {"generate": 0.0, "sandbox_wait": 0.0}
 
@@ -201,28 +177,23 @@ class RolloutWorker:
             if turn.code is not None:  # score the final code now; it runs while other episodes generate
                 ep._private_future = self.pool.submit(turn.code, ep.task.private_tests, ep.task.setup_code)
             return
-        if turn.code is None:
-            # RLEF: a turn without code is penalised, and the episode goes on
-            turn.reward = self.reward_cfg.invalid
+        if turn.code is None:   # RLEF: a turn without code is penalised, and the episode goes on
+            turn.reward = INVALID
         ep.tokens += message
         ep.action_mask += [False] * len(message)
 
     def _score(self, ep: Episode) -> None:
-        """Final reward on the last turn: correctness on the private tests (+ time, - lint)."""
+        """The final reward, on the last turn: correctness on the private tests (+ time, - lint)."""
         final = ep.turns[-1]
-        ep.private, ep._private_future = self._wait(ep._private_future), None
-        speed = 0.0
+        ep.private, ep._private_future = self._wait(ep._private_future), None   # None: no final code
+        speed = lint = 0.0
         if self.time_reward is not None and ep.passed:
             t0 = time.perf_counter()
             speed = self.time_reward(ep.task, final.code)
             self.seconds["sandbox_wait"] += time.perf_counter() - t0
-        if final.code is None:
-            # no code at the end: the episode failed (-1) AND the turn had no code (-0.2), so silence
-            # never beats trying
-            final.reward += self.reward_cfg.incorrect + self.reward_cfg.invalid
-            return
-        lint = lint_penalty(final.code) if self.reward_cfg.lint_weight else 0.0
-        final.reward += combined_reward(ep.private, self.reward_cfg, time=speed, lint=lint)
+        if self.reward_cfg.lint_weight and final.code is not None:
+            lint = lint_penalty(final.code)
+        final.reward += final_reward(ep.private, self.reward_cfg, time=speed, lint=lint)
 
     def _wait(self, future: Future | None) -> RunResult | None:
         if future is None:
@@ -231,6 +202,30 @@ class RolloutWorker:
         result = future.result()
         self.seconds["sandbox_wait"] += time.perf_counter() - t0
         return result
+
+
+def task_message(task: Task, instruction: str = INSTRUCTION) -> str:
+    return f"{task.prompt.rstrip()}\n\n{instruction}" if instruction else task.prompt.rstrip()
+
+
+def response_code(tokenizer, response: list[int], stopped: bool) -> str | None:
+    """The code block of a sampled response (None without one), decoded without its stop token."""
+    return extract_code(tokenizer.decode(response[:-1] if stopped else response))
+
+
+def model_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> Sampler:
+    """A Sampler backed by model.generate (KV cache, per-row stop ids)."""
+    from model import generate
+
+    def sample(prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
+        out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=generator)
+        rows = []
+        for tokens, mask, stopped in zip(out.tokens.tolist(), out.mask.tolist(), out.stopped.tolist()):
+            rows.append(([t for t, m in zip(tokens, mask) if m], bool(stopped)))
+        return rows
+    return sample
 
 
 # ------------------------------------------------------------------------------------------------------------

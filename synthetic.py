@@ -2,8 +2,8 @@
 
 Compositions: f(xs) = reduction(map(x) for x in xs if filter(x)), e.g. "the sum of the squares of the even
 numbers in xs". The held-out splits are new compositions of primitives that the training split has seen, so
-evaluation measures generalisation, not recall. Every reference has one canonical style,
-`def f(xs):\n    return <one expression>\n`.
+evaluation measures generalisation, not recall. Every reference has one canonical style: `def f(xs):` and a
+one-line `return`.
 
 Slow/fast pairs: two correct solutions, one tens of ms of CPU slower on a large private test, for the time
 reward to choose between.

@@ -7,7 +7,7 @@ import pytest
 
 import reward
 from data import Task, Test
-from reward import RewardConfig, TimeReward, correctness_reward, extract_code, feedback_text, lint_penalty
+from reward import RewardConfig, TimeReward, correctness_reward, extract_code, feedback_text, final_reward, lint_penalty
 from sandbox import Limits, RunResult, SandboxPool, TestResult
 
 
@@ -40,25 +40,22 @@ def test_extract_code(text, code):
 
 
 def test_correctness_values():
-    cfg = RewardConfig()
-    assert correctness_reward(None, cfg) == -0.2
-    assert correctness_reward(run("pass", "pass"), cfg) == 1.0
-    assert correctness_reward(run("pass", "wrong_answer"), cfg) == -1.0
-    assert correctness_reward(run(), cfg) == -1.0                         # no results: not a pass
-    partial = RewardConfig(partial_credit=True)
-    assert correctness_reward(run("pass", "pass", "timeout"), partial) == pytest.approx(-1 + 2 / 3 * 2)
-    assert correctness_reward(run("crash", "timeout"), partial) == -1.0
-    assert correctness_reward(run("pass", "pass"), partial) == 1.0
-    custom = RewardConfig(correct=2.0, incorrect=0.0, invalid=-1.0, partial_credit=True)
-    assert correctness_reward(run("pass", "runtime_error", "pass", "pass"), custom) == 1.5
-    assert correctness_reward(None, custom) == -1.0
+    """RLEF's +1 / -1 by hand, and partial credit: -1 + 2 * (fraction of tests passed)."""
+    assert correctness_reward(run("pass", "pass")) == 1.0
+    assert correctness_reward(run("pass", "wrong_answer")) == -1.0
+    assert correctness_reward(run()) == -1.0                                 # no results: not a pass
+    assert correctness_reward(run("pass", "pass", "timeout"), partial_credit=True) == pytest.approx(-1 + 4 / 3)
+    assert correctness_reward(run("pass", "runtime_error", "pass", "pass"), partial_credit=True) == 0.5
+    assert correctness_reward(run("crash", "timeout"), partial_credit=True) == -1.0
+    assert correctness_reward(run("pass", "pass"), partial_credit=True) == 1.0
 
 
-def test_combined_reward():
+def test_final_reward():
     cfg = RewardConfig(time_weight=0.5, lint_weight=0.1)
-    assert reward.combined_reward(run("pass"), cfg, time=0.8, lint=0.5) == pytest.approx(1 + 0.4 - 0.05)
-    assert reward.combined_reward(run("wrong_answer"), cfg, time=0.8, lint=0.5) == pytest.approx(-1 - 0.05)
-    assert reward.combined_reward(None, cfg, time=0.8, lint=0.5) == -0.2
+    assert final_reward(run("pass"), cfg, time=0.8, lint=0.5) == pytest.approx(1 + 0.4 - 0.05)
+    assert final_reward(run("wrong_answer"), cfg, time=0.8, lint=0.5) == pytest.approx(-1 - 0.05)  # no time
+    assert final_reward(None, cfg, time=0.8, lint=0.5) == pytest.approx(-1.2)   # no final code: -1 - 0.2
+    assert final_reward(run("pass"), RewardConfig(), time=0.8, lint=0.5) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- feedback
@@ -180,9 +177,9 @@ SPINNING = ("import os\ndef total(n):\n    for _ in range(20):\n        if os.fo
 
 @pytest.mark.slow
 def test_time_reward_is_unmoved_by_hidden_children_and_spinners():
-    """Issue 32, classes 1 and 9, in the real sandbox: the loop done in a child nobody waits for costs what the
-    same loop costs in the program itself (it scored +1 when such children went uncounted), and setsid
-    spinners a candidate leaves are ended before the reference is timed, so they cannot slow it."""
+    """In the real sandbox: the loop done in a child nobody waits for costs what the same loop costs in the
+    program itself (it would score +1 if such children went uncounted), and setsid spinners a candidate leaves
+    are ended before the reference is timed, so they cannot slow it."""
     with SandboxPool(workers=2, limits=Limits(timeout_s=10.0)) as pool:
         if "cgroup" not in pool.isolation:
             pytest.skip(f"CPU of unwaited children is counted with cgroups only: {pool.isolation}")
@@ -257,7 +254,7 @@ def test_failed_reference_is_retried_then_leaves_the_time_term():
     time_reward = TimeReward(broken, clip=5.0, ref_tries=3)
     assert time_reward(task, "CAND") == 0.0                    # the sample leaves the time term...
     assert broken.programs == ["CAND", "REF", "REF", "REF"]   # ...after ref_tries runs of the reference
-    assert time_reward.last_outcome == "reference_failed" and time_reward.outcomes["reference_failed"] == 1
+    assert time_reward.last_outcome == "reference_failed"
     no_ref = Task(task_id="n", prompt="p", public_tests=[], private_tests=task.private_tests, entry_point="total")
     assert time_reward(no_ref, "CAND") == 0.0 and time_reward.last_outcome == "no_reference"
 
@@ -311,4 +308,4 @@ def test_a_task_with_an_assert_test_earns_no_time_reward():
                 private_tests=[Test(kind="call", call="f()", expected="1"), Test(kind="assert", code="assert f() == 1")])
     timer = TimeReward(pool=None)
     assert has_assert_tests(task) and timer(task, "def f():\n    return 1\n") == 0.0
-    assert timer.last_outcome == "assert_tests" and timer.outcomes["assert_tests"] == 1
+    assert timer.last_outcome == "assert_tests"

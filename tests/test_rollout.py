@@ -189,8 +189,8 @@ def test_episode_length_limit_counts_the_feedback_and_the_next_header(pool):
 
 
 def test_no_episode_exceeds_max_episode_tokens(pool):
-    """The issue's case: with a 400-token limit the second prompt reached 807 tokens. Worst case here: every
-    response is cut off at max_new_tokens, over three turns, at many limits."""
+    """Worst case: every response is cut off at max_new_tokens, over three turns, at many limits (a limit
+    counted on the prompt alone once let a 400-token episode reach 807 tokens)."""
     tok = Tokenizer.byte_level()
     max_new = 120
     filler = tok.encode("x = 1\n" * max_new)[:max_new]  # no code block: "no code" feedback, then again
