@@ -43,14 +43,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def task_results(worker: RolloutWorker, sampler: Sampler, tasks: list[Task], samples: int, max_turns: int,
-                 episodes: int = 1) -> tuple[list[dict], list[Episode]]:
+                 episodes: int = 1, log=None) -> tuple[list[dict], list[Episode]]:
     """Per task: how many of `samples` single-turn samples pass, and the verdicts of `episodes` multi-turn
     episodes (first turn and final turn).
 
-    Returns per-task records (mergeable across ranks) and the multi-turn episodes (for logging samples).
+    Returns per-task records (mergeable across ranks) and the multi-turn episodes (for logging samples). With
+    `log`, each phase runs about one generate() batch of tasks at a time and logs its progress.
     """
-    single = worker.run(sampler, [t for t in tasks for _ in range(samples)], max_turns=1)
-    multi = worker.run(sampler, [t for t in tasks for _ in range(episodes)], max_turns=max_turns)
+    single = run_in_groups(worker, sampler, tasks, samples, 1, log and (lambda s: log(f"samples {s}")))
+    multi = run_in_groups(worker, sampler, tasks, episodes, max_turns, log and (lambda s: log(f"episodes {s}")))
     # Turn 1 of a multi-turn episode that went on was never scored on the private tests: score it now.
     futures = {i: worker.pool.submit(ep.turns[0].code, ep.task.private_tests, ep.task.setup_code)
                for i, ep in enumerate(multi) if len(ep.turns) > 1 and ep.turns[0].code is not None}
@@ -67,6 +68,23 @@ def task_results(worker: RolloutWorker, sampler: Sampler, tasks: list[Task], sam
                         "turn1_c": sum(turn1_passed(i) for i in mine),
                         "turns": sum(len(multi[i].turns) for i in mine), "max_turns": max_turns})
     return records, multi
+
+
+def run_in_groups(worker: RolloutWorker, sampler: Sampler, tasks: list[Task], repeats: int, max_turns: int,
+                  log=None) -> list[Episode]:
+    """worker.run over each task `repeats` times. With `log`: in groups of tasks that fill one generate()
+    batch, each followed by a progress line (tasks done, elapsed time, ETA). Single-turn groups are whole
+    batches of the one call, so they draw the same samples."""
+    if log is None:
+        return worker.run(sampler, [t for t in tasks for _ in range(repeats)], max_turns=max_turns)
+    group = max(1, worker.cfg.gen_batch_size // repeats)
+    out, start = [], time.perf_counter()
+    for first in range(0, len(tasks), group):
+        done = tasks[first:first + group]
+        out += worker.run(sampler, [t for t in done for _ in range(repeats)], max_turns=max_turns)
+        n, elapsed = first + len(done), time.perf_counter() - start
+        log(f"{n}/{len(tasks)} tasks  elapsed {duration(elapsed)}  ETA {duration(elapsed / n * (len(tasks) - n))}")
+    return out
 
 
 def fast_share_records(worker: RolloutWorker, sampler: Sampler, tasks: list[Task], samples: int,
@@ -264,20 +282,6 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def evaluate_tasks(worker: RolloutWorker, sampler: Sampler, tasks: list[Task], samples: int, max_turns: int,
-                   episodes: int, group: int, log=print) -> list[dict]:
-    """task_results over `group` tasks at a time, each group followed by a progress line (tasks done, elapsed
-    time, ETA). The records are those of one call over all tasks."""
-    records, start = [], time.perf_counter()
-    for first in range(0, len(tasks), group):
-        found, _ = task_results(worker, sampler, tasks[first:first + group], samples, max_turns, episodes)
-        records += found
-        elapsed = time.perf_counter() - start
-        eta = elapsed / len(records) * (len(tasks) - len(records))
-        log(f"evaluate: {len(records)}/{len(tasks)} tasks  elapsed {duration(elapsed)}  ETA {duration(eta)}")
-    return records
-
-
 def evaluate_policy(args, tasks: list[Task], model, tokenizer, log=print) -> list[dict]:
     """The model's records on the tasks, in a sandbox pool of --workers. The sampler's generator is seeded
     with --seed: a rerun draws the same samples."""
@@ -292,10 +296,10 @@ def evaluate_policy(args, tasks: list[Task], model, tokenizer, log=print) -> lis
                                 gen_batch_size=args.gen_batch_size,
                                 instruction=INSTRUCTION if args.instruction is None else args.instruction,
                                 max_episode_tokens=model.config.max_position_embeddings)
-    group = max(1, args.gen_batch_size // max(args.samples, args.episodes))  # about one generate() batch
     with SandboxPool(args.workers or None, Limits(timeout_s=args.timeout)) as pool, torch.inference_mode():
         worker = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig())  # no time reward: no timing
-        return evaluate_tasks(worker, sampler, tasks, args.samples, args.max_turns, args.episodes, group, log)
+        return task_results(worker, sampler, tasks, args.samples, args.max_turns, args.episodes,
+                            lambda line: log(f"evaluate: {line}"))[0]
 
 
 def pass_at_ks(samples: int) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import psutil
@@ -230,16 +231,31 @@ def batches_by_turns(examples: list, batch_size: int, rng: random.Random):
 
 
 def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int, batch_size: int, lr: float,
-              pad_id: int, seed: int = 0, micro_batch_size: int = 8, log=None) -> list[float]:
+              pad_id: int, seed: int = 0, micro_batch_size: int = 8, log=None, checkpoint: Path | None = None,
+              save_every_s: float = 120.0) -> list[float]:
     """AdamW on the demonstration NLL with a linear warm-up and cosine decay, each batch of `batch_size` put
-    through in micro-batches of `micro_batch_size` (`backward_by_length`). Returns the per-step losses."""
+    through in micro-batches of `micro_batch_size` (`backward_by_length`). Returns the per-step losses.
+
+    With `checkpoint`, the state (weights, optimizer, schedule, step, the batch order's RNG, losses) is written
+    there atomically every `save_every_s` seconds, and a run that finds it continues from it: a killed warm
+    start loses minutes, not the hours before them. The file is removed when training ends."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
-    rng = random.Random(seed)
-    losses = []
+    rng, losses, start = random.Random(seed), [], 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        losses, start = state["losses"], state["step"]
+        if log is not None:
+            log(f"sft: continuing from step {start} ({checkpoint})")
     model.train()
-    for step, batch in zip(range(steps), batches_by_turns(examples, batch_size, rng)):
+    started = saved = time.perf_counter()
+    for step, batch in zip(range(start, steps), batches_by_turns(examples, batch_size, rng)):
         optimizer.zero_grad(set_to_none=True)
         loss = backward_by_length(model, batch, pad_id, micro_batch_size)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -247,9 +263,27 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
         schedule.step()
         losses.append(loss)
         if log is not None and (step % 50 == 0 or step == steps - 1):
-            log(f"sft step {step:4d}/{steps}  loss {loss:.4f}")
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (step + 1 - start) * (steps - step - 1)
+            log(f"sft step {step:4d}/{steps}  loss {loss:.4f} | {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+        if checkpoint is not None and time.perf_counter() - saved >= save_every_s and step + 1 < steps:
+            # the RNG after this step's batch draws the next one: a resumed run sees the same batches
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "rng": rng.getstate(),
+                             "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1}, checkpoint)
+            saved = time.perf_counter()
     model.eval()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return losses
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """torch.save beside, then rename: a run killed mid-write keeps the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
@@ -290,7 +324,7 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     torch.manual_seed(seed)
     model = Transformer(model_config)
     train_sft(model, examples, steps=steps, batch_size=batch_size, lr=lr, pad_id=tokenizer.pad_id, seed=seed,
-              log=log)
+              log=log, checkpoint=path.with_name(path.name + ".partial.pt"))
     publish_checkpoint(model, path, log, tokenizer)
     return path
 

@@ -58,6 +58,8 @@ class Config:
     dataset: str = arg("synthetic", "synthetic | mbpp | humaneval | stdio | tasks")
     data_path: str = arg("", "jsonl file for mbpp / stdio / tasks (one Task.to_dict() record per line)")
     eval_split: str = arg("test", "split of held-out tasks for evaluation (synthetic: validation | test)")
+    drop_broken_tasks: bool = arg(False, "drop the tasks whose reference solution does not compile or fails its "
+                                         "own tests (checked in the sandbox at start; without it, reported)")
     # algorithm
     algo: str = arg("ppo", "ppo | grpo | dr_grpo | expert_iteration (dr_grpo: GRPO without the division by "
                           "the group's std, Liu et al. 2025)")
@@ -687,7 +689,8 @@ class ConfigError(ValueError):
     """A configuration the run refuses before any work: main prints it as one line and exits with status 2."""
 
 
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.tmp", "plot.png", "samples-*.txt")
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.tmp", "plot.png", "samples-*.txt",
+               "tensorboard")
 # Flags a resumed run may change: they do not alter what it computes (only --steps may go up, checked at load).
 RESUMABLE = {"resume", "overwrite", "steps", "sandbox_workers", "save_every", "eval_every", "out_dir", "cache_dir"}
 
@@ -715,6 +718,15 @@ def prepare_out_dir(cfg: Config, out: Path) -> None:
     tmp = out / "config.json.tmp"
     tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     tmp.replace(saved_file)
+
+
+def tensorboard_writer(folder: Path):
+    """torch.utils.tensorboard's SummaryWriter when tensorboard is installed, else None (metrics.jsonl only)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
 
 
 def kl_stats(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -758,6 +770,7 @@ class Trainer:
             prepare_out_dir(cfg, self.out)
         barrier(self.world)
         self.log("config: " + json.dumps(dataclasses.asdict(cfg)))
+        self.tensorboard = tensorboard_writer(self.out / "tensorboard") if self.rank == 0 else None
         self.tokenizer = load_tokenizer(cfg)
         self.train_tasks, self.eval_tasks = load_tasks(cfg)
         _, rl_tasks = data.split_for_rl(self.train_tasks, cfg.tiny_rl_share)  # the tasks RL samples
@@ -769,6 +782,16 @@ class Trainer:
             raise ValueError("no training task is left for RL: every one has an assert test")
         if cfg.eval_tasks:
             self.eval_tasks = self.eval_tasks[:cfg.eval_tasks]
+        self.pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
+        try:
+            self._setup_models()
+        except BaseException:  # a refused configuration must not leave the sandbox's processes behind
+            self.pool.close()
+            raise
+
+    def _setup_models(self):
+        cfg = self.cfg
+        self.check_references()  # before the warm start imitates them
         self.model_dir = Path(cfg.model_dir) if cfg.model_dir else self._tiny_warm_start()
         config_file = self.model_dir / "config.json"  # the tokenizer must fit the model before any work
         check_vocab(ModelConfig.from_hf(read_json(config_file), str(config_file)), self.tokenizer, config_file)
@@ -783,7 +806,6 @@ class Trainer:
         self.kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
                        else ppo.FixedKLController(cfg.kl_coef))
         self.start_step = self._load_trainer_state(state) if state is not None else 0
-        self.pool = SandboxPool(cfg.sandbox_workers or None, Limits(timeout_s=cfg.test_timeout))
         reward_cfg = RewardConfig(time_weight=cfg.time_weight, partial_credit=cfg.partial_credit,
                                   lint_weight=cfg.lint_weight)
         rollout_cfg = RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
@@ -810,6 +832,27 @@ class Trainer:
             optimizers.append(torch.optim.AdamW(critic, lr=cfg.critic_lr, weight_decay=0.0))
         return optimizers
 
+    def check_references(self):
+        """Tasks whose reference solution does not compile or fails its own tests teach the warm start the
+        wrong program and time the time reward against it: reported, or dropped with --drop_broken_tasks."""
+        problems = data.check_references(self.train_tasks, self.pool) if self.rank == 0 else None
+        problems = broadcast_object(problems, self.world)
+        if not problems:
+            return
+        for problem in problems[:5]:
+            self.log(f"broken reference: {problem}")
+        broken = {p.task_id for p in problems}
+        if not self.cfg.drop_broken_tasks:
+            self.log(f"{len(broken)} tasks have a broken reference (--drop_broken_tasks drops them)")
+            return
+        self.train_tasks = [t for t in self.train_tasks if t.task_id not in broken]
+        self.rl_tasks = [t for t in self.rl_tasks if t.task_id not in broken]
+        self.eval_tasks = [t for t in self.eval_tasks if t.task_id not in broken]
+        self.log(f"dropped {len(broken)} tasks with a broken reference: {len(self.train_tasks)} training and "
+                 f"{len(self.eval_tasks)} evaluation tasks left")
+        if not self.rl_tasks or not self.eval_tasks:
+            raise ConfigError("--drop_broken_tasks: no training or evaluation task is left")
+
     def _tiny_warm_start(self) -> Path:
         """The CPU demo has no checkpoint to start from: rank 0 trains one (cached), the others wait."""
         cfg = self.cfg
@@ -823,11 +866,18 @@ class Trainer:
             print(message, flush=True)
 
     def write_metrics(self, record: dict):
-        if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                # NaN (e.g. explained variance of constant returns) is written as null: strict JSON has no NaN
-                clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-                f.write(json.dumps(clean) + "\n")
+        """One JSON line in metrics.jsonl, the run's record; the same scalars to TensorBoard when installed."""
+        if self.rank != 0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            # NaN (e.g. explained variance of constant returns) is written as null: strict JSON has no NaN
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            f.write(json.dumps(clean) + "\n")
+        if self.tensorboard is not None:
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self.tensorboard.flush()
 
     # -- one iteration -------------------------------------------------------------------------------------------
     def step_tasks(self, step: int):
@@ -927,18 +977,18 @@ class Trainer:
         return model_sampler(self.models.policy, self.tokenizer, cfg.max_new_tokens, cfg.eval_temperature, 1.0,
                              generator)
 
-    def held_out_results(self, sampler) -> tuple[list, list]:
+    def held_out_results(self, sampler, log=None) -> tuple[list, list]:
         """(records, episodes) of this rank's share of the held-out tasks: pass@1 samples and 1@3 episodes."""
         cfg = self.cfg
         return task_results(self.worker, sampler, self.eval_tasks[self.rank::self.world], cfg.eval_samples,
-                            cfg.max_turns, cfg.eval_episodes)
+                            cfg.max_turns, cfg.eval_episodes, log)
 
     def evaluate(self, step: int, label: str) -> dict:
         cfg = self.cfg
         sampler = self.eval_sampler()
         t0 = time.perf_counter()
         with full_params(self.models.scorer, cfg.fsdp):
-            records, episodes = self.held_out_results(sampler)
+            records, episodes = self.held_out_results(sampler, lambda line: self.log(f"eval[{label}] {line}"))
             # the training split's slow/fast tasks: the held-out ones are too few, and too rarely solved, to
             # give a share worth reading; the time reward's effect on the policy's choice shows on either
             slow_fast = [t for t in self.train_tasks[self.rank::self.world] if "slow_fast" in t.tags]
@@ -1003,8 +1053,11 @@ class Trainer:
     def _load_checkpoint_weights(self) -> dict:
         """Load the saved policy/critic weights into the unwrapped models; return the trainer state."""
         path = self.out / "checkpoint"
-        if not (path / "trainer.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path} (expected {path / 'trainer.pt'})")
+        if not (path / "trainer.pt").exists():  # killed before its first checkpoint (the warm start continued)
+            self.log(f"--resume: no checkpoint in {path} yet: the iterations start at step 0")
+            if self.rank == 0:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            return None
         state = torch.load(path / "trainer.pt", weights_only=False)
         if self.cfg.steps < state["step"]:
             raise ConfigError(f"--resume: --steps {self.cfg.steps} is below the checkpoint's step {state['step']} "

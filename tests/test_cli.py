@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # One value outside each flag's domain (or not of its type).
 BAD = {
     "preset": "huge", "model_dir": "{tmp}", "tokenizer": "{tmp}/no_tokenizer.json", "dtype": "float16",
-    "dataset": "apps", "data_path": "{tmp}/missing.jsonl", "eval_split": "train",
+    "dataset": "apps", "data_path": "{tmp}/missing.jsonl", "eval_split": "train", "drop_broken_tasks": "maybe",
     "algo": "reinforce", "critic": "probes", "advantage": "gae", "gamma": "1.5", "lam": "-0.1",
     "kl_placement": "both", "kl_coef": "-0.01", "kl_target": "-1", "kl_horizon": "0", "clip_eps": "0",
     "value_clip": "-0.2", "vf_coef": "-1", "ent_coef": "nan", "truncation_penalty": "-0.5", "max_grad_norm": "0",

@@ -6,6 +6,7 @@ the held-out tasks; everything else (model, tasks, rewards, multi-turn expert it
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,45 @@ def test_sft_backward_by_length_is_the_gradient_of_the_padded_batch(micro_batch_
     assert loss == pytest.approx(reference_loss.item(), rel=1e-10)
     for p, g in zip(model.parameters(), reference):
         torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+
+
+def test_a_killed_warm_start_continues_where_it_stopped(tmp_path, monkeypatch):
+    """sft.train_sft with a checkpoint file, interrupted inside step 4 (an exception from the backward), then
+    called again: it continues from the state saved after step 3 and ends with the weights and losses of an
+    uninterrupted run, bit for bit; the checkpoint file is gone at the end."""
+    import sft
+    tok = Tokenizer.byte_level()
+    examples = [sft.demonstration(tok, task_message(t, ""), t.reference_solution)
+                for t in data.synthetic_tasks("train", 0)[:12]]
+    config = ModelConfig(vocab_size=tok.n_words, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+
+    def train(checkpoint=None, log=None):
+        torch.manual_seed(0)
+        model = Transformer(config)
+        losses = sft.train_sft(model, examples, steps=6, batch_size=4, lr=1e-2, pad_id=tok.pad_id, seed=3,
+                               checkpoint=checkpoint, save_every_s=0.0, log=log)
+        return model, losses
+    straight, straight_losses = train()
+    checkpoint, backward, calls = tmp_path / "warm.partial.pt", sft.backward_by_length, []
+
+    def killed_in_step_4(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return backward(*a, **kw)
+    monkeypatch.setattr(sft, "backward_by_length", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 3
+    monkeypatch.setattr(sft, "backward_by_length", backward)
+    lines = []
+    resumed, resumed_losses = train(checkpoint, lines.append)
+    assert lines[0] == f"sft: continuing from step 3 ({checkpoint})"
+    assert re.fullmatch(r"sft step    5/6  loss \d\.\d{4} \| \d+\.\d min, ETA 0\.0 min", lines[-1]), lines
+    assert resumed_losses == straight_losses and not checkpoint.exists()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def run_train(argv, timeout=900):

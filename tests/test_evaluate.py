@@ -14,7 +14,7 @@ import re
 import pytest
 
 import data
-from evaluate import (evaluate_tasks, fast_share_records, pass_at_k, pass_at_ks, summarize,
+from evaluate import (fast_share_records, pass_at_k, pass_at_ks, summarize,
                       summarize_fast_share, task_results)
 from reward import NO_CODE_FEEDBACK, RewardConfig, TimeReward
 from rollout import RolloutConfig, RolloutWorker
@@ -162,15 +162,19 @@ def test_task_results_and_summarize_count_scripted_verdicts(tok, pool):
         summarize([])
 
 
-def test_evaluate_tasks_in_groups_counts_as_one_call_and_reports_progress(tok, pool):
+def test_task_results_in_groups_count_as_one_call_and_report_progress(tok, pool):
+    """With a log, each phase runs a generate() batch of tasks at a time (12 episodes: 3 tasks of 4 samples, 6
+    tasks of 2 episodes) and logs its progress; the records are those of one call."""
     tasks, script, expected = scripted_case()
     lines = []
-    records = evaluate_tasks(worker_for(tok, pool), scripted_sampler(tok, script), tasks, samples=4,
-                             max_turns=3, episodes=2, group=3, log=lines.append)
-    assert [r["task_id"] for r in records] == [t.task_id for t in tasks]
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=3, max_new_tokens=128, instruction="",
+                                                    gen_batch_size=12), RewardConfig())
+    records, _ = task_results(worker, scripted_sampler(tok, script), tasks, samples=4, max_turns=3, episodes=2,
+                              log=lines.append)
     assert {r["task_id"]: (r["c"], r["final_c"], r["turn1_c"], r["turns"]) for r in records} == expected
-    assert [re.fullmatch(r"evaluate: (\d)/7 tasks  elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d", line)[1]
-            for line in lines] == ["3", "6", "7"]
+    progress = [re.fullmatch(r"(\w+) (\d)/7 tasks  elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d", line).groups()
+                for line in lines]
+    assert progress == [("samples", "3"), ("samples", "6"), ("samples", "7"), ("episodes", "6"), ("episodes", "7")]
     assert lines[-1].endswith("ETA 0:00:00")
 
 

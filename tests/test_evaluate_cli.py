@@ -134,7 +134,7 @@ def test_evaluates_a_checkpoint_with_its_own_tokenizer(llama3_model, tmp_path):
     result = run(["--model_dir", llama3_model, "--dataset", "humaneval", "--limit", "2", "--samples", "2",
                   "--max_new_tokens", "4", "--temperature", "1", "--workers", "1"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "evaluate: 2/2 tasks  elapsed" in result.stderr and "tokenizer llama3" in result.stderr
+    assert "evaluate: episodes 2/2 tasks  elapsed" in result.stderr and "tokenizer llama3" in result.stderr
     out = read_result(tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
         [f"out/eval/{Path(out['args']['out']).name}"]

@@ -36,7 +36,7 @@ def tiny_model(seed=0) -> Transformer:
 
 def episode(prompt: str, segments, passed: bool) -> Episode:
     """segments: ("act", text, reward) for a sampled response (ends with <|eot_id|>), ("obs", text) for feedback."""
-    ep = Episode(TASK, TOK.encode(prompt, bos=True), [])
+    ep = Episode(TASK, [TOK.bos_id] + TOK.encode(prompt), [])
     ep.action_mask = [False] * len(ep.tokens)
     for seg in segments:
         if seg[0] == "act":

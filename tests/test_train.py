@@ -5,6 +5,7 @@ test wants "7". RL must move the policy's mass onto 7: the reward rises from abo
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -330,3 +331,54 @@ def test_overwrite_replaces_only_the_earlier_runs_outputs(tmp_path):
     train.prepare_out_dir(cfg, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "notes.txt"]
     assert json.loads((tmp_path / "config.json").read_text())["overwrite"] is True
+
+
+@pytest.mark.slow
+def test_broken_references_are_reported_or_dropped_and_tensorboard_gets_the_metrics(setup, tmp_path, capsys):
+    """Two tasks whose reference is broken (one fails its test, one does not compile): a run reports them and
+    keeps them; --drop_broken_tasks drops them before any work and says how many are left. With tensorboard
+    installed, its event file holds the scalars of metrics.jsonl."""
+    broken = [Task(task_id="fails", prompt="Print a number.", public_tests=TASK.public_tests,
+                   private_tests=TASK.private_tests, reference_solution="print(8)"),
+              Task(task_id="no_parse", prompt="Print a number.", public_tests=TASK.public_tests,
+                   private_tests=TASK.private_tests, reference_solution="print(7")]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in [TASK, *broken]))
+    short = ("--data_path", str(tasks), "--steps", "1", "--tasks_per_step", "1", "--samples_per_task", "2",
+             "--eval_samples", "2")
+    import train
+    trainer = train.Trainer(train.parse_config(args(setup, tmp_path / "kept", *short)))
+    trainer.pool.close()
+    kept = capsys.readouterr()
+    assert "broken reference: task 'fails': field 'reference_solution' fails 1 of its 1 tests" in kept.out
+    assert "broken reference: task 'no_parse': field 'reference_solution'" in kept.out
+    assert "2 tasks have a broken reference (--drop_broken_tasks drops them)" in kept.out
+    assert len(trainer.rl_tasks) == len(trainer.eval_tasks) == 3
+    dropped = run_train(args(setup, tmp_path / "dropped", *short, "--drop_broken_tasks"))
+    assert dropped.returncode == 0, dropped.stderr[-3000:]
+    assert "broken reference: task 'fails'" in dropped.stdout
+    assert "dropped 2 tasks with a broken reference: 1 training and 1 evaluation tasks left" in dropped.stdout
+    assert read_metrics(tmp_path / "dropped", "eval")[0]["tasks"] == 1
+    assert re.search(r"eval\[before\] episodes 1/1 tasks  elapsed \d:\d\d:\d\d  ETA 0:00:00", dropped.stdout)
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "dropped" / "tensorboard")).Reload()
+    [train_record] = read_metrics(tmp_path / "dropped", "train")
+    before, after = read_metrics(tmp_path / "dropped", "eval")
+    for tag, record in (("train/reward", train_record), ("train/pass_rate", train_record),
+                        ("eval/pass@1", before), ("eval/pass@1", after)):
+        [point] = [e for e in events.Scalars(tag) if e.step == record["step"]]
+        assert point.value == pytest.approx(record[tag.split("/")[1]], abs=1e-6), tag
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_at_step_0(setup, tmp_path, capsys):
+    """A run killed in its warm start or first iteration has config.json but no checkpoint: --resume starts the
+    iterations at step 0 with a fresh metrics.jsonl (the warm start continues from its own checkpoint,
+    tests/test_default_run.py)."""
+    import train
+    train.prepare_out_dir(train.parse_config(args(setup, tmp_path)), tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "label": "before", "step": 0}\n')
+    trainer = train.Trainer(train.parse_config(args(setup, tmp_path, "--resume")))
+    trainer.pool.close()
+    assert trainer.start_step == 0 and not (tmp_path / "metrics.jsonl").exists()
+    assert f"no checkpoint in {tmp_path / 'checkpoint'} yet: the iterations start at step 0" in capsys.readouterr().out
