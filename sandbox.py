@@ -185,7 +185,7 @@ class _Worker:
         self.uid, self.lock_fd = host.claim_uid(uids) if os.geteuid() == 0 else (None, None)
         self.python = find_interpreter(self.uid)
         self.proc = None
-        self.network, self.hidden, self.isolation = None, [], ""
+        self.network, self.hidden, self.isolation, self.cgroup = None, [], "", None
         self._start()
 
     def _start(self) -> None:
@@ -202,6 +202,7 @@ class _Worker:
             raise RuntimeError(f"sandbox supervisor failed to start (exit {self.proc.returncode})")
         hello = json.loads(hello)
         self.network, self.hidden, self.isolation = hello["network"], hello["hidden"], hello["isolation"]
+        self.cgroup = hello["cgroup"]
 
     def _read_line(self, seconds: float) -> bytes | None:
         """The supervisor's next line, or None on EOF, on a line over the reply cap or past the deadline."""
@@ -243,11 +244,9 @@ class _Worker:
         self.proc.wait()
         if self.uid is not None:
             host.kill_uid(self.uid)
-            for tree in host.CgroupTree.of_dead_supervisor(self.proc.pid):
-                try:
-                    tree.remove_all()
-                except OSError:   # a hierarchy that went away meanwhile: nothing left to remove there
-                    pass
+            tree = host.CgroupTree.named(self.cgroup) if self.cgroup else None
+            if tree:   # by its exact name: a new supervisor may already have this one's pid
+                tree.remove_orphan(kill=True)
 
     def close(self) -> None:
         if self.proc is not None:

@@ -40,12 +40,30 @@ def write_file(path: str, text: str) -> None:
         f.write(text)
 
 
+def _tree_lock(name: str, create: bool) -> int | None:
+    """An flock on LOCK_DIR/<name>.cgroup: taken at once by create(), or None where someone holds it (or,
+    without `create`, where there is no such file: a tree we cannot prove dead is left alone)."""
+    os.makedirs(LOCK_DIR, mode=0o755, exist_ok=True)
+    try:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        fd = os.open(f"{LOCK_DIR}/{name}.cgroup", flags, 0o644)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
 class CgroupTree:
     """Our subtree, nanorlef-<pid>-<uuid>: in each v1 hierarchy we need, or once in the v2 hierarchy."""
     V1 = ("cpuacct", "memory", "pids", "cpu", "freezer")   # the first three are required
 
-    def __init__(self, bases: dict[str, str], v2: bool):
-        self.bases, self.v2, self.count = bases, v2, 0
+    def __init__(self, bases: dict[str, str], v2: bool, name: str = ""):
+        self.bases, self.v2, self.count, self.name = bases, v2, 0, name
+        self.lock_fd = None   # held while the tree is in use: how a sweep tells a live tree from an orphan
 
     @staticmethod
     def _own() -> dict[str, str]:
@@ -62,6 +80,7 @@ class CgroupTree:
         cls.sweep_orphans()
         own = cls._own()
         name = f"nanorlef-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        lock_fd = _tree_lock(name, create=True)
         if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):   # v2: the root first (the controllers)
             for parent in dict.fromkeys(["/sys/fs/cgroup", "/sys/fs/cgroup" + own.get("", "/")]):
                 try:
@@ -75,7 +94,7 @@ class CgroupTree:
                     except OSError:
                         pass
                 controllers = read_file(base + "/cgroup.subtree_control").strip()
-                return cls({"": base}, True), f"cgroup v2 ({controllers})"
+                return cls({"": base}, True, name)._locked(lock_fd), f"cgroup v2 ({controllers})"
             return None, "no writable cgroup v2 directory"
         bases = {}
         for ctrl in cls.V1:
@@ -89,25 +108,43 @@ class CgroupTree:
             except OSError:
                 continue
         if not all(c in bases for c in cls.V1[:3]):
-            cls(bases, False).close()
+            cls(bases, False, name)._locked(lock_fd).close()
             return None, "no writable cgroup v1 cpuacct, memory and pids"
-        return cls(bases, False), "cgroup v1 (" + ", ".join(bases) + ")"
+        return cls(bases, False, name)._locked(lock_fd), "cgroup v1 (" + ", ".join(bases) + ")"
+
+    def _locked(self, lock_fd: int) -> CgroupTree:
+        self.lock_fd = lock_fd
+        return self
 
     @classmethod
-    def of_dead_supervisor(cls, pid: int) -> list[CgroupTree]:
-        """The subtrees a supervisor of `pid` made, for the parent to remove once it has killed it."""
-        return cls._named(lambda owner: owner == pid)
+    def named(cls, name: str) -> CgroupTree | None:
+        """The tree called `name`, for the parent to remove once it has killed the supervisor that made it."""
+        return next(iter(cls._named(lambda n: n == name)), None)
 
     @classmethod
     def sweep_orphans(cls) -> list[str]:
-        """Remove the subtrees of supervisors that are gone with nobody left to remove them (say, their pool's
-        process was killed). Only our own names, only trees with no process in them."""
-        orphans = cls._named(lambda owner: not os.path.exists(f"/proc/{owner}"))
-        return [p for tree in orphans if not tree.has_processes() for p in tree.remove_all()]
+        """Remove the subtrees of supervisors that are gone with nobody left to remove them (their pool's
+        process was killed, say): only our own names, only trees whose lock no process holds (a pid would not
+        do: a supervisor in another PID namespace shares these hierarchies), only trees with no process."""
+        return [p for tree in cls._named(lambda n: True) for p in tree.remove_orphan(kill=False)]
+
+    def remove_orphan(self, kill: bool) -> list[str]:
+        """Remove this tree if no supervisor holds its lock; with kill=False only if no process is in it."""
+        self.lock_fd = _tree_lock(self.name, create=False)
+        if self.lock_fd is None:
+            return []
+        try:
+            return [] if not kill and self.has_processes() else self.remove_all()
+        except OSError as e:   # another sweeper got there first, or a hierarchy went away
+            return [f"cgroup {self.name}: {e}"]
+        finally:
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)
+                self.lock_fd = None
 
     @classmethod
-    def _named(cls, owner_matches) -> list[CgroupTree]:
-        """Our subtrees (nanorlef-<pid>-<tag>, where create() puts them) whose <pid> matches. No other name is
+    def _named(cls, name_matches) -> list[CgroupTree]:
+        """Our subtrees (nanorlef-<pid>-<tag>, as create() names them) whose name matches. No other name is
         ever touched."""
         own, found = cls._own(), {}
         if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
@@ -123,10 +160,9 @@ class CgroupTree:
                 continue
             for n in names:
                 prefix, owner, tag = (n.split("-", 2) + ["", ""])[:3]
-                if prefix == "nanorlef" and owner.isdigit() and tag.isalnum() and owner_matches(int(owner)):
+                if prefix == "nanorlef" and owner.isdigit() and tag.isalnum() and name_matches(n):
                     found.setdefault(n, {})[ctrl] = f"{parent}/{n}"
-        v2 = "" in {c for bases in found.values() for c in bases}
-        return [cls(bases, v2) for bases in found.values()]
+        return [cls(bases, "" in bases, n) for n, bases in found.items()]
 
     def has_processes(self) -> bool:
         for base in self.bases.values():
@@ -159,6 +195,13 @@ class CgroupTree:
                 os.rmdir(base)
             except OSError as e:
                 problems.append(f"cgroup {base}: {e}")
+        if self.lock_fd is not None:
+            # v1 trees whose memory half sits under another session's memory cgroup (each sees only its
+            # own) keep the lock file, so that a sweep from there can still prove that half orphaned.
+            if not problems and (self.v2 or "memory" in self.bases):
+                os.unlink(f"{LOCK_DIR}/{self.name}.cgroup")
+            os.close(self.lock_fd)
+            self.lock_fd = None
         return problems
 
 
@@ -479,13 +522,14 @@ def site_dirs() -> list[str]:
 # --------------------------------------------------------------------------------------------------------
 # seccomp: no probing or evicting of the page cache, which /usr shares with every other run
 # --------------------------------------------------------------------------------------------------------
-# A program can evict the pages of files in /usr (fadvise DONTNEED, madvise PAGEOUT on a file mapping) and
-# test which are cached (mincore, cachestat, reads with RWF_NOWAIT): a signal to a later run of its own, or
-# cold files for the reference it is timed against. These calls are denied with EPERM; nothing a program needs
-# depends on them. Syscall numbers per architecture; an unknown one gets no filter (docs/sandbox.md).
+# A program can evict the pages of files it reads (fadvise DONTNEED, madvise PAGEOUT) and test which are
+# cached (mincore, cachestat, reads with RWF_NOWAIT): a signal to a later run of its own, or cold files for
+# the reference it is timed against. These calls are denied with EPERM; nothing a program needs depends on
+# them. (private_tree below closes the rest.) Syscall numbers per architecture; an unknown one gets no filter.
 DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
     "fadvise64": (221, 223), "readahead": (187, 213), "mincore": (27, 232), "cachestat": (451, 451),
-    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427)}
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "io_setup": (206, 0), "process_madvise": (440, 440)}   # AIO reads can ask RWF_NOWAIT in user memory
 FLAGGED_SYSCALLS = {"preadv2": (327, 286), "pwritev2": (328, 287)}   # denied with RWF_NOWAIT in arg 5
 MADVISE = (28, 233)                                                  # denied for MADV_COLD and MADV_PAGEOUT
 ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}     # column above, AUDIT_ARCH_*
@@ -548,3 +592,51 @@ class SockFprog(ctypes.Structure):
 def seccomp_fprog() -> SockFprog | None:
     program = seccomp_program()
     return None if program is None else SockFprog(len(program) // 8, program)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A private copy of the interpreter's files: no page cache shared with other runs
+# --------------------------------------------------------------------------------------------------------
+# Whether a page of a host file is cached is state that any run can set (read it) and any later run can read
+# (fault-around and /proc/self/pagemap, major-fault counts, AIO with RWF_NOWAIT, read timing): a store that
+# survives every cleanup. Pages of a tmpfs are always in memory, so a copy there carries no such bit.
+TREE_SKIP = ("site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip",
+             "lib2to3", "pydoc_data", "config-*")
+
+
+def private_tree(libc, python: str, plan: list, root: str) -> tuple[list | None, str]:
+    """Copy the interpreter, its stdlib (less TREE_SKIP), the shared libraries they load and /etc into a tmpfs
+    at `root` (in this supervisor's own mount namespace), and return (`plan` with /usr and /etc bound from
+    the copy, ""), or (None, why not)."""
+    import shutil
+    exe, stdlib = os.path.realpath(python), os.path.dirname(os.__file__)   # we run on the child's interpreter
+    if not (exe.startswith("/usr/") and stdlib.startswith("/usr/")) or not shutil.which("ldd"):
+        return None, "the interpreter is outside /usr, or there is no ldd"
+    if libc.mount(b"tmpfs", root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=256m,mode=0755") != 0:
+        return None, f"mount tmpfs: errno {ctypes.get_errno()}"
+    shutil.copytree(stdlib, root + stdlib, symlinks=True, ignore=shutil.ignore_patterns(*TREE_SKIP))
+    shutil.copytree("/etc", root + "/etc", symlinks=True, ignore_dangling_symlinks=True)
+    dynload = [os.path.join(d, f) for d, _, files in os.walk(root + stdlib) for f in files
+               if f.endswith(".so")]
+    listed = subprocess.run(["ldd", exe, *[p[len(root):] for p in dynload]], capture_output=True, text=True)
+    libraries = {w for w in listed.stdout.split() if w.startswith("/") and os.path.isfile(w)}
+    for path in [exe, python, *libraries]:
+        _copy_file(path, root)
+    tree_plan = [(kind, root + dst if kind == "bind" else src, dst) for kind, src, dst in plan
+                 if kind == "symlink" or kind == "bind" and os.path.isdir(root + dst)]
+    return tree_plan, ""
+
+
+def _copy_file(path: str, root: str) -> None:
+    """The file's content at its real path under `root`, and `path` itself as a link to it where it is a
+    link (ld.so finds libz.so.1 by that name; /lib64/ld-linux-x86-64.so.2 is how the interpreter names its
+    loader)."""
+    import shutil
+    real = os.path.realpath(path)
+    os.makedirs(root + os.path.dirname(real), exist_ok=True)
+    if not os.path.exists(root + real):
+        shutil.copy2(real, root + real)
+    alias = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if alias != real and not os.path.lexists(root + alias):
+        os.makedirs(root + os.path.dirname(alias), exist_ok=True)
+        os.symlink(real, root + alias)

@@ -32,8 +32,8 @@ import sys
 import time
 
 from sandbox_host import (BOX_MARKER, BOX_PREFIX, CgroupTree, RunCgroup, enter_private_root, install_seccomp,
-                          isolate, kill_uid, mount_plan, owned_entries, proc_ppid, proc_uid, remove_tree,
-                          seccomp_fprog, site_dirs, write_file)
+                          isolate, kill_uid, mount_plan, owned_entries, private_tree, proc_ppid, proc_uid,
+                          remove_tree, seccomp_fprog, site_dirs, write_file)
 
 MAX_DEPTH = 100                 # nesting of a result value: the child's encoder and the parent's decoder
 MAX_ELEMENTS = 200_000          # elements of all result values of a run: child's encoder, supervisor, parent
@@ -110,8 +110,10 @@ def supervise(uid: int | None, python: str, hide: list[str]) -> None:
     if uid is not None and not sup.bwrap and hello["network"] == "isolated":   # root with CAP_SYS_ADMIN
         sup.private_root = True
         sup.isolation += ", private root, network and IPC namespaces per program"
+    if sup.bwrap or sup.private_root:
+        sup.use_private_tree()   # in our own mount namespace, which isolate() made
     sup.prespawn = bool(sup.bwrap)   # only now: a spare started before isolate() would be outside them
-    hello["isolation"] = sup.isolation
+    hello["isolation"], hello["cgroup"] = sup.isolation, sup.cgroups.name if sup.cgroups else None
     if sup.bwrap or sup.private_root:                # nothing but the system directories is mounted there
         hello["hidden"] = hide
     print(json.dumps(hello), flush=True)
@@ -163,7 +165,7 @@ class Supervisor:
                "no bwrap on PATH" if not self.bwrap else self._probe())
         self.isolation = (f"bubblewrap, {cg_text}" if self.bwrap else f"fallback ({why}): uid, rlimits" + (
             f", {cg_text}" if self.cgroups else "")) + (", seccomp" if self.seccomp else "")
-        self.box = self.home = None
+        self.box = self.home = self.tree = None
         if not self.bwrap:   # the fallback's home: <root-owned box>/home, owned by the uid
             import tempfile
             self.box = tempfile.mkdtemp(prefix=f"{BOX_PREFIX}{uid}-")
@@ -191,20 +193,40 @@ class Supervisor:
         size = str(lim["disk_mb"] << 20)
         return [a for d in SCRATCH_DIRS for a in ("--size", size, "--tmpfs", d)]
 
-    def _probe(self) -> str:
-        """Run `pass` through the whole bubblewrap path once; on failure (say, user namespaces are off) the
-        worker falls back, and the returned reason says why."""
+    def _probe(self, what: str = "bubblewrap", program: str = "pass\n") -> str:
+        """Run `program` through the whole path once: '' if it works, else why not. A failing bubblewrap
+        (say, user namespaces are off) makes the worker fall back."""
         lim = {"memory_mb": 256, "max_processes": 8, "disk_mb": 1, "timeout_s": 10, "stack_mb": 8,
                "max_open_files": 64, "max_file_mb": 1, "max_output_bytes": 1024, "wall_factor": 1}
-        job = {"program": "pass\n", "setup": "", "tests": [["assert", "pass", ""]], "limits": lim}
+        job = {"program": program, "setup": "", "tests": [["assert", "pass", ""]], "limits": lim}
         try:
             test = self.run_job(job)["tests"][0]
-            why = "" if test["status"] == "ok" else f"bubblewrap failed: {test['detail'][:200]}"
+            why = "" if test["status"] == "ok" else f"{what} failed: {test['detail'][:200]}"
         except Exception as e:   # noqa: BLE001 - any failure means: not usable here
-            why = f"bubblewrap failed: {type(e).__name__}: {e}"
-        if why:
+            why = f"{what} failed: {type(e).__name__}: {e}"
+        if why and what == "bubblewrap":
             self.bwrap = None
         return why
+
+    def use_private_tree(self) -> None:
+        """Bind /usr and /etc from a tmpfs copy (sandbox_host.private_tree) if the interpreter runs from it
+        with its compiled modules; else keep the host's, and say so in the isolation text."""
+        import tempfile
+        host_plan, self.tree = self.plan, tempfile.mkdtemp(prefix="nanorlef-tree-")
+        try:
+            plan, why = private_tree(self.libc, self.python, host_plan, self.tree)
+        except OSError as e:
+            plan, why = None, f"{type(e).__name__}: {e}"
+        if plan:
+            self.plan = plan
+            self.bwrap = self._bwrap_argv() if self.bwrap else None
+            why = self._probe("the private interpreter tree", "import _ctypes, _decimal, _json, zlib, math\n")
+        if why:
+            self.plan = host_plan
+            self.bwrap = self._bwrap_argv() if self.bwrap else None
+            self.isolation += f", host /usr ({why})"
+        else:
+            self.isolation += ", a private copy of the interpreter"
 
     # ---- one job: all tests of one program, respawning after a crash or timeout
     def run_job(self, job: dict) -> dict:
@@ -495,6 +517,9 @@ class Supervisor:
         self.cleanup()
         if self.box:
             remove_tree([self.box])
+        if self.tree:
+            self.libc.umount2(self.tree.encode(), 2)   # MNT_DETACH
+            os.rmdir(self.tree)
         if self.cgroups:
             self.cgroups.close()
 

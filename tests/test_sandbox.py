@@ -104,6 +104,17 @@ def worker_uids(p: SandboxPool) -> set:
 
 
 def leftover_processes(uids: set) -> list:
+    """Processes of the worker uids that are not a spare, looked at twice: a spare being born has short-lived
+    helper processes of bubblewrap."""
+    import time
+    left = _leftover_processes(uids)
+    if left:
+        time.sleep(0.3)
+        left = _leftover_processes(uids)
+    return left
+
+
+def _leftover_processes(uids: set) -> list:
     """Processes of the worker uids, less each worker's spare: the next child, started after the run ended
     (so in a cgroup of its own that no program ran in), holding bubblewrap's two processes and an interpreter
     that still waits for its job on the boot script."""
@@ -124,6 +135,15 @@ def leftover_processes(uids: set) -> list:
         if kinds in (["fork"], ["bwrap"], ["bwrap", "bwrap"], ["boot", "bwrap", "bwrap"]):
             spares.update(group)
     return [pid for pid in found if pid not in spares]
+
+
+def describe_processes(pids: list) -> list:
+    def read(pid, name):
+        try:
+            return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ")[:120]
+        except OSError:
+            return b"(gone)"
+    return [(pid, read(pid, "cmdline"), read(pid, "cgroup")[-60:]) for pid in pids]
 
 
 def leftover_files(p: SandboxPool) -> list:
@@ -187,7 +207,7 @@ def check_case(case, result, procs, files, before):
     assert case.detail in result.tests[0].detail, result.tests[0].detail
     assert result.leftovers == []
     if IS_ROOT:
-        assert procs == [], f"processes of the worker uids left: {procs}"
+        assert procs == [], f"processes of the worker uids left: {describe_processes(procs)}"
         assert files == [], f"files of the worker uids left: {files[:5]}"
     assert digests() == before, "harness files changed"
     assert (ROOT / "data.py").is_file() and (ROOT / "tests").is_dir()
@@ -753,6 +773,25 @@ def test_page_cache_cannot_be_probed_or_evicted(fallback, monkeypatch):
         assert statuses(r) == ["pass"], r.tests[0].got or r.tests[0].detail
 
 
+@needs_root
+@pytest.mark.parametrize("fallback", [False, True])
+def test_no_page_cache_state_in_the_interpreter_files(fallback, monkeypatch):
+    """Programs run on a private tmpfs copy of the interpreter: every page of its files is in memory, so
+    which pages are cached says nothing about earlier runs (on the host's /usr it would)."""
+    if fallback:
+        monkeypatch.setenv("NANORLEF_SANDBOX_FALLBACK", "1")
+    with SandboxPool(workers=1, limits=LIMITS) as p:
+        if "private copy of the interpreter" not in p.isolation:
+            pytest.skip(p.isolation)
+        version = "python{}.{}".format(*sys.version_info[:2])   # the copy exists only for a /usr interpreter
+        for host_file in Path("/usr/lib", version, "lib-dynload").glob("_codecs_jp*"):
+            fd = os.open(host_file, os.O_RDONLY)   # evict the host's pages: there the bits would read 0
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        r = p.submit(round5.PAGEMAP, [T("call", call="set(f())", expected="{1}")]).result()
+        assert statuses(r) == ["pass"], r.tests[0].got or r.tests[0].detail
+
+
 @pytest.mark.skipif(not HAS_BWRAP, reason=ISOLATION)
 def test_each_job_gets_its_own_limits_not_the_spare_childs():
     """The spare child started after a run is made with that run's limits: a job with other limits, or more
@@ -769,30 +808,45 @@ def test_each_job_gets_its_own_limits_not_the_spare_childs():
 
 @pytest.mark.skipif(not (IS_ROOT and HAS_CGROUPS), reason=f"needs root and writable cgroups: {ISOLATION}")
 def test_orphaned_cgroups_of_dead_supervisors_are_swept():
-    """A new pool removes the empty subtrees of supervisors that are gone, and nothing else: not a live
-    supervisor's, not one with a process in it, not a name that is not ours."""
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    base = "/sys/fs/cgroup/pids" + sandbox.host.CgroupTree._own().get("pids", "/").rstrip("/")
-    if not os.path.isdir(base):
-        pytest.skip("no v1 pids hierarchy here")
-    made = {"orphan": f"{base}/nanorlef-{dead.pid}-0rphan", "busy": f"{base}/nanorlef-{dead.pid}-busy0",
-            "live": f"{base}/nanorlef-{os.getpid()}-l1ve", "foreign": f"{base}/nanorlef-other-x"}
-    sleeper = None
+    """A new pool removes the subtrees whose lock file no process holds and that have no process in them, and
+    nothing else: not a tree whose lock is held (a live supervisor, in any PID namespace), not one with a
+    process in it, not one without a lock file (not provably ours), not a name that is not ours."""
+    import fcntl
+    own = sandbox.host.CgroupTree._own()
+    base = "/sys/fs/cgroup/pids" + own.get("pids", "/").rstrip("/")
+    memory = "/sys/fs/cgroup/memory" + own.get("memory", "/").rstrip("/")   # the orphan is a whole v1 tree
+    if not (os.path.isdir(base) and os.path.isdir(memory)):
+        pytest.skip("no v1 pids and memory hierarchies here")
+    names = {"orphan": "nanorlef-1-0rphan", "busy": "nanorlef-1-busy0", "held": "nanorlef-1-he1d",
+             "no_lock": "nanorlef-1-n0lock", "foreign": "nanorlef-other-x"}
+    locks = {k: f"{sandbox.host.LOCK_DIR}/{n}.cgroup" for k, n in names.items() if k != "no_lock"}
+    sleeper, held = None, None
     try:
-        for path in made.values():
-            os.makedirs(f"{path}/run1")
+        for name in names.values():
+            os.makedirs(f"{base}/{name}/run1")
+        os.makedirs(f"{memory}/{names['orphan']}/run1")
+        for path in locks.values():
+            Path(path).touch()
+        held = os.open(locks["held"], os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)
         sleeper = subprocess.Popen(["sleep", "60"])
-        Path(f"{made['busy']}/run1/cgroup.procs").write_text(str(sleeper.pid))
+        Path(f"{base}/{names['busy']}/run1/cgroup.procs").write_text(str(sleeper.pid))
         with SandboxPool(workers=1, limits=LIMITS):
             pass
-        assert not os.path.exists(made["orphan"])
-        assert all(os.path.isdir(made[k]) for k in ("busy", "live", "foreign"))
+        assert not any(os.path.exists(f"{h}/{names['orphan']}") for h in (base, memory))
+        assert not os.path.exists(locks["orphan"])
+        assert all(os.path.isdir(f"{base}/{names[k]}") for k in ("busy", "held", "no_lock", "foreign"))
     finally:
         if sleeper:
             sleeper.kill()
             sleeper.wait()
-        for path in made.values():
-            for d in (f"{path}/run1", path):
-                if os.path.isdir(d):
-                    os.rmdir(d)
+        if held is not None:
+            os.close(held)
+        for h in (base, memory):
+            for name in names.values():
+                for d in (f"{h}/{name}/run1", f"{h}/{name}"):
+                    if os.path.isdir(d):
+                        os.rmdir(d)
+        for path in locks.values():
+            if os.path.exists(path):
+                os.unlink(path)

@@ -4,8 +4,9 @@ repository. Driven by tests/test_sandbox.py.
 
 # ---- probing and evicting cached pages of a shared file: a signal to a later run of the same program, or
 # cold files for the reference it is timed against. Each attempt reports its errno name ("ok" if allowed).
-PAGE_CACHE = '''import ctypes, errno, mmap, os
+PAGE_CACHE = '''import ctypes, errno, mmap, os, platform
 libc = ctypes.CDLL(None, use_errno=True)
+IO_SETUP = 206 if platform.machine() == "x86_64" else 0
 
 def attempt(call):
     try:
@@ -29,6 +30,7 @@ def f():
         "madvise_cold": attempt(lambda: page.madvise(20)),
         "madvise_pageout": attempt(lambda: page.madvise(21)),
         "io_uring_setup": attempt(lambda: libc.syscall(425, 8, ctypes.create_string_buffer(120))),
+        "io_setup": attempt(lambda: libc.syscall(IO_SETUP, 8, ctypes.byref(ctypes.c_ulong(0)))),
         "cachestat": attempt(lambda: libc.syscall(451, fd, ctypes.create_string_buffer(16),
                                                   ctypes.create_string_buffer(40), 0)),
         "plain_preadv": attempt(lambda: os.preadv(fd, [buf], 0)),
@@ -36,8 +38,30 @@ def f():
     }.items())
 '''
 DENIED = ("fadvise_dontneed", "readahead", "mincore", "preadv2_nowait", "madvise_cold", "madvise_pageout",
-          "io_uring_setup", "cachestat")
-PAGE_CACHE_EXPECTED = sorted({**dict.fromkeys(DENIED, "EPERM"), "plain_preadv": "ok", "madvise_willneed": "ok"}.items())
+          "io_uring_setup", "io_setup", "cachestat")
+PAGE_CACHE_EXPECTED = sorted({**dict.fromkeys(DENIED, "EPERM"), "plain_preadv": "ok",
+                              "madvise_willneed": "ok"}.items())
+
+# ---- reading which pages of a file are cached without the denied calls: map 16 pages of a rarely used
+# stdlib module, fault the first (the kernel maps its cached neighbours too) and read the present bits from
+# /proc/self/pagemap. In a private tmpfs copy every page is always in memory, so there is no bit to read.
+PAGEMAP = '''import glob, mmap, os, struct
+def f():
+    path = sorted(glob.glob(os.path.dirname(os.__file__) + "/lib-dynload/_codecs_jp*.so"))[0]
+    fd = os.open(path, os.O_RDONLY)
+    pages = min(16, os.fstat(fd).st_size // 4096)
+    m = mmap.mmap(fd, pages * 4096, prot=mmap.PROT_READ)
+    m.madvise(mmap.MADV_RANDOM)
+    m[0]
+    with open("/proc/self/maps") as maps:
+        line = next(l for l in maps if l.rstrip().endswith(path))
+    base = int(line.split("-")[0], 16)
+    with open("/proc/self/pagemap", "rb") as pm:
+        pm.seek(base // 4096 * 8)
+        words = struct.unpack(f"<{pages}Q", pm.read(8 * pages))
+    return [w >> 63 for w in words]
+'''
+
 
 # ---- memory: allocates `mb` megabytes and returns 1 (the limits of each job apply, not those a spare child
 # was started with).
