@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import sandbox_cgroup as cgroup
 import sandbox_host as host
 import sandbox_supervisor as sup
 from data import Test, load_task_file
@@ -244,7 +245,7 @@ class _Worker:
         self.proc.wait()
         if self.uid is not None:
             host.kill_uid(self.uid)
-            tree = host.CgroupTree.named(self.cgroup) if self.cgroup else None
+            tree = cgroup.CgroupTree.named(self.cgroup) if self.cgroup else None
             if tree:   # by its exact name: a new supervisor may already have this one's pid
                 tree.remove_orphan(kill=True)
 

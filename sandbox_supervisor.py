@@ -26,14 +26,14 @@ import platform
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
 
-from sandbox_host import (BOX_MARKER, BOX_PREFIX, CgroupTree, RunCgroup, enter_private_root, install_seccomp,
+from sandbox_cgroup import CgroupTree, RunCgroup, write_file
+from sandbox_host import (BOX_MARKER, BOX_PREFIX, enter_private_root, fresh_home, install_seccomp,
                           isolate, kill_uid, mount_plan, owned_entries, private_tree, proc_ppid, proc_uid,
-                          remove_tree, seccomp_fprog, site_dirs, write_file)
+                          remove_tree, seccomp_fprog, site_dirs)
 
 MAX_DEPTH = 100                 # nesting of a result value: the child's encoder and the parent's decoder
 MAX_ELEMENTS = 200_000          # elements of all result values of a run: child's encoder, supervisor, parent
@@ -131,13 +131,6 @@ def supervise(uid: int | None, python: str, hide: list[str]) -> None:
     sup.close()
 
 
-def _signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
 def _compiled_harness(python: str) -> bytes:
     """marshal'd code of sandbox_child.py, compiled by `python` itself (code objects are per-version)."""
     import marshal
@@ -166,13 +159,14 @@ class Supervisor:
         self.isolation = (f"bubblewrap, {cg_text}" if self.bwrap else f"fallback ({why}): uid, rlimits" + (
             f", {cg_text}" if self.cgroups else "")) + (", seccomp" if self.seccomp else "")
         self.box = self.home = self.tree = None
+        self.owner = uid if uid is not None else os.getuid()   # of the fallback's home
         if not self.bwrap:   # the fallback's home: <root-owned box>/home, owned by the uid
             import tempfile
             self.box = tempfile.mkdtemp(prefix=f"{BOX_PREFIX}{uid}-")
             os.chmod(self.box, 0o711)
             open(os.path.join(self.box, BOX_MARKER), "w").close()
             self.home = os.path.join(self.box, "home")
-            self._fresh_home()
+            fresh_home(self.home, self.owner)
         if uid is None:  # RLIMIT_NPROC counts all processes of our own uid here: leave room for them
             self.nproc_base = sum(p.isdigit() and proc_uid(p) == os.getuid() for p in os.listdir("/proc"))
 
@@ -211,16 +205,10 @@ class Supervisor:
     def use_private_tree(self) -> None:
         """Bind /usr and /etc from a tmpfs copy (sandbox_host.private_tree) if the interpreter runs from it
         with its compiled modules; else keep the host's, and say so in the isolation text."""
-        import tempfile
-        host_plan, self.tree = self.plan, tempfile.mkdtemp(prefix="nanorlef-tree-")
-        try:
-            plan, why = private_tree(self.libc, self.python, host_plan, self.tree)
-        except OSError as e:
-            plan, why = None, f"{type(e).__name__}: {e}"
-        if plan:
-            self.plan = plan
-            self.bwrap = self._bwrap_argv() if self.bwrap else None
-            why = self._probe("the private interpreter tree", "import _ctypes, _decimal, _json, zlib, math\n")
+        host_plan = self.plan
+        self.plan, self.tree, why = private_tree(self.libc, self.python, host_plan)
+        self.bwrap = self._bwrap_argv() if self.bwrap else None
+        why = why or self._probe("the private interpreter tree", "import _ctypes, _decimal, _json, zlib\n")
         if why:
             self.plan = host_plan
             self.bwrap = self._bwrap_argv() if self.bwrap else None
@@ -259,8 +247,7 @@ class Supervisor:
         return {"tests": results, "cpu_time": cpu, "wall_time": wall, "leftovers": leftovers}
 
     def start_spare(self, job: dict) -> None:
-        """Start the next child now, with this job's limits, so that it has its interpreter up when the next
-        job comes: the pool usually sends the same limits again."""
+        """Start the next child now, with this job's limits (the pool's next job usually has the same)."""
         if self.prespawn and self.spare is None:
             try:
                 self.spare = self._new_child(job["limits"], max(len(job["tests"]), SPARE_TESTS))
@@ -344,10 +331,9 @@ class Supervisor:
         return (lim, n_tests, cg, *self._spawn(lim, n_tests, cg))
 
     def _take_child(self, lim: dict, n_tests: int) -> tuple:
-        """(cgroup, pid, job_w, res_r, ack_w) of a fresh child: the spare started after the last run if it is
-        alive and fits (same limits, made for at least n_tests), else a new one. A spare has only started the
-        interpreter and waits for its job: no program has run in it. Its CPU rlimit may be looser than this
-        job's: the rlimit only backs the per-test watchdog and the run's wall budget, which are exact."""
+        """(cgroup, pid, job_w, res_r, ack_w) of a fresh child: the spare, which no program has run in, if it
+        is alive and fits (same limits, made for at least n_tests: its CPU rlimit, which only backs our exact
+        watchdogs, may be looser), else a new one."""
         spare, self.spare = self.spare, None
         if spare and spare[0] == lim and spare[1] >= n_tests and os.waitpid(spare[3], os.WNOHANG) == (0, 0):
             return spare[2:]
@@ -491,25 +477,10 @@ class Supervisor:
                 if found:  # only if something escaped the subreaper, which we then want to hear about
                     leftovers = [f"process {p} of uid {self.uid}" for p in os.listdir("/proc")
                                  if p.isdigit() and proc_uid(p) == self.uid]
-            self._fresh_home()
+            fresh_home(self.home, self.owner)
             return leftovers
         except Exception as e:  # noqa: BLE001 - a program must never take the supervisor down
             return [f"cleanup failed: {type(e).__name__}: {str(e)[:200]}"]
-
-    def _fresh_home(self) -> None:
-        """Empty the fallback's home directory, or rebuild it if the program changed what it is."""
-        owner = self.uid if self.uid is not None else os.getuid()
-        try:
-            st = os.lstat(self.home)
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == owner:
-                os.chmod(self.home, 0o700)
-                remove_tree([os.path.join(self.home, e) for e in os.listdir(self.home)])
-                return
-            remove_tree([self.home])
-        except FileNotFoundError:
-            pass
-        os.mkdir(self.home, 0o700)
-        os.chown(self.home, owner, owner)
 
     def close(self) -> None:
         if self.spare:
@@ -618,7 +589,8 @@ def _death_status(stop: dict | None, wstatus: int, cpu: float, cpu_limit: int, d
             return {**out, "status": "timeout", "detail": "Execution took too long."}
         if sig == signal.SIGXFSZ:
             return {**out, "status": "output_limit", "detail": "file size limit exceeded"}
-        return {**out, "status": "crash", "detail": f"killed by {_signal_name(sig)}{where}"}
+        name = {s.value: s.name for s in signal.Signals}.get(sig, f"signal {sig}")
+        return {**out, "status": "crash", "detail": f"killed by {name}{where}"}
     code = os.WEXITSTATUS(wstatus)
     return {**out, "status": "exited",
             "detail": f"the program exited with code {code}{where} before the test reported a result"}

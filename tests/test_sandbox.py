@@ -812,7 +812,7 @@ def test_orphaned_cgroups_of_dead_supervisors_are_swept():
     nothing else: not a tree whose lock is held (a live supervisor, in any PID namespace), not one with a
     process in it, not one without a lock file (not provably ours), not a name that is not ours."""
     import fcntl
-    own = sandbox.host.CgroupTree._own()
+    own = sandbox.cgroup.CgroupTree._own()
     base = "/sys/fs/cgroup/pids" + own.get("pids", "/").rstrip("/")
     memory = "/sys/fs/cgroup/memory" + own.get("memory", "/").rstrip("/")   # the orphan is a whole v1 tree
     if not (os.path.isdir(base) and os.path.isdir(memory)):
