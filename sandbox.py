@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import functools
 import importlib.util
 import json
 import os
@@ -139,6 +140,7 @@ def find_interpreter(uid: int | None) -> str:
                        f"whose stdlib it can read); tried: {tried or candidates}")
 
 
+shared_libraries = functools.cache(host.shared_libraries)   # once per interpreter: ldd takes about a second
 def default_hidden_paths(extra: list[str] = ()) -> list[str]:
     """What programs must not read even where it is world-readable: the repo, the task data (expected
     outputs!), home directories, and the parent's whole Python environment (its prefix and site-packages,
@@ -192,7 +194,7 @@ class _Worker:
     def _start(self) -> None:
         boot = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
                 f"import sandbox_supervisor; sandbox_supervisor.supervise({self.uid!r}, {self.python!r}, "
-                f"{self.hide!r})")
+                f"{self.hide!r}, {shared_libraries(self.python)!r})")
         # The supervisor runs on the child's interpreter (it compiles the harness for it).
         self.proc = subprocess.Popen([self.python, "-E", "-s", "-c", boot], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=_supervisor_env(), cwd="/", bufsize=0)
@@ -567,10 +569,8 @@ def run_program(program: str, tests: list[Test], setup_code: str = "",
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Run a program against a task's tests in the sandbox; "
-                                            "prints one JSON object.")
-    p.add_argument("--task", required=True,
-                   help="task JSON: project format, an MBPP record or a HumanEval record")
+    p = argparse.ArgumentParser(description="Run a program on a task's tests in the sandbox; prints JSON.")
+    p.add_argument("--task", required=True, help="task JSON: ours, an MBPP record or a HumanEval record")
     p.add_argument("--program", required=True, help="Python source file to test")
     p.add_argument("--public", action="store_true", help="run the public tests (default: the private ones)")
     p.add_argument("--timeout", type=float, default=Limits.timeout_s, help="per-test timeout in seconds")

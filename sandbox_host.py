@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import glob
 import os
 import platform
 import pwd
@@ -351,36 +352,55 @@ TREE_SKIP = ("site-packages", "dist-packages", "test", "idlelib", "tkinter", "tu
              "lib2to3", "pydoc_data", "config-*")
 
 
-def private_tree(libc, python: str, plan: list) -> tuple[list, str | None, str]:
-    """Copy the interpreter, its stdlib (less TREE_SKIP), the shared libraries they load and /etc into a tmpfs
-    (in this supervisor's own mount namespace). Returns (`plan` with /usr and /etc bound from the copy, the
-    copy's mount point, ""), or (`plan` unchanged, the mount point or None, why not)."""
+def shared_libraries(python: str) -> list[str]:
+    """The files ld.so loads for `python` and its compiled stdlib modules (ldd: ~1 s, so the parent asks
+    once per interpreter and hands the list to each supervisor)."""
+    exe = os.path.realpath(python)
+    version = os.path.basename(exe).removeprefix("python")
+    dynload = glob.glob(f"{os.path.dirname(os.path.dirname(exe))}/lib/python{version}/lib-dynload/*.so")
+    try:
+        listed = subprocess.run(["ldd", exe, *dynload], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({w for w in listed.split() if w.startswith("/") and os.path.isfile(w)})
+
+
+def private_tree(libc, python: str, plan: list, libraries: list[str]) -> tuple[list, str | None, str]:
+    """Copy the interpreter, its stdlib (less TREE_SKIP), its `libraries` and /etc into a tmpfs (in this
+    supervisor's own mount namespace). Returns (`plan` with /usr and /etc bound from the copy, the copy's
+    mount point, ""), or (`plan` unchanged, the mount point or None, why not)."""
     import shutil
     import tempfile
     exe, stdlib = os.path.realpath(python), os.path.dirname(os.__file__)   # we run on the child's interpreter
-    if not (exe.startswith("/usr/") and stdlib.startswith("/usr/")) or not shutil.which("ldd"):
-        return plan, None, "the interpreter is outside /usr, or there is no ldd"
+    if not (exe.startswith("/usr/") and stdlib.startswith("/usr/") and libraries and shutil.which("tar")):
+        return plan, None, "the interpreter is outside /usr, or there is no ldd or tar"
     root = tempfile.mkdtemp(prefix="nanorlef-tree-")
     if libc.mount(b"tmpfs", root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=256m,mode=0755") != 0:
         return plan, root, f"mount tmpfs: errno {ctypes.get_errno()}"
     try:
-        return _copy_tree(python, exe, stdlib, plan, root), root, ""
+        return _copy_tree(python, exe, stdlib, libraries, plan, root), root, ""
     except (OSError, subprocess.SubprocessError) as e:
         return plan, root, f"copy: {type(e).__name__}: {e}"
 
 
-def _copy_tree(python: str, exe: str, stdlib: str, plan: list, root: str) -> list:
-    import shutil
-    shutil.copytree(stdlib, root + stdlib, symlinks=True, ignore=shutil.ignore_patterns(*TREE_SKIP))
-    shutil.copytree("/etc", root + "/etc", symlinks=True, ignore_dangling_symlinks=True)
-    dynload = [os.path.join(d, f) for d, _, files in os.walk(root + stdlib) for f in files
-               if f.endswith(".so")]
-    listed = subprocess.run(["ldd", exe, *[p[len(root):] for p in dynload]], capture_output=True, text=True)
-    libraries = {w for w in listed.stdout.split() if w.startswith("/") and os.path.isfile(w)}
+def _copy_tree(python: str, exe: str, stdlib: str, libraries: list[str], plan: list, root: str) -> list:
+    _copy_dir(stdlib, root + stdlib, TREE_SKIP)
+    _copy_dir("/etc", root + "/etc")
     for path in [exe, python, *libraries]:
         _copy_file(path, root)
     return [(kind, root + dst if kind == "bind" else src, dst) for kind, src, dst in plan
             if kind == "symlink" or kind == "bind" and os.path.isdir(root + dst)]
+
+
+def _copy_dir(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:
+    """`src` into `dst` by a tar pipe: five times faster than shutil.copytree for the stdlib's 1,250 files."""
+    os.makedirs(dst, exist_ok=True)
+    excluded = [f"--exclude=./{pattern}" for pattern in skip]
+    pack = subprocess.Popen(["tar", "-C", src, "-cf", "-", *excluded, "."], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    subprocess.run(["tar", "-C", dst, "-xf", "-"], stdin=pack.stdout, check=True, capture_output=True)
+    pack.stdout.close()
+    pack.wait()
 
 
 def _copy_file(path: str, root: str) -> None:

@@ -100,7 +100,7 @@ _child_main(job)
 """
 
 
-def supervise(uid: int | None, python: str, hide: list[str]) -> None:
+def supervise(uid: int | None, python: str, hide: list[str], libraries: list[str]) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
@@ -111,7 +111,7 @@ def supervise(uid: int | None, python: str, hide: list[str]) -> None:
         sup.private_root = True
         sup.isolation += ", private root, network and IPC namespaces per program"
     if sup.bwrap or sup.private_root:
-        sup.use_private_tree()   # in our own mount namespace, which isolate() made
+        sup.use_private_tree(libraries)   # in our own mount namespace, which isolate() made
     sup.prespawn = bool(sup.bwrap)   # only now: a spare started before isolate() would be outside them
     hello["isolation"], hello["cgroup"] = sup.isolation, sup.cgroups.name if sup.cgroups else None
     if sup.bwrap or sup.private_root:                # nothing but the system directories is mounted there
@@ -202,11 +202,11 @@ class Supervisor:
             self.bwrap = None
         return why
 
-    def use_private_tree(self) -> None:
+    def use_private_tree(self, libraries: list[str]) -> None:
         """Bind /usr and /etc from a tmpfs copy (sandbox_host.private_tree) if the interpreter runs from it
         with its compiled modules; else keep the host's, and say so in the isolation text."""
         host_plan = self.plan
-        self.plan, self.tree, why = private_tree(self.libc, self.python, host_plan)
+        self.plan, self.tree, why = private_tree(self.libc, self.python, host_plan, libraries)
         self.bwrap = self._bwrap_argv() if self.bwrap else None
         why = why or self._probe("the private interpreter tree", "import _ctypes, _decimal, _json, zlib\n")
         if why:
