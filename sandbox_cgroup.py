@@ -11,7 +11,7 @@ import signal
 import time
 import uuid
 
-from sandbox_host import LOCK_DIR
+from sandbox_host import LOCK_DIR, lock_dir
 
 
 def read_file(path: str) -> str:
@@ -27,10 +27,10 @@ def write_file(path: str, text: str) -> None:
 def _tree_lock(name: str, create: bool) -> int | None:
     """An flock on LOCK_DIR/<name>.cgroup: taken at once by create(), or None where someone holds it (or,
     without `create`, where there is no such file: a tree we cannot prove dead is left alone)."""
-    os.makedirs(LOCK_DIR, mode=0o755, exist_ok=True)
+    lock_dir()
     try:
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        fd = os.open(f"{LOCK_DIR}/{name}.cgroup", flags, 0o644)
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+        fd = os.open(f"{LOCK_DIR}/{name}.cgroup", flags, 0o600)
     except FileNotFoundError:
         return None
     try:

@@ -21,7 +21,10 @@ CLEAN_ROOTS = ("/tmp", "/var/tmp", "/run/lock", "/dev/shm")   # world-writable p
 # Worker uids, each claimed with a lock file and only when no process and no file of it exists: above Debian's
 # normal users (1000-59999), below systemd's DynamicUser range (61184-65519).
 UIDS = range(60000, 61024)
-LOCK_DIR = "/tmp/nanorlef-sandbox-locks"
+# Root's own directory (lock files, the private tree's mount point): /run, or /tmp where there is no /run. It
+# must be root's and writable by nobody else, or a local user could swap the lock files (lock_dir checks it).
+RUN_DIR = "/run/nanorlef-sandbox" if os.path.isdir("/run") else "/tmp/nanorlef-sandbox"
+LOCK_DIR = RUN_DIR + "/locks"
 BOX_PREFIX = "nanorlef-sbx-"    # the fallback's per-worker directory: /tmp/nanorlef-sbx-<uid>-*
 BOX_MARKER = ".nanorlef-sandbox"  # in each such directory: it is ours to remove
 
@@ -103,6 +106,18 @@ def remove_tree(paths: list[str]) -> None:
             raise OSError(f"rm -rf: {out.stderr.decode(errors='replace')[-300:]}")
 
 
+def lock_dir() -> str:
+    """LOCK_DIR, made if missing; refused unless it and RUN_DIR are directories of ours that nobody else may
+    write (a lock file another user could replace proves nothing)."""
+    for d in (RUN_DIR, LOCK_DIR, RUN_DIR + "/tree"):
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise RuntimeError(f"{d}: must be a directory owned by uid {os.geteuid()} and writable by it "
+                               f"alone (found {stat.filemode(st.st_mode)}, owner {st.st_uid}); remove it")
+    return LOCK_DIR
+
+
 def fresh_home(home: str, owner: int) -> None:
     """Empty the fallback's home directory, or rebuild it if the program changed what it is."""
     try:
@@ -138,10 +153,10 @@ def claim_uid(uids: range | None) -> tuple[int, int]:
     """A worker uid that no other pool (in any process) is using, held by an flock until the worker closes.
     From UIDS only a uid with no account, no process and no file (beyond our own marked leftovers) is
     taken; a range the caller passes is the caller's to vouch for."""
-    os.makedirs(LOCK_DIR, mode=0o755, exist_ok=True)
+    lock_dir()
     skipped = []
     for uid in uids or UIDS:
-        fd = os.open(f"{LOCK_DIR}/{uid}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(f"{LOCK_DIR}/{uid}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -221,9 +236,10 @@ def enter_private_root(libc, plan: list, root: str, scratch: list[str], disk_mb:
         mount("/proc", root + "/proc", None, MS_BIND | MS_REC)   # where a fresh proc is refused (containers)
     os.makedirs(root + "/dev")
     mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
-    for name in DEVICES:
+    for name in DEVICES:   # read-only binds: the host's device inodes must not carry times a program set
         open(f"{root}/dev/{name}", "w").close()
         mount(f"/dev/{name}", f"{root}/dev/{name}", None, MS_BIND)
+        mount(None, f"{root}/dev/{name}", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
     for i, name in enumerate(("stdin", "stdout", "stderr")):
         os.symlink(f"/proc/self/fd/{i}", f"{root}/dev/{name}")
     os.symlink("/proc/self/fd", f"{root}/dev/fd")
@@ -273,11 +289,16 @@ def site_dirs() -> list[str]:
 # A program can evict the pages of files it reads (fadvise DONTNEED, madvise PAGEOUT) and test which are
 # cached (mincore, cachestat, reads with RWF_NOWAIT): a signal to a later run of its own, or cold files for
 # the reference it is timed against. These calls are denied with EPERM; nothing a program needs depends on
-# them. (private_tree below closes the rest.) Syscall numbers per architecture; an unknown one gets no filter.
+# them. (private_tree below closes the rest.) Keys are denied too: the fallback has no user namespace, and a
+# uid's persistent keyring outlives runs and pools. Numbers per architecture; an unknown one gets no filter.
 DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
     "fadvise64": (221, 223), "readahead": (187, 213), "mincore": (27, 232), "cachestat": (451, 451),
     "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
-    "io_setup": (206, 0), "process_madvise": (440, 440)}   # AIO reads can ask RWF_NOWAIT in user memory
+    "io_setup": (206, 0), "process_madvise": (440, 440),   # AIO reads can ask RWF_NOWAIT in user memory
+    "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),   # keys outlive runs (fallback)
+    # File times: the host's /dev/null & co. are the only inodes a program shares with later runs; their times
+    # (utimensat needs only write access) would carry bits. (utime, utimes, futimesat: no aarch64 syscall.)
+    "utimensat": (280, 88), "utime": (132, None), "utimes": (235, None), "futimesat": (261, None)}
 FLAGGED_SYSCALLS = {"preadv2": (327, 286), "pwritev2": (328, 287)}   # denied with RWF_NOWAIT in arg 5
 MADVISE = (28, 233)                                                  # denied for MADV_COLD and MADV_PAGEOUT
 ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}     # column above, AUDIT_ARCH_*
@@ -295,7 +316,7 @@ def seccomp_program() -> bytes | None:
     code: list = [(ld, None, None, 4), (jeq, None, "kill", arch), (ld, None, None, 0)]   # (op, jt, jf, k)
     if col == 0:   # x32 syscalls (nr | 0x40000000) would bypass the numbers below
         code.append((jge, "deny", None, 0x40000000))
-    code += [(jeq, "deny", None, nrs[col]) for nrs in DENIED_SYSCALLS.values()]
+    code += [(jeq, "deny", None, nrs[col]) for nrs in DENIED_SYSCALLS.values() if nrs[col] is not None]
     code += [(jeq, "flags", None, nrs[col]) for nrs in FLAGGED_SYSCALLS.values()]
     allow = (ret, None, None, SECCOMP_RET_ALLOW)
     code += [(jeq, "advice", None, MADVISE[col]), allow,
@@ -370,11 +391,11 @@ def private_tree(libc, python: str, plan: list, libraries: list[str]) -> tuple[l
     supervisor's own mount namespace). Returns (`plan` with /usr and /etc bound from the copy, the copy's
     mount point, ""), or (`plan` unchanged, the mount point or None, why not)."""
     import shutil
-    import tempfile
     exe, stdlib = os.path.realpath(python), os.path.dirname(os.__file__)   # we run on the child's interpreter
     if not (exe.startswith("/usr/") and stdlib.startswith("/usr/") and libraries and shutil.which("tar")):
         return plan, None, "the interpreter is outside /usr, or there is no ldd or tar"
-    root = tempfile.mkdtemp(prefix="nanorlef-tree-")
+    lock_dir()   # RUN_DIR/tree is root's: each supervisor mounts its own tmpfs there, in its own namespace
+    root = RUN_DIR + "/tree"
     if libc.mount(b"tmpfs", root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=256m,mode=0755") != 0:
         return plan, root, f"mount tmpfs: errno {ctypes.get_errno()}"
     try:

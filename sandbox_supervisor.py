@@ -312,9 +312,9 @@ class Supervisor:
                     os.setresuid(self.uid, self.uid, self.uid)
                 if self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:   # no setuid binary gives root back
                     raise OSError("prctl(PR_SET_NO_NEW_PRIVS)")
-                if self.seccomp:
-                    install_seccomp(self.libc, self.seccomp)
                 self._fresh_keyrings()
+                if self.seccomp:   # last: it denies the keyctl calls just made
+                    install_seccomp(self.libc, self.seccomp)
                 os.chdir("/" if self.bwrap else home)
                 os.execve(argv[0], argv, env)
             except BaseException as e:
@@ -489,8 +489,7 @@ class Supervisor:
         if self.box:
             remove_tree([self.box])
         if self.tree:
-            self.libc.umount2(self.tree.encode(), 2)   # MNT_DETACH
-            os.rmdir(self.tree)
+            self.libc.umount2(self.tree.encode(), 2)   # MNT_DETACH; the mount point is shared, and stays
         if self.cgroups:
             self.cgroups.close()
 

@@ -775,6 +775,42 @@ def test_page_cache_cannot_be_probed_or_evicted(fallback, monkeypatch):
 
 @needs_root
 @pytest.mark.parametrize("fallback", [False, True])
+def test_device_times_and_keys_cannot_carry_state(fallback, monkeypatch):
+    """The host inodes a program can write (/dev/null & co.) keep their times, and keys cannot be made: both
+    would outlive the run. The devices still work."""
+    import platform
+    if platform.machine() not in sandbox.host.ARCHES:
+        pytest.skip(f"no seccomp syscall table for {platform.machine()}")
+    if fallback:
+        monkeypatch.setenv("NANORLEF_SANDBOX_FALLBACK", "1")
+    with SandboxPool(workers=1, limits=LIMITS) as p:
+        r = p.submit(round5.SHARED_STATE, [T("call", call="f()", expected=repr(round5.SHARED_STATE_EXPECTED))]
+                     ).result()
+        assert statuses(r) == ["pass"], r.tests[0].got or r.tests[0].detail
+
+
+def test_lock_directory_must_be_ours_alone(tmp_path, monkeypatch):
+    """Lock files prove a uid or a cgroup tree in use only in a directory nobody else can write."""
+    for mode, owner, ok in ((0o755, os.geteuid(), True), (0o777, os.geteuid(), False),
+                            (0o755, os.geteuid() + 1, False)):
+        run = tmp_path / f"run-{mode:o}-{owner}"
+        run.mkdir(mode=mode)
+        os.chmod(run, mode)
+        if owner != os.geteuid():
+            if not IS_ROOT:
+                continue
+            os.chown(run, owner, owner)
+        monkeypatch.setattr(sandbox.host, "RUN_DIR", str(run))
+        monkeypatch.setattr(sandbox.host, "LOCK_DIR", str(run / "locks"))
+        if ok:
+            assert sandbox.host.lock_dir() == str(run / "locks")
+        else:
+            with pytest.raises(RuntimeError, match=str(run)):
+                sandbox.host.lock_dir()
+
+
+@needs_root
+@pytest.mark.parametrize("fallback", [False, True])
 def test_no_page_cache_state_in_the_interpreter_files(fallback, monkeypatch):
     """Programs run on a private tmpfs copy of the interpreter: every page of its files is in memory, so
     which pages are cached says nothing about earlier runs (on the host's /usr it would)."""
