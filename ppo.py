@@ -1,9 +1,10 @@
-"""PPO / GRPO for RLEF as pure tensor functions: KL penalties, rewards, advantages, losses, KL control.
+"""The method: PPO, GRPO and ReST-EM for RLEF as pure tensor functions (rewards, KL, advantages, losses).
 
 Nothing here touches the sandbox, the model or the data: every function takes tensors and returns tensors,
-so each one is tested by hand in tests/test_ppo.py.
+so each one is tested by hand in tests/test_ppo.py. train.py runs them in this order: `advantages` once per
+iteration, then `ppo_loss` (or `rest_em_loss`) on every micro-batch.
 
-Tensor layout. A batch of B episodes is right-padded to (B, T) token tensors:
+Tensor layout. A batch of B episodes is right-padded to (B, T) token tensors (`Batch` lists its fields):
   action_mask      (B, T) bool   True on tokens the policy sampled; prompt, feedback and padding are False
   logprobs, old_logprobs, ref_logprobs
                    (B, T) float32 per-token logprobs at the sampling temperature (0 where not an action)
@@ -14,11 +15,10 @@ Tensor layout. A batch of B episodes is right-padded to (B, T) token tensors:
   scores           (B,)   float32 the episode's scalar reward, credited on its last action token (last turn)
   turn_rewards     (B, K) float32 optional extra per-turn rewards, credited on each turn's last action token
 
-Averaging. Losses and statistics only ever see action tokens (or existing turns). The default loss
-aggregation is "token_mean": the mean over all action tokens of the minibatch, so long responses weigh more
-(as in CleanRL, TRL and DAPO). "seq_mean" averages each sequence's tokens first (the original GRPO, eq. 3).
-With gradient accumulation, pass the minibatch's token (or sequence) count as `normalizer` to every
-micro-batch loss: the summed micro-batch gradients then equal the gradient of the minibatch mean.
+Averaging. Losses and statistics only ever see action tokens (or existing turns). A loss is the mean over
+all action tokens of the minibatch, so long responses weigh more (as in CleanRL, TRL and DAPO). With gradient
+accumulation, pass the minibatch's token count as `normalizer` to every micro-batch loss: the summed
+micro-batch gradients then equal the gradient of the minibatch mean.
 
 References.
   PPO:   Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7 (clip) and eq. 9 (total loss).
@@ -32,21 +32,15 @@ References.
   Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training": do not divide by the group std.
   KL:    Schulman 2020, "Approximating KL Divergence" (k1, k3); Ziegler et al. 2019, "Fine-Tuning Language
          Models from Human Preferences", section 2.2 (adaptive KL coefficient).
-
-Typical use (token-level PPO, KL in the reward):
-  kl = kl_k1(old_logprobs, ref_logprobs)
-  rewards = token_level_rewards(apply_truncation_penalty(scores, truncated, 0.5), mask, kl, kl_ctl.value)
-  adv, ret = gae(rewards, values, mask, gamma, lam); adv = masked_whiten(adv, mask)
-Turn-level (RLEF):
-  turn_kl = per_turn_mean(kl_k1(old_logprobs, ref_logprobs), turn_ids, K)
-  r = turn_level_rewards(scores, turn_mask, turn_kl, kl_ctl.value)
-  v = gather_turn_values(values, turn_value_index, turn_mask)
-  adv, turn_adv, turn_ret = turn_level_advantages(r, v, turn_mask, turn_ids, gamma, lam)
+  ReST-EM: Singh et al. 2023, "Beyond Human Data: Scaling Self-Training for Problem-Solving with Language
+         Models", section 3: the M-step maximises the reward-weighted log-likelihood of the policy's samples.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -54,7 +48,54 @@ from torch import Tensor
 from kernels import kl_k1, kl_k3  # noqa: F401  (re-exported: ppo.kl_k1, ppo.kl_k3)
 
 KL_PLACEMENTS = ("reward", "loss")
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean")
+TOKEN_FIELDS = ("inputs", "targets", "mask", "turn_ids", "old_logprobs", "ref_logprobs", "values",
+                "advantages")
+VALUE_FIELDS = ("returns", "value_mask", "old_values")
+
+
+@dataclass
+class Batch:
+    """One iteration's episodes, right-padded and shifted: position t predicts token t + 1."""
+    inputs: Tensor            # (B, T) long   the episode's tokens but the last
+    targets: Tensor           # (B, T) long   the episode's tokens but the first: what each position predicts
+    mask: Tensor              # (B, T) bool   the target is an action (a token the policy sampled)
+    turn_ids: Tensor          # (B, T) long   the turn of each action target, -1 elsewhere
+    turn_mask: Tensor         # (B, K) bool   the turns that exist (a prefix of each row)
+    turn_value_index: Tensor  # (B, K) long   each turn's last prompt position: where RLEF reads its value
+    turn_rewards: Tensor      # (B, K) float  each turn's reward (the last turn's holds the final reward)
+    rewards: Tensor           # (B,)   float  the episode's reward (the sum of its turns')
+    truncated: Tensor         # (B,)   bool   a response was cut off by the length limit
+    passed: Tensor            # (B,)   bool   the final code passed the private tests
+    groups: Tensor            # (B,)   long   the task of each episode: GRPO's groups
+    # filled in each iteration: the training forward passes, then `advantages`
+    old_logprobs: Tensor | None = None  # (B, T) the policy's, before the update
+    ref_logprobs: Tensor | None = None  # (B, T) the frozen reference's
+    values: Tensor | None = None        # (B, T) the critic's, before the update
+    advantages: Tensor | None = None    # (B, T)
+    returns: Tensor | None = None       # (B, K) turn-level or (B, T) token-level value targets
+    value_mask: Tensor | None = None    # where the returns apply: turn_mask or mask
+    old_values: Tensor | None = None    # the values at the critic's steps, for the value clip
+    turn_level: bool = True             # returns, value_mask and old_values are per turn (else per token)
+
+    @classmethod
+    def from_collated(cls, c: dict, passed: Tensor, groups: Tensor, device=None) -> Batch:
+        """From rollout.collate's padded tensors: inputs drop the last token, targets and every per-token
+        field the first; a turn's value is read at its last prompt token, start - 1."""
+        fields = dict(inputs=c["tokens"][:, :-1], targets=c["tokens"][:, 1:], mask=c["action_mask"][:, 1:],
+                      turn_ids=c["turn_ids"][:, 1:], turn_mask=c["turn_mask"],
+                      turn_value_index=c["turn_starts"] - 1,
+                      turn_rewards=c["turn_rewards"], rewards=c["rewards"], truncated=c["truncated"],
+                      passed=passed, groups=groups)
+        return cls(**{k: v.to(device) for k, v in fields.items()})
+
+    def select(self, rows: Tensor, T: int) -> Batch:
+        """The micro-batch of `rows`, its per-token fields cut to their first T columns."""
+        def cut(name: str, x):
+            if not isinstance(x, Tensor):
+                return x
+            per_token = name in TOKEN_FIELDS or (name in VALUE_FIELDS and not self.turn_level)
+            return x[rows, :T] if per_token else x[rows]
+        return Batch(**{f.name: cut(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,36 +128,18 @@ def masked_var(x: Tensor, mask: Tensor) -> Tensor:
     return masked_mean((x - mean) ** 2, mask)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Advantage whitening over the mask only: (x - mean) / std, statistics from masked entries. Zero outside.
-
-    shift_mean=False keeps the original mean (only rescales), as TRL's `whiten(shift_mean=False)`.
-    """
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """Advantage whitening over the mask only: (x - mean) / std, statistics from masked entries. Zero
+    outside."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros_like(whitened))
 
 
-def masked_aggregate(x: Tensor, mask: Tensor, loss_agg: str = "token_mean",
-                     normalizer: float | Tensor | None = None) -> Tensor:
-    """Reduce a per-token (B, T) loss to a scalar over the mask.
-
-    token_mean: sum over all masked tokens / normalizer (default: this batch's masked token count).
-    seq_mean:   per-row mean over its masked tokens, summed over rows / normalizer (default: rows with >= 1
-                masked token). Rows with no masked token contribute nothing.
-    """
-    if loss_agg == "token_mean":
-        total, count = masked_sum(x, mask), mask.sum()
-    elif loss_agg == "seq_mean":
-        per_row = masked_mean(x, mask, dim=-1)
-        total, count = per_row.sum(), (mask.sum(-1) > 0).sum()
-    else:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
-    if normalizer is None:
-        normalizer = count.clamp(min=1)
-    return total / normalizer
+def token_mean(x: Tensor, mask: Tensor, normalizer: float | Tensor | None = None) -> Tensor:
+    """Sum of a per-token (B, T) loss over the mask / normalizer (default: this batch's masked token
+    count)."""
+    return masked_sum(x, mask) / (mask.sum().clamp(min=1) if normalizer is None else normalizer)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
@@ -131,15 +154,22 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 
 # ----------------------------------------------------------------------------------------------------------
 # KL estimators and controllers (Schulman 2020, "Approximating KL Divergence")
-# k1 = log p - log q and the clamped k3 live in kernels/ (one definition); ppo.kl_k1 / ppo.kl_k3 re-export them.
+# k1 = log p - log q and the clamped k3 live in kernels/ (one definition); ppo.kl_k1 / ppo.kl_k3 re-export
+# them.
+
+
+def kl_stats(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The k1 KL to the reference per sampled token (kl_ref) and summed over each episode (kl_episode), both
+    averaged over the batch. The adaptive controller steers kl_episode."""
+    kl = kl_k1(logprobs, ref_logprobs)
+    return {"kl_ref": float(masked_mean(kl, mask)), "kl_episode": float(masked_sum(kl, mask, dim=1).mean())}
 
 
 def per_turn_mean(x: Tensor, turn_ids: Tensor, num_turns: int) -> Tensor:
     """(B, T) per-token values -> (B, K) mean over the tokens of each turn (0 for turns without tokens).
 
-    With x = kl_k1(logprobs, ref_logprobs) this is RLEF's per-turn KL: the mean log ratio of the turn, i.e. the
-    log of the geometric mean of the per-token ratios, independent of the response length.
-    """
+    With x = kl_k1(logprobs, ref_logprobs) this is RLEF's per-turn KL: the mean log ratio of the turn, i.e.
+    the log of the geometric mean of the per-token ratios, independent of the response length. """
     if turn_ids.shape != x.shape:
         raise ValueError(f"turn_ids shape {tuple(turn_ids.shape)} does not match {tuple(x.shape)}")
     if turn_ids.numel() and turn_ids.max().item() >= num_turns:
@@ -189,7 +219,8 @@ class AdaptiveKLController:
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         if target <= 0 or horizon <= 0:
-            raise ValueError(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target}, {horizon}")
+            raise ValueError(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target}, "
+                             f"{horizon}")
         self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
@@ -200,7 +231,8 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), int(state["horizon"])
+        self.value, self.target = float(state["value"]), float(state["target"])
+        self.horizon = int(state["horizon"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +267,8 @@ def token_level_rewards(scores: Tensor, action_mask: Tensor, kl: Tensor | None =
     kl: (B, T) per-token k1 = logprobs - ref_logprobs.
     """
     if action_mask.dtype != torch.bool or action_mask.dim() != 2:
-        raise ValueError(f"action_mask must be a (B, T) bool tensor, got {action_mask.dtype} {tuple(action_mask.shape)}")
+        raise ValueError(f"action_mask must be a (B, T) bool tensor, got {action_mask.dtype} "
+                         f"{tuple(action_mask.shape)}")
     B, T = action_mask.shape
     if scores.shape != (B,):
         raise ValueError(f"scores must have shape ({B},), got {tuple(scores.shape)}")
@@ -259,7 +292,8 @@ def token_level_rewards(scores: Tensor, action_mask: Tensor, kl: Tensor | None =
 
 def _check_turn_mask(turn_mask: Tensor) -> None:
     if turn_mask.dtype != torch.bool or turn_mask.dim() != 2:
-        raise ValueError(f"turn_mask must be a (B, K) bool tensor, got {turn_mask.dtype} {tuple(turn_mask.shape)}")
+        raise ValueError(f"turn_mask must be a (B, K) bool tensor, got {turn_mask.dtype} "
+                         f"{tuple(turn_mask.shape)}")
     if bool((turn_mask[:, 1:] & ~turn_mask[:, :-1]).any()):
         raise ValueError("turn_mask must be a prefix per row: turn k exists only if turn k-1 exists")
 
@@ -289,10 +323,10 @@ def turn_level_rewards(scores: Tensor, turn_mask: Tensor, turn_kl: Tensor | None
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16) over the masked steps of each row.
 
-    rewards, values: (B, L); mask (B, L) bool marks the steps (action tokens, or turns). Unmasked positions are
-    skipped, not treated as steps: the recursion runs over the sequence of masked steps, so in a multi-turn
-    episode the first action token after the feedback bootstraps the last action token before it. The step
-    after the last masked one is terminal (value 0).
+    rewards, values: (B, L); mask (B, L) bool marks the steps (action tokens, or turns). Unmasked positions
+    are skipped, not treated as steps: the recursion runs over the sequence of masked steps, so in a
+    multi-turn episode the first action token after the feedback bootstraps the last action token before it.
+    The step after the last masked one is terminal (value 0).
       delta_t = r_t + gamma * V_next - V_t;  A_t = delta_t + gamma * lam * A_next;  return_t = A_t + V_t
     Returns (advantages, returns), both (B, L) float32 and zero outside the mask. Values are detached.
     """
@@ -333,7 +367,8 @@ def gather_turn_values(values: Tensor, turn_value_index: Tensor, turn_mask: Tens
 def turn_to_tokens(x: Tensor, turn_ids: Tensor) -> Tensor:
     """(B, K) per-turn values -> (B, T): each action token gets its turn's value, non-actions get 0."""
     if turn_ids.numel() and turn_ids.max().item() >= x.shape[1]:
-        raise ValueError(f"turn_ids holds turn {turn_ids.max().item()} but only {x.shape[1]} turns were given")
+        raise ValueError(f"turn_ids holds turn {turn_ids.max().item()} but only {x.shape[1]} turns were "
+                         "given")
     picked = x.gather(1, turn_ids.clamp(min=0))
     return torch.where(turn_ids >= 0, picked, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -351,7 +386,8 @@ def turn_level_advantages(turn_rewards: Tensor, turn_values: Tensor, turn_mask: 
     return turn_to_tokens(turn_adv, turn_ids), turn_adv, turn_ret
 
 
-def grpo_advantages(scores: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+def grpo_advantages(scores: Tensor, group_ids: Tensor, scale_by_std: bool = True,
+                    eps: float = 1e-6) -> Tensor:
     """GRPO outcome advantages (Shao et al. 2024, section 4.1.2): (r - mean_group) / (std_group + eps).
 
     scores (B,); group_ids (B,) long: episodes with the same id are the n samples of one task (any order).
@@ -361,7 +397,8 @@ def grpo_advantages(scores: Tensor, group_ids: Tensor, scale_by_std: bool = True
     Broadcast to tokens with `scores_to_tokens(adv, action_mask)`.
     """
     if scores.dim() != 1 or group_ids.shape != scores.shape:
-        raise ValueError(f"scores and group_ids must both be (B,), got {tuple(scores.shape)}, {tuple(group_ids.shape)}")
+        raise ValueError(f"scores and group_ids must both be (B,), got {tuple(scores.shape)}, "
+                         f"{tuple(group_ids.shape)}")
     scores = scores.float()
     _, group = torch.unique(group_ids, return_inverse=True)  # dense 0..G-1 ids
     G = int(group.max().item()) + 1
@@ -383,12 +420,41 @@ def scores_to_tokens(x: Tensor, action_mask: Tensor) -> Tensor:
     return torch.where(action_mask, x[:, None].float(), 0.0)
 
 
+def advantages(b: Batch, algo: str, advantage: str, kl_placement: str, kl_coef: float, gamma: float,
+               lam: float, truncation_penalty: float) -> tuple[Tensor, Tensor | None, Tensor | None,
+                                                               Tensor | None]:
+    """Rewards -> (token advantages, value targets, their mask, old values at the critic's steps).
+
+    GRPO / Dr. GRPO: the group-normalised outcome rewards on every token, no critic (DeepSeekMath 4.1.2). PPO,
+    advantage "turn": RLEF's GAE over turns, the turn's advantage on all its tokens; "token": GAE over action
+    tokens. PPO whitens its advantages over the batch's action tokens; GRPO's are normalised within each
+    task's group already: re-normalising them over the batch would give a group of equal scores a non-zero
+    advantage, and shift a group's advantages with its responses' lengths."""
+    mask = b.mask
+    reward_kl, _ = split_kl_coef(kl_placement, kl_coef)
+    kl = kl_k1(b.old_logprobs, b.ref_logprobs) if b.ref_logprobs is not None else None
+    penalty = apply_truncation_penalty(torch.zeros_like(b.rewards), b.truncated, truncation_penalty)
+    if algo in ("grpo", "dr_grpo"):
+        scores = grpo_advantages(b.rewards + penalty, b.groups, scale_by_std=algo == "grpo")
+        return scores_to_tokens(scores, mask), None, None, None
+    if advantage == "turn":
+        turn_kl = per_turn_mean(kl, b.turn_ids, b.turn_mask.shape[1]) if kl is not None else None
+        r = turn_level_rewards(penalty, b.turn_mask, turn_kl, reward_kl, b.turn_rewards)
+        v = gather_turn_values(b.values, b.turn_value_index, b.turn_mask)
+        adv, _, turn_returns = turn_level_advantages(r, v, b.turn_mask, b.turn_ids, gamma, lam)
+        return masked_whiten(adv, mask), turn_returns, b.turn_mask, v
+    r = token_level_rewards(penalty, mask, kl, reward_kl, b.turn_ids, b.turn_rewards)
+    adv, returns = gae(r, b.values, mask, gamma, lam)
+    return masked_whiten(adv, mask), returns, mask, b.values
+
+
 # ----------------------------------------------------------------------------------------------------------
 # losses
 
 
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2,
-                loss_agg: str = "token_mean", normalizer: float | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                clip_eps: float = 0.2, normalizer: float | Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
 
     ratio = exp(logp - old_logp);  loss_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))
@@ -403,16 +469,18 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     advantages = advantages.detach()
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_aggregate(torch.maximum(unclipped, clipped), mask, loss_agg, normalizer)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
     return loss, clipfrac, approx_kl
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None = 0.2,
-               loss_agg: str = "token_mean", normalizer: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Clipped value loss (PPO2 / CleanRL): 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               clip_range: float | None = 0.2, normalizer: float | Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """Clipped value loss (OpenAI baselines' PPO2, CleanRL):
+    0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
 
     Works on tokens (mask = action_mask) or turns (mask = turn_mask). clip_range=None disables clipping.
     Returns (loss, clipfrac): clipfrac = fraction where the clipped error is the larger one (detached).
@@ -424,43 +492,72 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     returns = torch.where(mask, returns.detach(), zero)
     unclipped = (values - returns) ** 2
     if clip_range is None:
-        return masked_aggregate(0.5 * unclipped, mask, loss_agg, normalizer), torch.zeros((), device=values.device)
+        return token_mean(0.5 * unclipped, mask, normalizer), torch.zeros((), device=values.device)
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     clipped = (clipped_values - returns) ** 2
-    loss = masked_aggregate(0.5 * torch.maximum(unclipped, clipped), mask, loss_agg, normalizer)
+    loss = token_mean(0.5 * torch.maximum(unclipped, clipped), mask, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
     return loss, clipfrac
 
 
-def entropy_bonus(entropy: Tensor, mask: Tensor, loss_agg: str = "token_mean",
-                  normalizer: float | Tensor | None = None) -> Tensor:
-    """Mean policy entropy over action tokens; subtracted from the loss times ent_coef (PPO eq. 9)."""
-    return masked_aggregate(entropy, mask, loss_agg, normalizer)
-
-
-def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_agg: str = "token_mean",
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
             normalizer: float | Tensor | None = None) -> Tensor:
-    """KL-in-the-loss (GRPO, Shao et al. 2024 eq. 4): the k3 estimate of KL(pi || pi_ref) over action tokens."""
+    """KL-in-the-loss (GRPO, Shao et al. 2024 eq. 4): the k3 estimate of KL(pi || pi_ref) over action
+    tokens."""
     _check_mask(mask, logprobs)
     # mask the inputs, not only the output: exp() of garbage at padding would send NaN gradients back.
     logp = torch.where(mask, logprobs, 0.0)
     logq = torch.where(mask, ref_logprobs.detach(), 0.0)
-    return masked_aggregate(kl_k3(logp, logq), mask, loss_agg, normalizer)
+    return token_mean(kl_k3(logp, logq), mask, normalizer)
 
 
-def total_loss(pg_loss: Tensor, vf_loss: Tensor | None = None, entropy: Tensor | None = None,
-               kl: Tensor | None = None, *, vf_coef: float = 0.5, ent_coef: float = 0.0,
-               kl_coef: float = 0.0) -> Tensor:
-    """PPO eq. 9 plus an optional KL term: pg + vf_coef * vf - ent_coef * entropy + kl_coef * kl."""
+def total_loss(pg_loss: Tensor, vf_loss: Tensor | None = None, kl: Tensor | None = None, *,
+               vf_coef: float = 0.5, kl_coef: float = 0.0) -> Tensor:
+    """PPO eq. 9 without the entropy bonus, plus GRPO's KL term (eq. 3): pg + vf_coef * vf + kl_coef * kl."""
     loss = pg_loss
     if vf_loss is not None:
         loss = loss + vf_coef * vf_loss
-    if entropy is not None and ent_coef != 0.0:
-        loss = loss - ent_coef * entropy
     if kl is not None and kl_coef != 0.0:
         loss = loss + kl_coef * kl
     return loss
+
+
+def ppo_loss(b: Batch, logprobs: Tensor, entropy: Tensor, values: Tensor | None, *, clip_eps: float,
+             value_clip: float, vf_coef: float, loss_kl: float, n_tokens: int, n_value_steps: int
+             ) -> tuple[Tensor, dict]:
+    """One micro-batch's share of the minibatch loss (PPO eq. 9): the clipped policy loss, the clipped value
+    loss when the batch has value targets, and GRPO's k3 KL when the KL is in the loss. `b` is the micro-batch
+    (Batch.select); logprobs, entropy and values are the model's new outputs on it; the sums are divided by
+    the minibatch's action tokens (n_tokens) and value steps (turns or tokens), so that the micro-batches'
+    gradients add up to the minibatch mean's. Returns (loss, statistics)."""
+    pg, clipfrac, approx_kl = policy_loss(logprobs, b.old_logprobs, b.advantages, b.mask, clip_eps, n_tokens)
+    kl = kl_loss(logprobs, b.ref_logprobs, b.mask, n_tokens) if loss_kl else None
+    stats = {"pg_loss": pg.item(), "clipfrac": clipfrac.item(), "approx_kl": approx_kl.item(),
+             "entropy": masked_mean(entropy.detach(), b.mask).item()}
+    vf = None
+    if b.returns is not None:
+        new = gather_turn_values(values, b.turn_value_index, b.turn_mask) if b.turn_level else values
+        vf, _ = value_loss(new, b.old_values, b.returns, b.value_mask, value_clip or None,
+                           max(n_value_steps, 1))
+        stats["vf_loss"] = vf.item()
+    return total_loss(pg, vf, kl, vf_coef=vf_coef, kl_coef=loss_kl), stats
+
+
+def rest_em_weights(b: Batch) -> Tensor:
+    """(B, T) weights of ReST-EM's likelihood (Singh et al. 2023, section 3): the final turn of every passing
+    episode, weighted by its reward (reward-weighted regression, Peters & Schaal 2007). With no time reward
+    the reward of a pass is 1, ReST-EM's binary filter exactly; with one, a fast program weighs up to 1 +
+    time_weight and a slow one down to 1 - time_weight, which is how the time reward reaches this method."""
+    n_turns = b.turn_mask.sum(1, keepdim=True)                                      # (B, 1)
+    last_turn = b.turn_ids == (n_turns - 1)
+    final_reward = b.turn_rewards.gather(1, n_turns - 1).clamp(min=0)               # (B, 1)
+    return (b.mask & last_turn & b.passed[:, None]) * final_reward
+
+
+def rest_em_loss(logprobs: Tensor, weights: Tensor, n_kept: int) -> Tensor:
+    """-sum(w * logp) / n_kept, n_kept the minibatch's tokens with weight (their mean NLL when w is 1)."""
+    return -(logprobs * weights).sum() / n_kept
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,12 +585,3 @@ def minibatches(n: int, minibatch_size: int, micro_batch_size: int, epochs: int,
 def is_finite(x: Tensor) -> bool:
     """True if every element of x is finite (train.py skips the update otherwise)."""
     return bool(torch.isfinite(x).all())
-
-
-def grads_are_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
-    """True if every existing .grad is finite. One host sync for all parameters.
-
-    Local check: right after DDP's all-reduce every rank sees the same grads, so ranks agree. With FSDP2 the
-    grads are sharded; use is_finite(clip_grad_norm_(...)) there, whose total norm is reduced across ranks."""
-    flags = [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
-    return bool(torch.stack(flags).all()) if flags else True

@@ -12,17 +12,15 @@ trained, then the rest of the template's closing (ChatML's newline), which is co
 loss is the mean negative log-likelihood of the trained assistant tokens only.
 
 The warm start's demonstrations (`warm_start_examples`):
-- every task's reference solution, `copies` times, each copy carrying each applicable classic bug of
-  data.CLASSIC_BUGS (a missing `default=0`, `>=` for `>`, ...) with probability `bug_rate`. A real model learns
-  from a corpus with bugs in it; so does this one, and it writes them on held-out tasks too. Execution feedback
-  is what removes them, which is the part of RL for code the demo shows;
+- every task's reference solution, carrying each applicable classic bug of synthetic.CLASSIC_BUGS (a
+  missing `default=0`, `>=` for `>`, ...) with probability `bug_rate`. A real model learns
+  from a corpus with bugs in it; so does this one, and it writes them on held-out tasks too. Execution
+  feedback is what removes them, which is the part of RL for code the demo shows;
 - for slow/fast tasks also the slow solution, so the warm-started policy writes both and the time reward has a
   choice to act on (RL then shifts the mix; without the time reward nothing favours either);
 - repair demonstrations, the multi-turn format of RLEF: a wrong first answer (the reference with one classic
   bug, or another task's reference), the real sandbox feedback on the public tests, then the right answer.
-  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program;
-- with `chat_share` > 0 (an experiment, off in the preset), that share of the one-turn demonstrations paired
-  into chats of two tasks, so that answers are also trained where a later turn writes them.
+  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program.
 """
 from __future__ import annotations
 
@@ -39,7 +37,8 @@ import psutil
 import torch
 
 from kernels import fused_linear_logprobs
-from data import bug_sites, with_bugs
+from model import ModelConfig
+from synthetic import bug_sites, with_bugs
 from reward import feedback_text
 from rollout import task_message
 
@@ -77,7 +76,8 @@ def next_turn(tokenizer, tokens: list[int], mask: list[bool], user_message: str,
 
 
 def chat_demonstration(tokenizer, exchanges: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
-    """(tokens, loss_mask) of one chat of several tasks, each (user message, code) answered in turn; every answer
+    """(tokens, loss_mask) of one chat of several tasks, each (user message, code) answered in turn; every
+    answer
     is trained. Its first exchange is exactly `demonstration`."""
     tokens, mask = demonstration(tokenizer, *exchanges[0])
     for user_message, code in exchanges[1:]:
@@ -94,9 +94,9 @@ def repair_demonstration(tokenizer, user_message: str, wrong_code: str, feedback
 
 
 def repair_pairs(tasks, count: int, seed: int) -> list[tuple[object, str]]:
-    """Up to `count` (task, wrong program) pairs. The wrong program is the task's reference with one classic bug
-    in it, or, for a task without one, the reference of another task with the same signature (same first line).
-    Either must still be checked against the public tests, which may not tell it apart."""
+    """Up to `count` (task, wrong program) pairs. The wrong program is the task's reference with one classic
+    bug in it, or, for a task without one, the reference of another task with the same signature (same first
+    line). Either must still be checked against the public tests, which may not tell it apart."""
     rng = random.Random(seed)
     by_signature: dict[str, list] = {}
     for t in tasks:
@@ -122,19 +122,17 @@ def corpus_copy(code: str, bug_rate: float, rng: random.Random) -> str:
 
 
 def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: bool = True, repairs: int = 0,
-                        copies: int = 1, bug_rate: float = 0.0, chat_share: float = 0.0, pool=None,
-                        seed: int = 0) -> list[tuple[list[int], list[bool]]]:
-    """The warm start's demonstrations (module docstring). `repairs` > 0 needs a SandboxPool for the feedback.
-    `chat_share` of the one-turn demonstrations are paired into two-task chats (`two_task_chats`)."""
+                        bug_rate: float = 0.0, pool=None, seed: int = 0) -> list[tuple[list, list]]:
+    """The warm start's demonstrations (module docstring). `repairs` > 0 needs a SandboxPool for the
+    feedback."""
     rng = random.Random(seed)
-    answers = []  # (user message, code) of the one-turn demonstrations
+    examples = []
     for t in tasks:
-        for _ in range(copies if t.reference_solution else 0):
-            answers.append((task_message(t, instruction), corpus_copy(t.reference_solution, bug_rate, rng)))
+        if t.reference_solution:
+            code = corpus_copy(t.reference_solution, bug_rate, rng)
+            examples.append(demonstration(tokenizer, task_message(t, instruction), code))
         if slow_solutions and t.slow_solution:
-            answers.append((task_message(t, instruction), t.slow_solution))
-    examples = two_task_chats(tokenizer, answers, chat_share, seed) if chat_share else \
-        [demonstration(tokenizer, message, code) for message, code in answers]
+            examples.append(demonstration(tokenizer, task_message(t, instruction), t.slow_solution))
     if repairs:
         if pool is None:
             raise ValueError("warm_start_examples: repairs > 0 needs a sandbox pool to produce the feedback")
@@ -154,21 +152,6 @@ def repairs_with_feedback(tasks, count: int, seed: int, pool) -> list[tuple[obje
             for (t, wrong), result in zip(pairs, results) if not result.passed]
 
 
-def two_task_chats(tokenizer, answers: list[tuple[str, str]], share: float, seed: int) -> list:
-    """One-turn demonstrations, `share` of them paired at random into chats of two tasks (`chat_demonstration`).
-
-    A later turn of an episode writes its code hundreds of tokens into the chat. A small model trained only on
-    answers at the start of a chat cannot: after one solved exchange of another task, the tiny warm start's
-    pass rate on a held-out task fell from 0.41 to 0.08 (docs/experiments.md, "What the repair turns do").
-    Chats of two tasks train answers at those positions, with the same answers and tokens as the two
-    demonstrations. (They hold four messages, as repair demonstrations do, so `batches_by_turns` batches them
-    together.)"""
-    order = random.Random(seed + 1).sample(range(len(answers)), len(answers))
-    paired = order[:int(share * len(answers)) // 2 * 2]
-    chats = [chat_demonstration(tokenizer, [answers[i], answers[j]]) for i, j in zip(paired[::2], paired[1::2])]
-    return chats + [demonstration(tokenizer, *answers[i]) for i in sorted(order[len(paired):])]
-
-
 def pad_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to (B, T) tokens and a (B, T) bool loss mask (False on padding)."""
     T = max(len(tokens) for tokens, _ in examples)
@@ -182,21 +165,23 @@ def pad_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> tupl
 
 def sft_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int = 1024,
              n_tokens: int | None = None) -> torch.Tensor:
-    """Mean NLL of the masked tokens (divided by `n_tokens` instead when given). Position t predicts token t+1,
-    so inputs drop the last token and the targets and mask drop the first."""
+    """Mean NLL of the masked tokens (divided by `n_tokens` instead when given). Position t predicts token
+    t+1, so inputs drop the last token and the targets and mask drop the first."""
     inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], loss_mask[:, 1:]
     h = model.hidden_states(inputs)                                   # (B, T-1, D)
     logp = fused_linear_logprobs(h, model.lm_head.weight, targets, chunk_size=chunk_size)  # (B, T-1)
     return -(logp * mask).sum() / (n_tokens or mask.sum().clamp(min=1))
 
 
-def backward_by_length(model, batch: list[tuple[list[int], list[bool]]], pad_id: int, micro_batch_size: int) -> float:
+def backward_by_length(model, batch: list[tuple[list[int], list[bool]]], pad_id: int,
+                       micro_batch_size: int) -> float:
     """Backward of the batch's mean NLL (`sft_loss` on the whole padded batch) in micro-batches of similar
     length, shortest first, each padded only to its own longest demonstration; returns the loss.
 
     The gradient is the same: the model is causal, so right padding changes nothing before it, and every
     micro-batch's sum is divided by the token count of the whole batch. Repair demonstrations run from about
-    370 to 840 tokens, and padding 32 of them to the longest spent nearly a third of their compute on padding."""
+    370 to 840 tokens, and padding 32 of them to the longest spent nearly a third of their compute on
+    padding."""
     n_tokens = max(sum(sum(mask[1:]) for _, mask in batch), 1)   # the trained (shifted) tokens of the batch
     ordered = sorted(batch, key=lambda example: len(example[0]))
     total = 0.0
@@ -236,9 +221,9 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
     """AdamW on the demonstration NLL with a linear warm-up and cosine decay, each batch of `batch_size` put
     through in micro-batches of `micro_batch_size` (`backward_by_length`). Returns the per-step losses.
 
-    With `checkpoint`, the state (weights, optimizer, schedule, step, the batch order's RNG, losses) is written
-    there atomically every `save_every_s` seconds, and a run that finds it continues from it: a killed warm
-    start loses minutes, not the hours before them. The file is removed when training ends."""
+    With `checkpoint`, the state (weights, optimizer, schedule, step, the batch order's RNG, losses) is
+    written there atomically every `save_every_s` seconds, and a run that finds it continues from it: a killed
+    warm start loses minutes, not the hours before them. The file is removed when training ends."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
@@ -265,12 +250,14 @@ def train_sft(model, examples: list[tuple[list[int], list[bool]]], *, steps: int
         if log is not None and (step % 50 == 0 or step == steps - 1):
             elapsed = time.perf_counter() - started
             eta = elapsed / (step + 1 - start) * (steps - step - 1)
-            log(f"sft step {step:4d}/{steps}  loss {loss:.4f} | {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+            log(f"sft step {step:4d}/{steps}  loss {loss:.4f} | {elapsed / 60:.1f} min, "
+                f"ETA {eta / 60:.1f} min")
         if checkpoint is not None and time.perf_counter() - saved >= save_every_s and step + 1 < steps:
             # the RNG after this step's batch draws the next one: a resumed run sees the same batches
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "schedule": schedule.state_dict(), "rng": rng.getstate(),
-                             "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1}, checkpoint)
+                             "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1},
+                            checkpoint)
             saved = time.perf_counter()
     model.eval()
     if checkpoint is not None:
@@ -288,7 +275,7 @@ def save_atomically(state: dict, path: Path) -> None:
 
 def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
                seed: int, instruction: str, log=print, slow_solutions: bool = True, repairs: int = 0,
-               copies: int = 1, bug_rate: float = 0.0, chat_share: float = 0.0) -> Path:
+               bug_rate: float = 0.0) -> Path:
     """Train a fresh model on demonstrations (`warm_start_examples`) and save it as an HF checkpoint.
 
     Cached: the folder name holds a hash of everything that determines the weights (model config, optimiser
@@ -302,10 +289,8 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
         raise ValueError("warm_start: none of the tasks has a reference_solution to learn from")
     tasks_hash = hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()
     settings = {"config": model_config.to_hf(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
-                "instruction": instruction, "slow": slow_solutions, "repairs": repairs, "copies": copies,
-                "bug_rate": bug_rate, "tasks": tasks_hash}
-    if chat_share:  # a setting added later enters the key only when used, so older cached warm starts stay valid
-        settings["chat_share"] = chat_share
+                "instruction": instruction, "slow": slow_solutions, "repairs": repairs, "bug_rate": bug_rate,
+                "tasks": tasks_hash, "copies": 1}  # a removed option's value: cached entries stay valid
     key = json.dumps(settings, sort_keys=True)
     path = Path(out_dir) / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
@@ -314,13 +299,12 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     pool = SandboxPool(2, Limits(timeout_s=2.0)) if repairs else None
     try:
         examples = warm_start_examples(tokenizer, tasks, instruction, slow_solutions=slow_solutions,
-                                       repairs=repairs, copies=copies, bug_rate=bug_rate, chat_share=chat_share,
-                                       pool=pool, seed=seed)
+                                       repairs=repairs, bug_rate=bug_rate, pool=pool, seed=seed)
     finally:
         if pool is not None:
             pool.close()
-    log(f"warm start: training a {model_config.num_hidden_layers}-layer model on {len(examples)} demonstrations "
-        f"for {steps} steps (cached in {path})")
+    log(f"warm start: training a {model_config.num_hidden_layers}-layer model on {len(examples)} "
+        f"demonstrations for {steps} steps (cached in {path})")
     torch.manual_seed(seed)
     model = Transformer(model_config)
     train_sft(model, examples, steps=steps, batch_size=batch_size, lr=lr, pad_id=tokenizer.pad_id, seed=seed,
@@ -349,3 +333,25 @@ def publish_checkpoint(model, path: Path, log=print, tokenizer=None) -> None:
             raise
         log(f"warm start: another run saved {path} first; using it")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The tiny preset's warm start: a 4-layer model of hidden size 128 trained on every training task's reference,
+# with each classic bug in 30% of the places it fits, plus 128 repair demonstrations (docs/experiments.md).
+TINY = dict(layers=4, hidden=128, lr=3e-3, batch=32, repairs=128, bug_rate=0.3)
+
+
+def tiny_model_config(tokenizer) -> ModelConfig:
+    return ModelConfig(vocab_size=tokenizer.n_words, hidden_size=TINY["hidden"],
+                       intermediate_size=TINY["hidden"] * 3, num_hidden_layers=TINY["layers"],
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                       max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tokenizer.bos_id,
+                       eos_token_id=tokenizer.eot_id)
+
+
+def tiny_warm_start(cache_dir: Path, tokenizer, tasks, *, steps: int, seed: int, instruction: str,
+                    log=print) -> Path:
+    """The tiny preset's warm-start checkpoint (`warm_start` with the TINY recipe): trained once, then
+    cached."""
+    return warm_start(cache_dir, tokenizer, tasks, tiny_model_config(tokenizer), steps=steps,
+                      batch_size=TINY["batch"], lr=TINY["lr"], seed=seed, instruction=instruction, log=log,
+                      repairs=TINY["repairs"], bug_rate=TINY["bug_rate"])

@@ -16,21 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # One value outside each flag's domain (or not of its type).
 BAD = {
     "preset": "huge", "model_dir": "{tmp}", "tokenizer": "{tmp}/no_tokenizer.json", "dtype": "float16",
-    "dataset": "apps", "data_path": "{tmp}/missing.jsonl", "eval_split": "train", "drop_broken_tasks": "maybe",
-    "algo": "reinforce", "critic": "probes", "advantage": "gae", "gamma": "1.5", "lam": "-0.1",
-    "kl_placement": "both", "kl_coef": "-0.01", "kl_target": "-1", "kl_horizon": "0", "clip_eps": "0",
-    "value_clip": "-0.2", "vf_coef": "-1", "ent_coef": "nan", "truncation_penalty": "-0.5", "max_grad_norm": "0",
-    "lr": "0", "critic_lr": "-1e-5", "warmup_steps": "-1", "lr_decay": "linear", "ppo_epochs": "0",
+    "dataset": "apps", "data_path": "{tmp}/missing.jsonl", "drop_broken_tasks": "maybe",
+    "algo": "reinforce", "critic": "probes", "advantage": "gae", "kl_placement": "both", "kl_coef": "-0.01",
+    "kl_target": "-1", "clip_eps": "0", "lr": "0", "critic_lr": "-1e-5", "warmup_steps": "-1", "ppo_epochs": "0",
     "minibatch_size": "0", "micro_batch_size": "0", "logprob_chunk": "0",
     "steps": "-3", "tasks_per_step": "0", "samples_per_task": "0", "max_turns": "0", "max_new_tokens": "0",
-    "temperature": "0", "top_p": "1.5", "gen_batch_size": "0",
-    "time_weight": "-1", "partial_credit": "ture", "lint_weight": "inf", "sandbox_workers": "-2",
-    "test_timeout": "0", "lora_rank": "-1", "lora_alpha": "0", "lora_targets": "q_proj,qkv", "fsdp": "on",
-    "eval_every": "-1", "eval_tasks": "-59", "eval_samples": "0", "eval_temperature": "0", "eval_episodes": "0",
-    "fast_share_samples": "-1", "out_dir": "", "save_every": "-1", "resume": "maybe", "overwrite": "2",
-    "seed": "1.5", "warmstart_steps": "-1", "tiny_layers": "0", "tiny_hidden": "30", "tiny_warmstart_lr": "0",
-    "tiny_warmstart_batch": "0", "tiny_repairs": "-1", "tiny_copies": "0", "tiny_bug_rate": "1.1",
-    "tiny_chat_share": "2", "tiny_rl_share": "1", "cache_dir": "",
+    "temperature": "0", "gen_batch_size": "0",
+    "time_weight": "-1", "sandbox_workers": "-2", "test_timeout": "0", "lora_rank": "-1", "fsdp": "on",
+    "eval_tasks": "-59", "eval_samples": "0", "eval_temperature": "0", "eval_episodes": "0",
+    "out_dir": "", "save_every": "-1", "resume": "maybe", "overwrite": "2",
+    "seed": "1.5", "warmstart_steps": "-1", "cache_dir": "",
 }
 # Flags that take any value, and why.
 EXEMPT = {"instruction": "free text appended to the prompt; '' means none"}
@@ -69,13 +64,11 @@ def test_values_at_the_edge_of_each_domain_are_accepted(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "tasks.jsonl").write_text("")
     cfg = train.parse_config([
-        "--sandbox_workers", "0", "--eval_tasks", "0", "--eval_every", "0", "--save_every", "0", "--kl_coef", "0",
-        "--kl_target", "0", "--value_clip", "0", "--gamma", "0", "--lam", "1", "--top_p", "1", "--tiny_bug_rate",
-        "0", "--tiny_rl_share", "0.5", "--steps", "1", "--tiny_hidden", "8", "--lora_rank", "0", "--seed", "-7",
+        "--sandbox_workers", "0", "--eval_tasks", "0", "--save_every", "0", "--kl_coef", "0", "--kl_target", "0",
+        "--warmup_steps", "0", "--time_weight", "0", "--steps", "1", "--lora_rank", "0", "--seed", "-7",
         "--instruction", "", "--model_dir", str(tmp_path), "--warmstart_steps", "0", "--dataset", "tasks",
-        "--data_path", str(tmp_path / "tasks.jsonl"), "--lora_targets", "q_proj,down_proj", "--tokenizer", "bytes"])
-    assert (cfg.sandbox_workers, cfg.gamma, cfg.top_p, cfg.tiny_hidden, cfg.seed, cfg.instruction) == \
-        (0, 0.0, 1.0, 8, -7, "")
+        "--data_path", str(tmp_path / "tasks.jsonl"), "--tokenizer", "bytes"])
+    assert (cfg.sandbox_workers, cfg.kl_coef, cfg.steps, cfg.seed, cfg.instruction) == (0, 0.0, 1, -7, "")
 
 
 @pytest.mark.parametrize("text,value", [("true", True), ("Yes", True), ("1", True), ("false", False),
@@ -85,13 +78,13 @@ def test_booleans_parse_strictly(text, value):
 
 
 def test_a_bare_boolean_flag_means_true():
-    assert train.parse_config(["--partial_credit", "--fsdp"]).partial_credit is True
-    assert train.parse_config([]).partial_credit is False
+    assert train.parse_config(["--drop_broken_tasks", "--fsdp"]).drop_broken_tasks is True
+    assert train.parse_config([]).drop_broken_tasks is False
 
 
 def test_the_preset_fills_defaults_and_flags_win():
     tiny = train.parse_config([])
-    assert (tiny.steps, tiny.algo, tiny.tiny_hidden) == (24, "expert_iteration", 128)  # train.PRESETS["tiny"]
+    assert (tiny.steps, tiny.algo, tiny.warmstart_steps) == (24, "expert_iteration", 1200)  # PRESETS["tiny"]
     assert train.parse_config(["--steps", "3"]).steps == 3
     big = train.parse_config(["--preset", "llama-3.1-8b", "--model_dir", "", "--warmstart_steps", "5"])
     assert (big.lora_rank, big.fsdp, big.dtype) == (64, True, "bfloat16")
@@ -104,7 +97,6 @@ def test_cross_flag_rules_name_the_flag(tmp_path, capsys):
     assert "--kl_placement" in line and "dr_grpo" in line
     assert train.parse_config(["--algo", "grpo", "--kl_placement", "reward", "--kl_coef", "0"]).kl_coef == 0
     assert "--warmstart_steps" in refusal(["--warmstart_steps", "0"], capsys)  # nothing to start from
-    assert "--tiny_hidden" in refusal(["--tiny_hidden", "36"], capsys)  # 4 heads of 9: odd head_dim, no RoPE pairs
     (tmp_path / "config.json").write_text("{}")
     assert "no tokenizer of its own" in refusal(["--model_dir", str(tmp_path)], capsys)
     assert train.parse_config(["--model_dir", str(tmp_path), "--tokenizer", "bytes"]).tokenizer == "bytes"
@@ -136,7 +128,7 @@ def test_help_shows_groups_defaults_and_the_presets_values(capsys):
 ISSUE_CASES = [["--samples_per_task", "0"], ["--tasks_per_step", "0"], ["--gen_batch_size", "0"],
                ["--micro_batch_size", "0"], ["--max_turns", "0"], ["--eval_samples", "0"],
                ["--sandbox_workers", "-2"], ["--steps", "-3"], ["--warmstart_steps", "-1"], ["--eval_tasks", "-59"],
-               ["--test_timeout", "0"], ["--partial_credit", "ture"], ["--fsdp", "on"], ["--tiny_hidden", "30"],
+               ["--test_timeout", "0"], ["--resume", "ture"], ["--fsdp", "on"],
                ["--temperature", "0"], ["--samples", "4"], ["--dataset", "tasks"]]
 
 

@@ -91,19 +91,6 @@ def test_chat_demonstration_is_the_chat_template_of_two_tasks_with_both_answers_
     assert tok.decode([t for t, m in zip(tokens, mask) if m]) == f"{a}<|eot_id|>{b}<|eot_id|>"
 
 
-def test_two_task_chats_keep_every_answer_once():
-    tok = Tokenizer.byte_level()
-    tasks = data.synthetic_tasks("train", 0)
-    answers = lambda examples: sorted(piece for ids, mask in examples
-                                      for piece in tok.decode([t for t, m in zip(ids, mask) if m]).split("<|eot_id|>")
-                                      if piece)
-    plain = warm_start_examples(tok, tasks, "", bug_rate=0.3)
-    chats = warm_start_examples(tok, tasks, "", bug_rate=0.3, chat_share=0.5)
-    two_task = [ex for ex in chats if ex[0].count(tok.eot_id) == 4]
-    assert len(two_task) == len(plain) // 4 and len(chats) == len(plain) - len(two_task)
-    assert answers(chats) == answers(plain)  # the same answers, bugs included, each trained once
-
-
 def test_repair_pairs_without_a_classic_bug_use_another_task_of_the_same_signature():
     tasks = [t for t in data.synthetic_tasks("train", 0) if not data.bug_sites(t.reference_solution)]
     pairs = repair_pairs(tasks, 40, seed=1)
@@ -129,9 +116,8 @@ def test_warm_start_is_cached(tmp_path):
     assert again == first and len(logs) == trained + 1 and "cached" in logs[-1]
     other = warm_start(tmp_path, tok, tasks, config, **{**kw, "steps": 3})
     assert other != first
-    # the name the settings had before chat_share existed: a setting added later must not retrain old caches
+    # the name these settings have had since the cache began: removing an option must not retrain old caches
     assert first.name == "warmstart-90fee3456467"
-    assert warm_start(tmp_path, tok, tasks, config, **{**kw, "steps": 3, "chat_share": 0.5}) != other
 
 
 def test_two_runs_saving_one_warm_start_both_use_a_whole_checkpoint(tmp_path):
@@ -232,7 +218,7 @@ def test_a_killed_warm_start_continues_where_it_stopped(tmp_path, monkeypatch):
                                checkpoint=checkpoint, save_every_s=0.0, log=log)
         return model, losses
     straight, straight_losses = train()
-    checkpoint, backward, calls = tmp_path / "warm.partial.pt", sft.backward_by_length, []
+    checkpoint, backward, calls = tmp_path / "cache" / "warm.partial.pt", sft.backward_by_length, []
 
     def killed_in_step_4(*a, **kw):
         calls.append(1)
@@ -300,7 +286,7 @@ def test_shortened_default_run_writes_everything(short_run):
         assert "matplotlib is not installed" in proc.stdout
     # a second run with the same settings reuses the cached warm start
     again = run_train([*warm, "--steps", "1", "--tasks_per_step", "1", "--samples_per_task", "2", "--eval_samples",
-                       "1", "--eval_tasks", "1", "--eval_episodes", "1", "--fast_share_samples", "0",
+                       "1", "--eval_tasks", "1", "--eval_episodes", "1",
                        "--out_dir", str(root / "again")])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "warm start: cached checkpoint" in again.stdout

@@ -339,14 +339,14 @@ def bug_variants(code):
             for subset in itertools.combinations(sites, r)}
 
 
-def test_warm_start_examples_give_copies_with_bugs_at_the_rate(tok):
+def test_warm_start_examples_carry_bugs_at_the_rate(tok):
     tasks = data.synthetic_tasks("train", 0)
     with_refs = [t for t in tasks if t.reference_solution]
-    examples = warm_start_examples(tok, tasks, "", copies=3, bug_rate=0.3, slow_solutions=False)
-    assert len(examples) == 3 * len(with_refs)
+    examples = warm_start_examples(tok, tasks, "", bug_rate=0.3, slow_solutions=False)
+    assert len(examples) == len(with_refs)
     bugs_in, sites_total = 0, 0
     for i, (ids, mask) in enumerate(examples):
-        task = with_refs[i // 3]
+        task = with_refs[i]
         context = tok.decode([x for x, m in zip(ids, mask) if not m])
         answer = tok.decode([x for x, m in zip(ids, mask) if m])
         assert f"<|end_header_id|>\n\n{task.prompt}<|eot_id|>" in context

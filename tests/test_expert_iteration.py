@@ -1,4 +1,5 @@
-"""train.expert_iteration_update (reward-weighted ReST-EM) against an independent reference.
+"""actor_critic.expert_iteration_update (reward-weighted ReST-EM, ppo.rest_em_*) against an independent
+reference.
 
 The update under test: w = max(final reward, 0) on the action tokens of the FINAL turn of PASSING episodes, 0
 elsewhere; loss = -sum(logp * w) / #(tokens with w > 0) over a minibatch, accumulated over micro-batches, then
@@ -13,7 +14,10 @@ import copy
 import pytest
 import torch
 
-import train
+import ppo
+from actor_critic import (Models, Scorer, expert_iteration_update, forward_in_chunks, regroup_by_length,
+                          row_lengths)
+from distributed import kept_rows
 from data import Task, Test
 from model import ModelConfig, Transformer
 from rollout import Episode, Turn, collate
@@ -90,15 +94,17 @@ def run_update(model0, episodes, micro_batch_size, seed=0):
     """One expert_iteration_update with SGD(lr=1), no clipping. Returns (stats, {name: param change})."""
     model = copy.deepcopy(model0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = train.Config(algo="expert_iteration", ppo_epochs=1, minibatch_size=len(episodes),
-                       micro_batch_size=micro_batch_size, max_grad_norm=1e9, logprob_chunk=1024, temperature=1.0)
-    models = train.Models(policy=model, critic=None, reference=None, scorer=train.Scorer(model, 1.0, 1024),
-                          critic_scorer=None)
+    models = Models(policy=model, critic=None, reference=None, scorer=Scorer(model, 1.0, 1024), critic_scorer=None)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    b = train.shifted(collate(episodes, TOK.pad_id))
-    passed = torch.tensor([ep.passed for ep in episodes])
-    stats = train.expert_iteration_update(cfg, models, [opt], b, passed, torch.Generator().manual_seed(seed))
+    stats = expert_iteration_update(models, [opt], batch(episodes), torch.Generator().manual_seed(seed),
+                                    minibatch_size=len(episodes), micro_batch_size=micro_batch_size, epochs=1,
+                                    max_grad_norm=1e9)  # no clipping
     return stats, {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+def batch(episodes) -> ppo.Batch:
+    passed = torch.tensor([ep.passed for ep in episodes])
+    return ppo.Batch.from_collated(collate(episodes, TOK.pad_id), passed, torch.arange(len(episodes)))
 
 
 def final_turn_of_passing(ep, k):
@@ -240,9 +246,9 @@ def test_forward_in_chunks_matches_log_softmax_on_each_unpadded_episode(model0, 
     episode's own log-probabilities in its own row."""
     episodes = three_episodes() + [episode("Print 7.\n", [("act", "print(1)", -1.0), ("obs", "wrong: 1 != 7\n"),
                                                           ("act", "print(7)", 1.0)], passed=True)]
-    b = train.shifted(collate(episodes, TOK.pad_id))
-    logps, _ = train.forward_in_chunks(train.Scorer(model0, 1.0, 1024), b, micro)
-    assert logps.shape == b["inputs"].shape
+    b = batch(episodes)
+    logps, _ = forward_in_chunks(Scorer(model0, 1.0, 1024), b, micro)
+    assert logps.shape == b.inputs.shape
     for row, ep in enumerate(episodes):
         with torch.no_grad():
             logp = torch.log_softmax(model0(torch.tensor([ep.tokens[:-1]]))[0].float(), dim=-1)   # (n-1, V)
@@ -253,7 +259,7 @@ def test_forward_in_chunks_matches_log_softmax_on_each_unpadded_episode(model0, 
 
 def test_kept_rows_single_rank_keeps_only_weighted_rows():
     keep = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.5]])
-    assert train.kept_rows(keep, 1).tolist() == [1, 3]
+    assert kept_rows(keep, 1).tolist() == [1, 3]
 
 
 def _kept_rows_rank(rank: int, port: int, results):
@@ -263,7 +269,7 @@ def _kept_rows_rank(rank: int, port: int, results):
         weighted = {0: [2], 1: [0, 1, 3]}[rank]   # rank 0 keeps 1 row of 4, rank 1 keeps 3
         keep = torch.zeros(4, 3)
         keep[weighted, 1] = 1.0
-        results[rank] = train.kept_rows(keep, 2).tolist()
+        results[rank] = kept_rows(keep, 2).tolist()
     finally:
         dist.destroy_process_group()
 
@@ -284,7 +290,7 @@ def test_kept_rows_pads_every_rank_to_the_same_count():
 
 def test_regroup_by_length_keeps_the_rows_and_sorts_them():
     lengths = torch.tensor([5, 1, 9, 3, 7])
-    groups = train.regroup_by_length([torch.tensor([0, 2]), torch.tensor([3, 4])], lengths, 3)
+    groups = regroup_by_length([torch.tensor([0, 2]), torch.tensor([3, 4])], lengths, 3)
     assert [g.tolist() for g in groups] == [[3, 0, 4], [2]]   # lengths 3, 5, 7 | 9; row 1 was never in it
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)   # (B, T) action tokens
-    assert train.row_lengths(mask).tolist() == [2, 3]
+    assert row_lengths(mask).tolist() == [2, 3]

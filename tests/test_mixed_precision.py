@@ -8,6 +8,8 @@ import torch
 
 import ppo
 import train
+from actor_critic import build_models, clip_and_step
+from distributed import finite_on_every_rank
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,9 +76,8 @@ def test_an_update_of_lr_1e6_rounds_away_in_bf16_and_adds_up_in_fp32_master_weig
 
 def test_build_models_trains_fp32_and_keeps_a_bf16_reference(tmp_path):
     bf16_model().save_pretrained(tmp_path / "ckpt")
-    cfg = train.parse_config(["--model_dir", str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--dtype", "bfloat16",
-                              "--algo", "ppo", "--critic", "separate"])
-    models = train.build_models(cfg, tmp_path / "ckpt", torch.device("cpu"))
+    models = build_models(tmp_path / "ckpt", torch.device("cpu"), torch.bfloat16, critic="separate", lora=None,
+                          reference=True, temperature=1.0, chunk=1024)
     assert {p.dtype for p in models.policy.parameters()} == {torch.float32}
     for name, p in models.critic.named_parameters():  # the critic never uses its (untied) lm_head: frozen
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
@@ -88,16 +89,23 @@ def test_build_models_trains_fp32_and_keeps_a_bf16_reference(tmp_path):
 
 
 def _batch(rewards, lengths):
-    """A shifted batch of one-turn episodes with the given rewards and response lengths (action tokens). The
-    reward sits on the episode (GRPO reads it there) and on its one turn (PPO's turn-level path)."""
+    """A shifted batch of one-turn episodes with the given rewards and response lengths (action tokens), tasks
+    0, 0, 1, 1. The reward sits on the episode (GRPO reads it there) and on its one turn (PPO's turn-level path)."""
     B, T = len(rewards), max(lengths) + 2
     mask = torch.zeros(B, T, dtype=torch.bool)
     for i, n in enumerate(lengths):
         mask[i, 1:1 + n] = True
-    turn_ids = torch.where(mask, 0, -1)
-    return {"mask": mask, "turn_ids": turn_ids, "turn_mask": torch.ones(B, 1, dtype=torch.bool),
-            "turn_rewards": torch.tensor(rewards)[:, None], "rewards": torch.tensor(rewards), "truncated": torch.zeros(B, dtype=torch.bool),
-            "old_logprobs": None, "ref_logprobs": None, "values": None, "turn_value_index": torch.zeros(B, 1, dtype=torch.long)}
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    return ppo.Batch(inputs=tokens, targets=tokens, mask=mask, turn_ids=torch.where(mask, 0, -1),
+                     turn_mask=torch.ones(B, 1, dtype=torch.bool), turn_value_index=torch.zeros(B, 1, dtype=torch.long),
+                     turn_rewards=torch.tensor(rewards)[:, None], rewards=torch.tensor(rewards),
+                     truncated=torch.zeros(B, dtype=torch.bool), passed=torch.zeros(B, dtype=torch.bool),
+                     groups=torch.tensor([0, 0, 1, 1]))
+
+
+def _advantages(algo, b):
+    return ppo.advantages(b, algo, "turn", "loss" if algo != "ppo" else "reward", 0.0, train.GAMMA, train.LAM,
+                          train.TRUNCATION_PENALTY)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dr_grpo"])
@@ -105,25 +113,23 @@ def test_grpo_advantages_are_the_group_normalised_rewards_whatever_the_lengths(a
     """DeepSeekMath 4.1.2: A_i = (r_i - mean) / std over the task's group, on every token of the response. Group
     0 scored alike (advantage 0); group 1 has rewards 1, -1 (mean 0, std sqrt(2)); its long and short responses
     keep the same advantage. Dr. GRPO does not divide by the std."""
-    cfg = train.parse_config(["--algo", algo])
     b = _batch([1.0, 1.0, 1.0, -1.0], lengths=[3, 9, 2, 9])
-    adv, returns, _, _ = train.advantages(cfg, b, 0.0, torch.tensor([0, 0, 1, 1]))
+    adv, returns, _, _ = _advantages(algo, b)
     scale = 2 ** 0.5 if algo == "grpo" else 1.0
     want = torch.tensor([0.0, 0.0, 1 / scale, -1 / scale])
     for i in range(4):
-        torch.testing.assert_close(adv[i][b["mask"][i]], want[i].expand(int(b["mask"][i].sum())), atol=1e-5, rtol=0)
-    assert returns is None and (adv[~b["mask"]] == 0).all()
+        torch.testing.assert_close(adv[i][b.mask[i]], want[i].expand(int(b.mask[i].sum())), atol=1e-5, rtol=0)
+    assert returns is None and (adv[~b.mask] == 0).all()
 
 
 def test_ppo_still_whitens_its_advantages():
-    cfg = train.parse_config(["--algo", "ppo", "--critic", "probe", "--kl_coef", "0"])
     b = _batch([1.0, 0.0, -1.0, -1.0], lengths=[2, 2, 2, 2])
-    b["values"] = torch.zeros(4, b["mask"].shape[1])
-    adv, _, _, _ = train.advantages(cfg, b, 0.0, torch.tensor([0, 0, 1, 1]))
+    b.values = torch.zeros(4, b.mask.shape[1])
+    adv, _, _, _ = _advantages("ppo", b)
     # one turn, V = 0: the raw advantage of each token is its episode's reward, 1, 0, -1, -1 on 2 tokens each
     raw = torch.tensor([1.0, 1.0, 0.0, 0.0, -1.0, -1.0, -1.0, -1.0])
     want = (raw - raw.mean()) / raw.std(unbiased=False)
-    torch.testing.assert_close(adv[b["mask"]], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(adv[b.mask], want, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- clipping, KL
@@ -137,7 +143,7 @@ def test_the_policy_and_the_critic_are_clipped_apart():
     policy.grad, critic.grad = torch.tensor([0.3, 0.4]), torch.tensor([4.5, 6.0, 0.0])
     opts = [torch.optim.SGD([policy], lr=1.0), torch.optim.SGD([critic], lr=1.0)]
     stats = {"grad_norm_policy": [], "grad_norm_critic": []}
-    assert train.clip_and_step(opts, 1.0, stats)
+    assert clip_and_step(opts, 1.0, stats)
     torch.testing.assert_close(policy.detach(), torch.tensor([-0.3, -0.4]))
     torch.testing.assert_close(critic.detach(), torch.tensor([-0.6, -0.8, 0.0]), atol=1e-5, rtol=0)
     assert stats == {"grad_norm_policy": [pytest.approx(0.5)], "grad_norm_critic": [pytest.approx(7.5)]}
@@ -150,7 +156,7 @@ def test_the_adaptive_controller_steers_the_kl_per_episode():
     ref = torch.full((2, 102), -0.1)
     mask = torch.zeros(2, 102, dtype=torch.bool)
     mask[:, 1:101] = True
-    stats = train.kl_stats(logp, ref, mask)
+    stats = ppo.kl_stats(logp, ref, mask)
     assert stats["kl_ref"] == pytest.approx(0.1) and stats["kl_episode"] == pytest.approx(10.0)
     ctl = ppo.AdaptiveKLController(0.05, target=6.0, horizon=100)
     ctl.update(stats["kl_episode"], n_steps=2)
@@ -162,8 +168,8 @@ def _finite_rank(rank: int, port: int, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         finite = torch.tensor(0.5)
-        results[rank] = (train.finite_on_every_rank(finite, 2),
-                         train.finite_on_every_rank(torch.tensor(float("nan")) if rank == 1 else finite, 2))
+        results[rank] = (finite_on_every_rank(finite, 2),
+                         finite_on_every_rank(torch.tensor(float("nan")) if rank == 1 else finite, 2))
     finally:
         dist.destroy_process_group()
 

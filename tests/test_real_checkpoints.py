@@ -40,7 +40,7 @@ RUNS = {"ppo_separate": ["--algo", "ppo", "--critic", "separate"],
         "ppo_probe": ["--algo", "ppo", "--critic", "probe"],
         "grpo": ["--algo", "grpo"],
         "expert_iteration": ["--algo", "expert_iteration"],
-        "lora": ["--preset", "llama-3.1-8b", "--lora_rank", "4", "--lora_alpha", "8"]}  # head critic, FSDP off
+        "lora": ["--preset", "llama-3.1-8b", "--lora_rank", "4"]}  # head critic, FSDP off
 FAMILY_RUNS = {"qwen3": list(RUNS), "llama3": ["ppo_separate", "lora"]}
 
 

@@ -3,6 +3,7 @@
 The policy is a tiny Llama warm-started (SFT) to answer "print(d)" for d in {1, 3, 5, 7}; the task's only
 test wants "7". RL must move the policy's mass onto 7: the reward rises from about -0.5 towards +1.
 """
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from actor_critic import build_models
+from checkpoint import prepare_out_dir
 from data import Task, Test
 from model import ModelConfig, Transformer
 from rollout import task_message
@@ -70,22 +73,23 @@ def read_metrics(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_lr_scale_warms_up_then_decays_by_cosine_to_a_tenth():
-    from train import lr_scale
-    warm = [lr_scale(step, 12, 3, "cosine") for step in range(3)]
-    assert warm == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert lr_scale(7, 12, 3, "cosine") == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
-    assert lr_scale(11, 12, 3, "cosine") == pytest.approx(0.1)              # the last iteration
-    assert [lr_scale(step, 12, 3, "constant") for step in range(3, 12)] == [1.0] * 9
-    with pytest.raises(ValueError, match="--lr_decay"):
-        lr_scale(5, 12, 3, "linear")
+def test_learning_rates_warm_up_linearly_then_stay():
+    import train
+    from types import SimpleNamespace
+    opts = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2)]
+    trainer = SimpleNamespace(cfg=train.Config(lr=0.3, critic_lr=0.6, warmup_steps=3), optimizers=opts)
+    rates = []
+    for step in range(5):
+        train.Trainer.set_learning_rates(trainer, step)
+        rates += [opt.param_groups[0]["lr"] for opt in opts]
+    assert rates == pytest.approx([0.1, 0.2, 0.2, 0.4, 0.3, 0.6, 0.3, 0.6, 0.3, 0.6])
 
 
 def test_a_misspelt_choice_is_refused_naming_its_flag(tmp_path):
     import train
     for flag, value in (("--critic", "probes"), ("--algo", "reinforce"), ("--advantage", "gae")):
         cfg = train.Config(**{flag[2:]: value}, out_dir=str(tmp_path))  # parse_config refuses it (test_cli.py)
-        with pytest.raises(ValueError, match=f"{flag} must be one of .* got '{value}'"):
+        with pytest.raises(ValueError, match=f"{flag} '{value}': must be one of "):
             train.Trainer(cfg)
 
 
@@ -94,10 +98,8 @@ def test_probe_critic_keeps_the_value_loss_out_of_the_trunk(setup, critic):
     """critic "probe": the value head reads the trunk's hidden states with the gradient stopped, so the trunk's
     gradient is the policy loss's alone (autograd of the logprobs without the values). With "head" the value
     loss adds to it. The values themselves are the same either way."""
-    import train
-    cfg = train.parse_config(["--model_dir", str(setup / "init"), "--tokenizer", "bytes", "--algo", "ppo",
-                              "--critic", critic])
-    models = train.build_models(cfg, setup / "init", torch.device("cpu"))
+    models = build_models(setup / "init", torch.device("cpu"), torch.float32, critic=critic, lora=None,
+                          reference=False, temperature=1.0, chunk=1024)
     tokens = torch.tensor([list(b"def f(xs):\n    return sum(xs)")])
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     with torch.no_grad():  # a fresh head is zero, which passes no gradient to the trunk in either mode
@@ -182,37 +184,18 @@ def test_resume_checks_the_saved_optimizers_against_the_run(setup, tmp_path):
         train.Trainer(train.parse_config(args(setup, tmp_path, "--algo", "grpo", "--resume")))
 
 
-def test_rl_share_keeps_the_rl_tasks_out_of_the_warm_start(setup, tmp_path, monkeypatch):
-    """--tiny_rl_share: RL draws only the compositions held back for it (and the slow/fast tasks); the warm
-    start is given only the others."""
-    import data
-    import train
-    cfg = train.parse_config(["--model_dir", str(setup / "init"), "--tokenizer", "bytes", "--tiny_rl_share", "0.5",
-                              "--out_dir", str(tmp_path), "--sandbox_workers", "1"])
-    demonstrated, for_rl = data.split_for_rl(data.synthetic_tasks("train", cfg.seed), 0.5)
-    trainer = train.Trainer(cfg)
-    try:
-        drawn = {t.task_id for step in range(20) for t in trainer.step_tasks(step)[0]}
-        given = []
-        monkeypatch.setattr(train, "warm_start", lambda out_dir, tokenizer, tasks, *a, **kw: given.append(tasks))
-        train.tiny_warm_start(cfg, trainer.tokenizer, trainer.train_tasks)
-    finally:
-        trainer.pool.close()
-    assert drawn <= {t.task_id for t in for_rl} and len(drawn) > 100   # 20 steps x 16 tasks from about 200
-    assert [t.task_id for t in given[0]] == [t.task_id for t in demonstrated]
-
-
 def test_tiny_warm_start_trains_with_the_flags_given(monkeypatch):
-    """--warmstart_steps, --tiny_warmstart_batch and --tiny_warmstart_lr reach sft.warm_start (they also
-    name its cache entry): the preset's batch of 32, and any other given on the command line."""
-    import data
+    """--warmstart_steps and --seed reach sft.warm_start (they also name its cache entry), with the tiny
+    recipe's batch, learning rate, repairs and bug rate (sft.TINY)."""
+    import sft
     import train
     calls = []
-    monkeypatch.setattr(train, "warm_start", lambda *a, **kw: calls.append(kw))
-    for argv in ([], ["--tiny_warmstart_batch", "24", "--warmstart_steps", "7", "--tiny_warmstart_lr", "1e-3"]):
+    monkeypatch.setattr(sft, "warm_start", lambda *a, **kw: calls.append(kw))
+    for argv in ([], ["--warmstart_steps", "7", "--seed", "3"]):
         cfg = train.parse_config(argv)
-        train.tiny_warm_start(cfg, train.load_tokenizer(cfg), data.synthetic_tasks("train", 0)[:4])
-    assert [(kw["batch_size"], kw["steps"], kw["lr"]) for kw in calls] == [(32, 1200, 3e-3), (24, 7, 1e-3)]
+        train.tiny_warm_start(cfg, train.load_tokenizer(cfg), [])
+    assert [(kw["steps"], kw["seed"], kw["batch_size"], kw["lr"], kw["repairs"], kw["bug_rate"]) for kw in calls] \
+        == [(1200, 0, 32, 3e-3, 128, 0.3), (7, 3, 32, 3e-3, 128, 0.3)]
 
 
 @pytest.mark.slow
@@ -328,7 +311,7 @@ def test_overwrite_replaces_only_the_earlier_runs_outputs(tmp_path):
     for name in ("metrics.jsonl", "samples-after.txt", "config.json", "notes.txt"):
         (tmp_path / name).write_text("earlier")
     cfg = train.parse_config(["--out_dir", str(tmp_path), "--overwrite"])
-    train.prepare_out_dir(cfg, tmp_path)
+    prepare_out_dir(tmp_path, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, train.RESUMABLE)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "notes.txt"]
     assert json.loads((tmp_path / "config.json").read_text())["overwrite"] is True
 
@@ -376,7 +359,8 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_at_step_0(set
     iterations at step 0 with a fresh metrics.jsonl (the warm start continues from its own checkpoint,
     tests/test_default_run.py)."""
     import train
-    train.prepare_out_dir(train.parse_config(args(setup, tmp_path)), tmp_path)
+    cfg = train.parse_config(args(setup, tmp_path))
+    prepare_out_dir(tmp_path, dataclasses.asdict(cfg), False, False, train.RESUMABLE)
     (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "label": "before", "step": 0}\n')
     trainer = train.Trainer(train.parse_config(args(setup, tmp_path, "--resume")))
     trainer.pool.close()
