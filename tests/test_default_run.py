@@ -1,4 +1,4 @@
-"""The CPU demo (issue 6): the warm start's demonstrations, its cache, the plot, and a shortened default run
+"""The CPU demo: the warm start's demonstrations, its cache, the plot, and a shortened default run
 whose held-out pass rate must rise.
 
 The shortened run is the default `python train.py` with fewer warm-start steps, fewer RL steps and a subset of
