@@ -1,5 +1,5 @@
 """train.py's command line: strict parsing, every flag's domain checked before any work, and a --help that shows
-each flag's default and the preset's value (issue 33)."""
+each flag's default and the preset's value."""
 import dataclasses
 import os
 import subprocess
