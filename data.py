@@ -585,7 +585,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def __getattr__(name: str):   # the CPU demo's tasks moved to synthetic.py: for callers not yet updated
-    if name in ("synthetic_tasks", "split_for_rl", "bug_sites", "with_bugs", "CLASSIC_BUGS"):
+    if name in ("synthetic_tasks", "bug_sites", "with_bugs", "CLASSIC_BUGS"):
         import synthetic
         return getattr(synthetic, name)
     raise AttributeError(f"module 'data' has no attribute {name!r}")

@@ -1,17 +1,14 @@
-"""Rewards from execution: RLEF's correctness reward and feedback text, and this project's additions, a time
-reward against the reference solution and an optional lint penalty.
+"""Rewards from execution: RLEF's correctness reward and feedback text, and this project's addition, a time
+reward against the reference solution.
 
 Rewards are pure functions of sandbox verdicts: the only code this file runs goes through sandbox.py
-(TimeReward), and lint_penalty only parses and compiles. It never imports torch.
+(TimeReward). It never imports torch.
 """
 from __future__ import annotations
 
-import ast
 import math
 import re
 import statistics
-import symtable
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,33 +24,20 @@ CORRECT, INCORRECT, INVALID = 1.0, -1.0, -0.2
 
 @dataclass
 class RewardConfig:
-    time_weight: float = 0.0       # weight of TimeReward, on passing programs; 0 = off
-    partial_credit: bool = False   # a failing program earns the fraction of the tests it passed
-    lint_weight: float = 0.0       # weight of lint_penalty; 0 = off
+    time_weight: float = 0.0   # weight of TimeReward, on passing programs; 0 = off
 
 
-def final_reward(result: RunResult | None, cfg: RewardConfig, time: float = 0.0, lint: float = 0.0) -> float:
-    """The reward of an episode's final code on the private tests; `result` None: the last turn had no code.
+def final_reward(result: RunResult | None, cfg: RewardConfig, time: float = 0.0) -> float:
+    """The reward of an episode's final code on the private tests, `result` (None: the last turn had no code).
 
-    r = correctness + time_weight * time (passing programs only) - lint_weight * lint
-    Without code the episode failed (-1) and its last turn had no code (-0.2): silence never beats trying.
+    r = +1 + time_weight * time   when every private test passes (time: TimeReward's score)
+        -1                        when one fails
+        -1 - 0.2                  without code: the episode failed and its last turn had no code, so silence
+                                  never beats trying
     """
     if result is None:
         return INCORRECT + INVALID
-    reward = correctness_reward(result, cfg.partial_credit)
-    if result.passed:
-        reward += cfg.time_weight * time
-    return reward - cfg.lint_weight * lint
-
-
-def correctness_reward(result: RunResult, partial_credit: bool = False) -> float:
-    """RLEF's +1 / -1. With partial credit (not RLEF's) a failing program earns -1 + 2 * (fraction passed)."""
-    if result.passed:
-        return CORRECT
-    if partial_credit and result.tests:
-        fraction = sum(t.status == "pass" for t in result.tests) / len(result.tests)
-        return INCORRECT + fraction * (CORRECT - INCORRECT)
-    return INCORRECT
+    return CORRECT + cfg.time_weight * time if result.passed else INCORRECT
 
 
 # ---- Code extraction
@@ -212,62 +196,3 @@ class TimeReward:
         """CPU seconds of one run, None when it fails. One job at a time: the run has ended on return."""
         result = self.pool.map([(program, tests, setup)])[0]
         return result.cpu_time if result.passed else None
-
-
-# ---- Lint penalty (this project's addition): undefined names, unused imports, syntax warnings, found with
-# compile and symtable, never by running the program
-
-_BUILTIN_NAMES = frozenset(dir(__import__("builtins"))) | {"__file__", "__builtins__", "__annotations__"}
-
-
-def lint_penalty(program: str) -> float:
-    """0 for clean code, 0.25 per issue, at most 1 (a syntax error is 1)."""
-    issues = lint_issues(program)
-    if issues and issues[0].startswith("syntax error"):
-        return 1.0
-    return min(1.0, 0.25 * len(issues))
-
-
-def lint_issues(program: str) -> list[str]:
-    """A syntax error, or the syntax warnings, names never defined and imports never used."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            compile(program, "<program>", "exec")
-        with warnings.catch_warnings():   # symtable would repeat compile's warnings
-            warnings.simplefilter("ignore")
-            tables = list(_tables(symtable.symtable(program, "<program>", "exec")))
-    except (SyntaxError, ValueError) as e:   # ValueError: null bytes
-        return [f"syntax error: {e}"]
-    issues = [f"{w.category.__name__}: {w.message}" for w in caught
-              if issubclass(w.category, SyntaxWarning | DeprecationWarning)]
-    bound = {s.get_name() for s in tables[0].get_symbols() if s.is_assigned() or s.is_imported()
-             or s.is_namespace()}
-    bound |= {s.get_name() for t in tables for s in t.get_symbols()
-              if s.is_declared_global() and s.is_assigned()}
-    tree = ast.parse(program)
-    future = {a.asname or a.name for n in ast.walk(tree)
-              if isinstance(n, ast.ImportFrom) and n.module == "__future__" for a in n.names}
-    # Under `from __future__ import annotations` symtable skips annotations; a name used there is still used.
-    annotations = [getattr(n, "annotation", None) or getattr(n, "returns", None) for n in ast.walk(tree)]
-    referenced = {n.id for a in annotations if a for n in ast.walk(a) if isinstance(n, ast.Name)}
-    undefined, imported = set(), set()
-    for t in tables:
-        for s in t.get_symbols():
-            name = s.get_name()
-            if s.is_referenced():
-                referenced.add(name)
-                globally = t.get_type() == "module" or s.is_global()
-                if globally and name not in bound and name not in _BUILTIN_NAMES:
-                    undefined.add(name)
-            if s.is_imported() and name not in future:
-                imported.add(name)
-    issues += [f"undefined name '{n}'" for n in sorted(undefined)]
-    issues += [f"unused import '{n}'" for n in sorted(imported - referenced)]
-    return issues
-
-
-def _tables(table: symtable.SymbolTable):
-    yield table
-    for child in table.get_children():
-        yield from _tables(child)

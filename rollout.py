@@ -40,7 +40,7 @@ import torch
 
 from data import Task
 from reward import (INVALID, NO_CODE_FEEDBACK, RewardConfig, TimeReward, extract_code, feedback_text,
-                    final_reward, lint_penalty)
+                    final_reward)
 from sandbox import RunResult, SandboxPool
 
 # A sampler maps prompts (token id lists) to (response ids, stopped) pairs. `stopped` is False when the
@@ -183,17 +183,15 @@ class RolloutWorker:
         ep.action_mask += [False] * len(message)
 
     def _score(self, ep: Episode) -> None:
-        """The final reward, on the last turn: correctness on the private tests (+ time, - lint)."""
+        """The final reward, on the last turn: correctness on the private tests (+ the time reward)."""
         final = ep.turns[-1]
         ep.private, ep._private_future = self._wait(ep._private_future), None   # None: no final code
-        speed = lint = 0.0
+        speed = 0.0
         if self.time_reward is not None and ep.passed:
             t0 = time.perf_counter()
             speed = self.time_reward(ep.task, final.code)
             self.seconds["sandbox_wait"] += time.perf_counter() - t0
-        if self.reward_cfg.lint_weight and final.code is not None:
-            lint = lint_penalty(final.code)
-        final.reward += final_reward(ep.private, self.reward_cfg, time=speed, lint=lint)
+        final.reward += final_reward(ep.private, self.reward_cfg, time=speed)
 
     def _wait(self, future: Future | None) -> RunResult | None:
         if future is None:

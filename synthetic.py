@@ -32,7 +32,8 @@ FILTERS = {"all": ("the numbers in xs", None), "even": ("the even numbers in xs"
            "div": ("the numbers in xs divisible by {k}", "x % {k} == 0")}
 # name -> (English wrapper of the filter phrase F, expression source)
 MAPS = {"id": ("{F}", "x"), "square": ("the squares of {F}", "x * x"),
-        "double": ("the doubles of {F}", "2 * x"), "neg": ("the negatives of {F}", "-x"), "abs": ("the absolute values of {F}", "abs(x)"),
+        "double": ("the doubles of {F}", "2 * x"), "neg": ("the negatives of {F}", "-x"),
+        "abs": ("the absolute values of {F}", "abs(x)"),
         "plus": ("{F}, each plus {k}", "x + {k}"), "times": ("{F}, each times {k}", "{k} * x")}
 # name -> (sentence over the map phrase M, return expression over the generator G); count takes no map.
 REDUCTIONS = {"sum": ("the sum of {M}", "sum({G})"),
@@ -187,29 +188,3 @@ def lookup_task(k: int, split: str) -> Task:
                 prompt=f"Write f(xs, ys) that returns how many numbers in ys {what}.", public_tests=tests[:1],
                 private_tests=tests, entry_point="f", reference_solution=fast, tags=("slow_fast",),
                 slow_solution=slow)
-
-
-def composition_of(task: Task) -> str:
-    """A synthetic task's composition without its constants: "sum-plus-gt" for "synth/train/sum-plus3-gt2"."""
-    return re.sub(r"\d+", "", task.task_id.rsplit("/", 1)[-1])
-
-
-def split_for_rl(tasks: list[Task], rl_share: float) -> tuple[list[Task], list[Task]]:
-    """(warm-start tasks, RL tasks) of the training split: `rl_share` of the compositions go to RL alone, so
-    that RL, like the held-out evaluation, meets compositions the warm start never demonstrated (RLEF also
-    runs RL on problems apart from its fine-tuning data). The slow/fast tasks go to both: the warm start shows
-    both solutions and the time reward chooses. Which compositions go to RL is fixed by SPLIT_SEED.
-    rl_share 0: all tasks go to both."""
-    if not rl_share:
-        return tasks, tasks
-    if not 0 < rl_share < 1:
-        raise ValueError(f"split_for_rl: the share of compositions for RL must be in [0, 1), got {rl_share}")
-    compositions = sorted({composition_of(t) for t in tasks if "composition" in t.tags})
-    if not compositions:
-        raise ValueError("split_for_rl: no synthetic composition tasks to split (the share is for --dataset "
-                         "synthetic)")
-    random.Random(SPLIT_SEED).shuffle(compositions)
-    for_rl = set(compositions[:round(rl_share * len(compositions))])
-    rl_only = {t.task_id for t in tasks if "composition" in t.tags and composition_of(t) in for_rl}
-    return ([t for t in tasks if t.task_id not in rl_only],
-            [t for t in tasks if t.task_id in rl_only or "slow_fast" in t.tags])

@@ -1,13 +1,12 @@
-"""reward.py: code extraction, correctness values computed by hand, exact feedback strings, the time reward
-against real sandbox runs, and the lint penalty."""
+"""reward.py: code extraction, rewards computed by hand, exact feedback strings, and the time reward against
+real sandbox runs and fake timings."""
 import math
 import statistics
 
 import pytest
 
-import reward
 from data import Task, Test
-from reward import RewardConfig, TimeReward, correctness_reward, extract_code, feedback_text, final_reward, lint_penalty
+from reward import RewardConfig, TimeReward, extract_code, feedback_text, final_reward
 from sandbox import Limits, RunResult, SandboxPool, TestResult
 
 
@@ -22,14 +21,14 @@ FENCE = "```"
 
 @pytest.mark.parametrize("text, code", [
     (f"Here:\n{FENCE}python\ndef f():\n    return 1\n{FENCE}\nDone.", "def f():\n    return 1\n"),
-    (f"{FENCE}python\nx = 1\n{FENCE}\nbetter:\n{FENCE}python\nx = 2\n{FENCE}", "x = 2\n"),     # the last one
-    (f"{FENCE}\nx = 3\n{FENCE}", "x = 3\n"),                                                  # bare fence
-    (f"{FENCE}python\nx = 4\n{FENCE}\nOutput:\n{FENCE}\n4\n{FENCE}", "x = 4\n"),              # python beats bare
-    (f"{FENCE}bash\nls\n{FENCE}", None),                                                      # not python
-    (f"{FENCE}python\nx = 5", "x = 5\n"),                                                     # left open at the end
-    (f"{FENCE}py\ndef f(:\n{FENCE}", "def f(:\n"),                                            # syntax error is code
-    (f"{FENCE}python\n   \n{FENCE}", None),                                                   # empty
-    ("def f():\n    return 1\n", None),                                                       # no fence
+    (f"{FENCE}python\nx = 1\n{FENCE}\nbetter:\n{FENCE}python\nx = 2\n{FENCE}", "x = 2\n"),  # the last one
+    (f"{FENCE}\nx = 3\n{FENCE}", "x = 3\n"),  # bare fence
+    (f"{FENCE}python\nx = 4\n{FENCE}\nOutput:\n{FENCE}\n4\n{FENCE}", "x = 4\n"),  # python beats bare
+    (f"{FENCE}bash\nls\n{FENCE}", None),  # not python
+    (f"{FENCE}python\nx = 5", "x = 5\n"),  # left open at the end
+    (f"{FENCE}py\ndef f(:\n{FENCE}", "def f(:\n"),  # a syntax error is code
+    (f"{FENCE}python\n   \n{FENCE}", None),  # empty
+    ("def f():\n    return 1\n", None),  # no fence
     ("", None),
 ])
 def test_extract_code(text, code):
@@ -39,23 +38,14 @@ def test_extract_code(text, code):
 # ---------------------------------------------------------------------------------------------- correctness
 
 
-def test_correctness_values():
-    """RLEF's +1 / -1 by hand, and partial credit: -1 + 2 * (fraction of tests passed)."""
-    assert correctness_reward(run("pass", "pass")) == 1.0
-    assert correctness_reward(run("pass", "wrong_answer")) == -1.0
-    assert correctness_reward(run()) == -1.0                                 # no results: not a pass
-    assert correctness_reward(run("pass", "pass", "timeout"), partial_credit=True) == pytest.approx(-1 + 4 / 3)
-    assert correctness_reward(run("pass", "runtime_error", "pass", "pass"), partial_credit=True) == 0.5
-    assert correctness_reward(run("crash", "timeout"), partial_credit=True) == -1.0
-    assert correctness_reward(run("pass", "pass"), partial_credit=True) == 1.0
-
-
 def test_final_reward():
-    cfg = RewardConfig(time_weight=0.5, lint_weight=0.1)
-    assert final_reward(run("pass"), cfg, time=0.8, lint=0.5) == pytest.approx(1 + 0.4 - 0.05)
-    assert final_reward(run("wrong_answer"), cfg, time=0.8, lint=0.5) == pytest.approx(-1 - 0.05)  # no time
-    assert final_reward(None, cfg, time=0.8, lint=0.5) == pytest.approx(-1.2)   # no final code: -1 - 0.2
-    assert final_reward(run("pass"), RewardConfig(), time=0.8, lint=0.5) == 1.0
+    """RLEF's +1 / -1 / -1.2 by hand; the time reward counts on a passing program only."""
+    plain, timed = RewardConfig(), RewardConfig(time_weight=0.5)
+    assert final_reward(run("pass", "pass"), plain, time=0.8) == 1.0
+    assert final_reward(run("pass", "pass"), timed, time=0.8) == pytest.approx(1.4)
+    assert final_reward(run("pass", "wrong_answer"), timed, time=0.8) == -1.0
+    assert final_reward(run(), timed, time=0.8) == -1.0          # no results: not a pass
+    assert final_reward(None, timed, time=0.8) == pytest.approx(-1.2)   # no final code: -1 - 0.2
 
 
 # ---------------------------------------------------------------------------------------------- feedback
@@ -73,7 +63,8 @@ def test_feedback_text_exact():
         TestResult("pass"),
         TestResult("wrong_answer", expected="4", got="5"),
         TestResult("timeout", detail="Execution took too long."),
-        TestResult("runtime_error", detail="Traceback (most recent call last):\n  File \"<program>\", line 2, in add\n"
+        TestResult("runtime_error", detail="Traceback (most recent call last):\n"
+                                          "  File \"<program>\", line 2, in add\n"
                                           "    return a + b + c\nNameError: name 'c' is not defined"),
         TestResult("out_of_memory"),
         TestResult("crash", detail="killed by signal SIGSEGV"),
@@ -96,7 +87,8 @@ def test_feedback_text_exact():
 
 def test_feedback_truncates_and_is_empty_when_all_pass():
     tests = [Test("call", call="f('" + "x" * 500 + "')", expected="1")]
-    text = feedback_text(RunResult([TestResult("wrong_answer", expected="1", got="'" + "y" * 900 + "'")], 0, 0), tests)
+    long_answer = TestResult("wrong_answer", expected="1", got="'" + "y" * 900 + "'")
+    text = feedback_text(RunResult([long_answer], 0, 0), tests)
     line = text.splitlines()[2]
     assert line == f"- input 'f('{'x' * 117}...' failed: Expected output '1' but got ''{'y' * 119}...'"
     assert feedback_text(RunResult([TestResult("pass")], 0, 0), tests) == ""
@@ -145,34 +137,34 @@ def test_time_reward_orders_slow_and_fast_timing_the_reference_beside_each_candi
         fast_task = sum_task(FAST, "sum-fast-ref")
         slow_vs_fast = time_reward(fast_task, SLOW)
         assert counting.programs == [SLOW, FAST, "pass\n"] * 3  # 3 rounds of (candidate, reference, baseline)
-        assert set(counting.batches) == {1}                    # one at a time: nothing runs beside the reference
-        assert slow_vs_fast == -1.0                           # the loop takes >100 ms, the formula ~0: clipped
+        assert set(counting.batches) == {1}                    # one at a time: nothing beside the reference
+        assert slow_vs_fast == -1.0                           # the loop takes >100 ms: clipped
         assert time_reward(fast_task, FAST) == 0.0            # both under the floor: no reward for noise
         # nothing cached: the reference is timed again beside the candidate. Usually one round, since both are
-        # under the floor; a noisy first round (a clean-clone CI run charged one of them 5 ms) adds one more
-        # (test_time_reward_stops_rounds_once_both_are_under_the_floor checks the early stop exactly)
+        # under the floor; a noisy round adds one more (the early stop is checked exactly with fake timings)
         assert counting.programs[9:12] == [FAST, FAST, "pass\n"] and len(counting.programs) in (12, 15, 18)
         slow_task = sum_task(SLOW, "sum-slow-ref")
         assert time_reward(slow_task, FAST) == 1.0
-        assert time_reward(slow_task, "def total(n):\n    return 0\n") == -1.0  # a failed timing run is the slowest
-        # Same program twice, timed side by side: noise only, never the clip. The noise is the machine's: on
-        # these 2-core VMs a child that shares its core with another busy process is charged 0.09-0.12 s for
-        # the loop against 0.17 s alone, so one round can score +-0.7, and a clean-clone CI run measured -0.52
-        # as the median of three calls. That load moves every call differently; the test below shows that
-        # timing side by side removes the bias a load change between calls would give.
+        assert time_reward(slow_task, "def total(n):\n    return 0\n") == -1.0  # a failed run: the slowest
+        # Same program twice, timed side by side: noise only, never the clip. The noise is the machine's load,
+        # which moves each round differently (on a shared 2-core machine one round can score +-0.7);
+        # test_time_reward_is_unmoved_by_load_that_changes_between_calls shows that timing side by side
+        # removes the bias a load change between calls would give.
         assert abs(statistics.median(time_reward(slow_task, SLOW) for _ in range(3))) < 1.0
         t_ref, t_cand = time_reward.net_cpu_times(slow_task, FAST)
         assert t_ref > 0.05 > t_cand                          # the loop really costs tens of ms of CPU
-        assert time_reward(Task(task_id="no-ref", prompt="p", public_tests=[], private_tests=fast_task.private_tests,
-                                entry_point="total"), FAST) == 0.0
+        no_ref = Task(task_id="no-ref", prompt="p", public_tests=[], private_tests=fast_task.private_tests,
+                      entry_point="total")
+        assert time_reward(no_ref, FAST) == 0.0
 
 
 HIDDEN = ("import os, signal\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"   # nobody waits for the worker
-          "def total(n):\n    r, w = os.pipe()\n    if os.fork() == 0:\n        s = 0\n        for i in range(n):\n"
-          "            s += i\n        os.write(w, str(s).encode())\n        os._exit(0)\n    os.close(w)\n"
-          "    return int(os.read(r, 64))\n")
-SPINNING = ("import os\ndef total(n):\n    for _ in range(20):\n        if os.fork() == 0:\n            os.setsid()\n"
-            "            while True:\n                pass\n    return n * (n - 1) // 2\n")
+          "def total(n):\n    r, w = os.pipe()\n    if os.fork() == 0:\n        s = 0\n"
+          "        for i in range(n):\n            s += i\n        os.write(w, str(s).encode())\n"
+          "        os._exit(0)\n    os.close(w)\n    return int(os.read(r, 64))\n")
+SPINNING = ("import os\ndef total(n):\n    for _ in range(20):\n        if os.fork() == 0:\n"
+            "            os.setsid()\n            while True:\n                pass\n"
+            "    return n * (n - 1) // 2\n")
 
 
 @pytest.mark.slow
@@ -223,7 +215,7 @@ def test_time_reward_stops_rounds_once_both_are_under_the_floor():
     pool = FakePool({"REF": 0.022, "QUICK": 0.023, "LOOP": 0.120, "pass\n": 0.020})
     counting = CountingPool(pool)
     time_reward = TimeReward(counting, repeats=3, floor_s=0.005)
-    assert time_reward(task, "QUICK") == 0.0
+    assert time_reward(task, "QUICK") == 0.0 and time_reward.last_outcome == "under_floor"
     assert counting.programs == ["QUICK", "REF", "pass\n"]
     counting.programs.clear()
     assert time_reward(task, "LOOP") == pytest.approx(-1.0)   # ln(0.005 / 0.100), clipped at -1
@@ -249,13 +241,15 @@ def test_failed_reference_is_retried_then_leaves_the_time_term():
     flaky = CountingPool(FakePool(times, fails={"REF": {0, 1}}))    # fails twice, then passes
     time_reward = TimeReward(flaky, clip=5.0, ref_tries=3)
     assert time_reward(task, "CAND") == pytest.approx(math.log(0.100 / 0.030))
-    assert flaky.programs[:5] == ["CAND", "REF", "REF", "REF", "pass\n"] and time_reward.last_outcome == "timed"
+    assert flaky.programs[:5] == ["CAND", "REF", "REF", "REF", "pass\n"]
+    assert time_reward.last_outcome == "timed"
     broken = CountingPool(FakePool(times, fails={"REF": set(range(100))}))
     time_reward = TimeReward(broken, clip=5.0, ref_tries=3)
     assert time_reward(task, "CAND") == 0.0                    # the sample leaves the time term...
     assert broken.programs == ["CAND", "REF", "REF", "REF"]   # ...after ref_tries runs of the reference
     assert time_reward.last_outcome == "reference_failed"
-    no_ref = Task(task_id="n", prompt="p", public_tests=[], private_tests=task.private_tests, entry_point="total")
+    no_ref = Task(task_id="n", prompt="p", public_tests=[], private_tests=task.private_tests,
+                  entry_point="total")
     assert time_reward(no_ref, "CAND") == 0.0 and time_reward.last_outcome == "no_reference"
 
 
@@ -271,41 +265,13 @@ def test_time_reward_is_unmoved_by_load_that_changes_between_calls():
     assert time_reward(task, "LOOP ") == 0.0
 
 
-# ---------------------------------------------------------------------------------------------- lint
-
-
-def test_lint_penalty():
-    clean = "import math\n\ndef f(xs):\n    return [math.sqrt(x) for x in xs if x > 0]\n"
-    assert reward.lint_issues(clean) == [] and lint_penalty(clean) == 0.0
-    assert reward.lint_issues("def f(x):\n    return x + y\n") == ["undefined name 'y'"]
-    assert reward.lint_issues("import os\nimport sys as system\ndef f():\n    return system.argv\n") == \
-        ["unused import 'os'"]
-    assert reward.lint_issues("def f(x):\n    return x is 1\n") == \
-        ['SyntaxWarning: "is" with a literal. Did you mean "=="?']
-    assert lint_penalty("def f(x):\n    import json\n    return x + y + z\n") == 0.75   # 3 issues
-    assert lint_penalty("def f(:\n") == 1.0
-    # Not false positives: globals set in functions, class attributes, closures, builtins, __future__.
-    tricky = ("from __future__ import annotations\n"
-              "def setup():\n    global cache\n    cache = {}\n"
-              "def get(k):\n    return cache.get(k, len(str(k)))\n"
-              "class A:\n    n = 1\n    m = n + 1\n"
-              "def outer():\n    v = 1\n    def inner():\n        return v\n    return inner\n"
-              "print(__name__, __file__)\n")
-    assert reward.lint_issues(tricky) == []
-    annotated = "from __future__ import annotations\nfrom pathlib import Path\ndef f(p: Path) -> Path:\n    return p\n"
-    assert reward.lint_issues(annotated) == []
-
-
-def test_reward_does_not_execute_code_in_lint():
-    assert lint_penalty("import os\nos._exit(3)\n") == 0.0     # compiled, never run: we are still here
-
-
 def test_a_task_with_an_assert_test_earns_no_time_reward():
     """An assert test's pass is decided in the child, where a program can forge it: no time term, whatever the
     program (the pool is never used)."""
     from reward import TimeReward, has_assert_tests
-    task = Task(task_id="t", prompt="p", public_tests=[], entry_point="f", reference_solution="def f():\n    return 1\n",
-                private_tests=[Test(kind="call", call="f()", expected="1"), Test(kind="assert", code="assert f() == 1")])
+    tests = [Test(kind="call", call="f()", expected="1"), Test(kind="assert", code="assert f() == 1")]
+    task = Task(task_id="t", prompt="p", public_tests=[], private_tests=tests, entry_point="f",
+                reference_solution="def f():\n    return 1\n")
     timer = TimeReward(pool=None)
     assert has_assert_tests(task) and timer(task, "def f():\n    return 1\n") == 0.0
     assert timer.last_outcome == "assert_tests"

@@ -1,6 +1,5 @@
 """Multi-turn episodes on a scripted fake policy: exact token masks, feedback text and rewards."""
 import pytest
-import torch
 
 from data import Task, Test
 from reward import RewardConfig, feedback_text
@@ -195,16 +194,19 @@ def test_no_episode_exceeds_max_episode_tokens(pool):
     max_new = 120
     filler = tok.encode("x = 1\n" * max_new)[:max_new]  # no code block: "no code" feedback, then again
     prompt_len = lengths_of_turn_one(tok)[0]
+
+    def cut_off(prompts):
+        return [(filler, False) for _ in prompts]
     for limit in range(prompt_len + max_new + 1, 800, 23):  # 1, 2 and 3 turns fit
         cfg = RolloutConfig(max_turns=3, max_new_tokens=max_new, max_episode_tokens=limit)
-        [ep] = RolloutWorker(tok, pool, cfg, RewardConfig()).run(lambda ps: [(filler, False) for _ in ps], [TASK])
+        [ep] = RolloutWorker(tok, pool, cfg, RewardConfig()).run(cut_off, [TASK])
         assert len(ep.tokens) <= limit and ep.truncated
     with pytest.raises(ValueError, match="task add: its prompt"):  # no room for even one turn
-        RolloutWorker(tok, pool, RolloutConfig(max_new_tokens=max_new, max_episode_tokens=prompt_len + max_new),
-                      RewardConfig()).run(lambda ps: [(filler, False) for _ in ps], [TASK])
+        cfg = RolloutConfig(max_new_tokens=max_new, max_episode_tokens=prompt_len + max_new)
+        RolloutWorker(tok, pool, cfg, RewardConfig()).run(cut_off, [TASK])
     with pytest.raises(ValueError, match="max_new_tokens is 119"):  # a sampler must keep to the limit
-        RolloutWorker(tok, pool, RolloutConfig(max_new_tokens=max_new - 1), RewardConfig()).run(
-            lambda ps: [(filler, False) for _ in ps], [TASK])
+        worker = RolloutWorker(tok, pool, RolloutConfig(max_new_tokens=max_new - 1), RewardConfig())
+        worker.run(cut_off, [TASK])
 
 
 def test_repair_turns_bench_sorts_later_turns_and_computes_the_fresh_sample_baseline(pool):
@@ -243,10 +245,11 @@ def test_repair_turns_bench_replays_failed_first_answers_in_new_chats(pool):
     tasks, solved = fresh_chat_repairs(tok, sampler, pool, [failed, passed], cfg, show_code=True)
     assert [t.task_id for t in tasks] == ["add"] and solved == [True]   # only the failed episode is replayed
     feedback = feedback_text(failed.turns[0].public, TASK.public_tests)
-    expected = (f"{task_message(TASK)}\n\nA previous answer:\n```python\ndef add(a, b):\n    return a - b\n```"
-                f"\n\n{feedback}")
-    assert fresh_chat_message(TASK, failed.turns[0].code, failed.turns[0].public, INSTRUCTION, True) == expected
+    expected = (f"{task_message(TASK)}\n\nA previous answer:\n```python\ndef add(a, b):\n    return a - b\n"
+                f"```\n\n{feedback}")
+    first = failed.turns[0]
+    assert fresh_chat_message(TASK, first.code, first.public, INSTRUCTION, True) == expected
     both_prompts = tok.encode_dialog_prompt([{"role": "user", "content": expected}])
-    assert seen == [[both_prompts], [both_prompts]]   # the no-code try left the last answer and feedback in place
+    assert seen == [[both_prompts], [both_prompts]]   # a no-code try leaves the last answer and feedback
     without_code = fresh_chat_message(TASK, failed.turns[0].code, failed.turns[0].public, INSTRUCTION, False)
     assert without_code == f"{task_message(TASK)}\n\n{feedback}"

@@ -59,30 +59,6 @@ def test_synthetic_held_out_are_new_compositions_of_seen_primitives():
     assert all(slow_fast.values()) and not (slow_fast["train"] & slow_fast["test"])
 
 
-def test_split_for_rl_keeps_rl_compositions_out_of_the_warm_start():
-    train = synthetic.synthetic_tasks("train", 0)
-    demonstrated, for_rl = synthetic.split_for_rl(train, 1 / 3)
-    shown = {id_composition(t) for t in demonstrated if "composition" in t.tags}
-    rl_only = {id_composition(t) for t in for_rl if "composition" in t.tags}
-    assert not shown & rl_only
-    assert shown | rl_only == {id_composition(t) for t in train if "composition" in t.tags}
-    assert len(rl_only) == round(len(shown | rl_only) / 3)
-    # every instance of a composition on one side; the slow/fast tasks on both
-    for task in train:
-        in_warm, in_rl = task in demonstrated, task in for_rl
-        assert (in_warm and in_rl) if "slow_fast" in task.tags else (in_warm != in_rl), task.task_id
-    # RL's compositions are still made of primitives the warm start shows, and they do not depend on the seed
-    for triple in rl_only:
-        assert all(p in {c[i] for c in shown} for i, p in enumerate(triple)), triple
-    other_seed = synthetic.split_for_rl(synthetic.synthetic_tasks("train", 1), 1 / 3)[1]
-    assert {id_composition(t) for t in other_seed} == {id_composition(t) for t in for_rl}
-    assert synthetic.split_for_rl(train, 0) == (train, train)
-    with pytest.raises(ValueError, match="must be in"):
-        synthetic.split_for_rl(train, 1.0)
-    with pytest.raises(ValueError, match="no synthetic composition"):
-        synthetic.split_for_rl([t for t in train if "slow_fast" in t.tags], 0.5)
-
-
 def test_synthetic_task_shape():
     tasks = [t for s in SPLITS for t in synthetic.synthetic_tasks(s, 0)]
     assert len({t.task_id for t in tasks}) == len(tasks)
