@@ -25,6 +25,7 @@ UIDS = range(60000, 61024)
 # must be root's and writable by nobody else, or a local user could swap the lock files (lock_dir checks it).
 RUN_DIR = "/run/nanorlef-sandbox" if os.path.isdir("/run") else "/tmp/nanorlef-sandbox"
 LOCK_DIR = RUN_DIR + "/locks"
+EMPTY = RUN_DIR + "/empty"   # an empty read-only file, bound over the global files of /proc
 BOX_PREFIX = "nanorlef-sbx-"    # the fallback's per-worker directory: /tmp/nanorlef-sbx-<uid>-*
 BOX_MARKER = ".nanorlef-sandbox"  # in each such directory: it is ours to remove
 
@@ -115,7 +116,23 @@ def lock_dir() -> str:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
             raise RuntimeError(f"{d}: must be a directory owned by uid {os.geteuid()} and writable by it "
                                f"alone (found {stat.filemode(st.st_mode)}, owner {st.st_uid}); remove it")
+    if not os.path.isfile(EMPTY):
+        os.close(os.open(EMPTY, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o444))
     return LOCK_DIR
+
+
+# Host-wide counters and states in /proc that any run can move and a later run can read (locked pages, faults,
+# forks, interrupts, pressure, key quotas...): an empty read-only file or directory covers each that exists.
+PROC_GLOBAL_FILES = ("buddyinfo", "cgroups", "diskstats", "interrupts", "key-users", "keys", "loadavg",
+                     "locks", "meminfo", "pagetypeinfo", "partitions", "schedstat", "slabinfo", "softirqs",
+                     "stat", "swaps", "timer_list", "uptime", "vmallocinfo", "vmstat", "zoneinfo")
+PROC_GLOBAL_DIRS = ("acpi", "bus", "driver", "fs", "irq", "pressure", "sys", "tty")
+
+
+def proc_covers() -> list[tuple[str, str]]:
+    """("file" or "dir", path) for each global /proc entry this kernel has (files are covered by EMPTY)."""
+    entries = [("file", name) for name in PROC_GLOBAL_FILES] + [("dir", name) for name in PROC_GLOBAL_DIRS]
+    return [(kind, f"/proc/{name}") for kind, name in entries if os.path.lexists(f"/proc/{name}")]
 
 
 def fresh_home(home: str, owner: int) -> None:
@@ -234,6 +251,12 @@ def enter_private_root(libc, plan: list, root: str, scratch: list[str], disk_mb:
     os.makedirs(root + "/proc")
     if libc.mount(b"proc", (root + "/proc").encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
         mount("/proc", root + "/proc", None, MS_BIND | MS_REC)   # where a fresh proc is refused (containers)
+    for kind, path in proc_covers():
+        if kind == "file":
+            mount(EMPTY, root + path, None, MS_BIND)
+            mount(None, root + path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        else:
+            mount("tmpfs", root + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
     os.makedirs(root + "/dev")
     mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
     for name in DEVICES:   # read-only binds: the host's device inodes must not carry times a program set
@@ -298,11 +321,17 @@ DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
     "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),   # keys outlive runs (fallback)
     # File times: the host's /dev/null & co. are the only inodes a program shares with later runs; their times
     # (utimensat needs only write access) would carry bits. (utime, utimes, futimesat: no aarch64 syscall.)
-    "utimensat": (280, 88), "utime": (132, None), "utimes": (235, None), "futimesat": (261, None)}
+    "utimensat": (280, 88), "utime": (132, None), "utimes": (235, None), "futimesat": (261, None),
+    "chown": (92, None), "fchown": (93, 55), "lchown": (94, None), "fchownat": (260, 54),   # sets ctime too
+    # Locked pages count in the host-wide /proc/vmstat (covered too): a counter any run can move.
+    "mlock": (149, 228), "mlock2": (325, 284), "mlockall": (151, 230)}
 FLAGGED_SYSCALLS = {"preadv2": (327, 286), "pwritev2": (328, 287)}   # denied with RWF_NOWAIT in arg 5
-MADVISE = (28, 233)                                                  # denied for MADV_COLD and MADV_PAGEOUT
+MADVISE = (28, 233)                                                  # denied for the advice below
 ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}     # column above, AUDIT_ARCH_*
-RWF_NOWAIT, MADV_COLD, MADV_PAGEOUT = 8, 20, 21
+RWF_NOWAIT = 8
+# Cold and pageout evict; hugepage and collapse turn pages of the private tree into huge pages that outlive
+# the run (a bit a later run reads in /proc/self/smaps).
+DENIED_ADVICE = {"MADV_HUGEPAGE": 14, "MADV_COLD": 20, "MADV_PAGEOUT": 21, "MADV_COLLAPSE": 25}
 SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO_EPERM, SECCOMP_RET_KILL_PROCESS = 0x7FFF0000, 0x00050001, 0x80000000
 
 
@@ -321,8 +350,8 @@ def seccomp_program() -> bytes | None:
     allow = (ret, None, None, SECCOMP_RET_ALLOW)
     code += [(jeq, "advice", None, MADVISE[col]), allow,
              "flags", (ld, None, None, 16 + 8 * 5), (jset, "deny", None, RWF_NOWAIT), allow,
-             "advice", (ld, None, None, 16 + 8 * 2), (jeq, "deny", None, MADV_COLD),
-             (jeq, "deny", None, MADV_PAGEOUT), allow,
+             "advice", (ld, None, None, 16 + 8 * 2),
+             *[(jeq, "deny", None, advice) for advice in DENIED_ADVICE.values()], allow,
              "deny", (ret, None, None, SECCOMP_RET_ERRNO_EPERM),
              "kill", (ret, None, None, SECCOMP_RET_KILL_PROCESS)]
     return _assemble(code)

@@ -31,9 +31,9 @@ import sys
 import time
 
 from sandbox_cgroup import CgroupTree, RunCgroup, write_file
-from sandbox_host import (BOX_MARKER, BOX_PREFIX, enter_private_root, fresh_home, install_seccomp,
+from sandbox_host import (BOX_MARKER, BOX_PREFIX, EMPTY, enter_private_root, fresh_home, install_seccomp,
                           isolate, kill_uid, mount_plan, owned_entries, private_tree, proc_ppid, proc_uid,
-                          remove_tree, seccomp_fprog, site_dirs)
+                          proc_covers, remove_tree, seccomp_fprog, site_dirs)
 
 MAX_DEPTH = 100                 # nesting of a result value: the child's encoder and the parent's decoder
 MAX_ELEMENTS = 200_000          # elements of all result values of a run: child's encoder, supervisor, parent
@@ -178,6 +178,8 @@ class Supervisor:
         argv = [exe, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
                 "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
                 "--proc", "/proc", "--dev", "/dev"]
+        for kind, path in proc_covers():   # the host-wide counters of /proc (sandbox_host.PROC_GLOBAL_FILES)
+            argv += ["--ro-bind", EMPTY, path] if kind == "file" else ["--tmpfs", path, "--remount-ro", path]
         for kind, src, dst in self.plan:
             argv += {"symlink": ["--symlink", src, dst], "bind": ["--ro-bind", src, dst],
                      "cover": ["--tmpfs", dst, "--remount-ro", dst]}[kind]
@@ -260,7 +262,7 @@ class Supervisor:
         nproc = lim["max_processes"] + 3 if self.uid is not None else self.nproc_base + lim["max_processes"]
         return [(r.RLIMIT_AS, lim["memory_mb"] << 20), (r.RLIMIT_CPU, cpu), (r.RLIMIT_NPROC, nproc),
                 (r.RLIMIT_NOFILE, lim["max_open_files"]), (r.RLIMIT_FSIZE, lim["max_file_mb"] << 20),
-                (r.RLIMIT_CORE, 0), (r.RLIMIT_STACK, lim["stack_mb"] << 20)]
+                (r.RLIMIT_CORE, 0), (r.RLIMIT_STACK, lim["stack_mb"] << 20), (r.RLIMIT_MEMLOCK, 0)]
 
     @staticmethod
     def _cpu_rlimit(lim: dict, n_tests: int) -> int:

@@ -1,6 +1,7 @@
 """sandbox.py: verdicts for each test kind, the hostile battery (tests/hostile/programs.py), cleanup, CPU time,
 bad input and the CLI. The battery runs through a 2-worker pool, two programs at a time, and after each pair
 checks that nothing is left: no process and no file of the worker uids, the harness files unchanged."""
+import ast
 import hashlib
 import importlib.util
 import json
@@ -787,6 +788,22 @@ def test_device_times_and_keys_cannot_carry_state(fallback, monkeypatch):
         r = p.submit(round5.SHARED_STATE, [T("call", call="f()", expected=repr(round5.SHARED_STATE_EXPECTED))]
                      ).result()
         assert statuses(r) == ["pass"], r.tests[0].got or r.tests[0].detail
+
+
+@needs_root
+@pytest.mark.parametrize("fallback", [False, True])
+def test_host_wide_counters_are_hidden_or_unmovable(fallback, monkeypatch):
+    """The global /proc files read empty, and mlock, huge-page advice and chown are denied."""
+    import platform
+    if platform.machine() not in sandbox.host.ARCHES:
+        pytest.skip(f"no seccomp syscall table for {platform.machine()}")
+    if fallback:
+        monkeypatch.setenv("NANORLEF_SANDBOX_FALLBACK", "1")
+    with SandboxPool(workers=1, limits=LIMITS) as p:
+        r = p.submit(round5.GLOBAL_COUNTERS, [T("call", call="f()", expected="0")]).result()
+    got = dict(ast.literal_eval(r.tests[0].got))
+    assert got.pop("mlock") == got.pop("hugepage") == got.pop("collapse") == got.pop("chown") == "EPERM"
+    assert got.pop("sys") == [] and set(got.values()) <= {""}, got
 
 
 def test_lock_directory_must_be_ours_alone(tmp_path, monkeypatch):

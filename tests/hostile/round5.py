@@ -88,3 +88,30 @@ def f():
 '''
 SHARED_STATE_EXPECTED = sorted({"null": "EPERM", "zero": "EPERM", "urandom": "EPERM", "write_null": 1,
                                 "add_key": "EPERM", "keyctl": "EPERM"}.items())
+
+# ---- host-wide counters: /proc/vmstat moves by one per page a program mlocks, and other global /proc files
+# (stat, meminfo, pressure, ...) move with what any run does; chown(-1, -1) sets a device node's ctime;
+# MADV_HUGEPAGE / MADV_COLLAPSE turn pages of the shared interpreter copy into huge pages that outlive the run.
+GLOBAL_COUNTERS = '''import ctypes, errno, mmap, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+MLOCK = 149 if platform.machine() == "x86_64" else 228
+def f():
+    out = {name: open(f"/proc/{name}").read() for name in ("vmstat", "stat", "meminfo") if os.path.exists(f"/proc/{name}")}
+    out["sys"] = sorted(os.listdir("/proc/sys")) if os.path.isdir("/proc/sys") else []
+    page = mmap.mmap(-1, 1 << 21)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    out["mlock"] = "ok" if libc.syscall(MLOCK, ctypes.c_void_p(address), ctypes.c_size_t(4096)) == 0 else \\
+        errno.errorcode[ctypes.get_errno()]
+    for advice, name in ((14, "hugepage"), (25, "collapse")):
+        try:
+            page.madvise(advice)
+            out[name] = "ok"
+        except OSError as e:
+            out[name] = errno.errorcode[e.errno]
+    try:
+        os.chown("/dev/zero", -1, -1)
+        out["chown"] = "ok"
+    except OSError as e:
+        out["chown"] = errno.errorcode[e.errno]
+    return sorted(out.items())
+'''
