@@ -94,8 +94,7 @@ class Scorer(nn.Module):
             values = self.model.values(h.detach() if self.probe else h)               # (B, T)
         if not want_logprobs:
             return None, None, values
-        lm_head = self.model.lm_head.weight.to(h.dtype)  # fp32 master weights compute in the activations'
-        # dtype
+        lm_head = self.model.lm_head.weight.to(h.dtype)  # fp32 master weights, activations' dtype
         logp, entropy = fused_linear_logprobs(h, lm_head, targets, self.temperature,
                                               with_entropy=True, chunk_size=self.chunk)  # (B, T) each
         return logp, entropy, values
@@ -135,7 +134,7 @@ def build_models(model_dir: Path, device, dtype: torch.dtype, *, critic: str | N
 
 def build_optimizers(m: Models, lr: float, critic_lr: float) -> list:
     """AdamW for the policy at lr, and for the critic's own parameters at critic_lr: the separate critic, or
-    the value head on the policy trunk. A fresh linear head needs a far larger step than the pretrained trunk."""
+    the value head on the policy trunk. A fresh linear head needs far larger steps than a pretrained trunk."""
     head = unwrap(m.scorer).model.value_head
     head_params = [p for p in head.parameters() if p.requires_grad] if head is not None else []
     in_head = {id(p) for p in head_params}

@@ -204,8 +204,7 @@ def format_step(m: dict, steps: int) -> str:
              f"len {m['response_len']:.0f}"]
     for key, label, spec in (("kl_ref", "kl", ".4f"), ("approx_kl", "akl", ".4f"),
                              ("clipfrac", "clip", ".2f"), ("entropy", "ent", ".2f"),
-                             ("explained_variance", "ev", ".2f"),
-                             ("sft_loss", "sft", ".3f"),
+                             ("explained_variance", "ev", ".2f"), ("sft_loss", "sft", ".3f"),
                              ("grad_norm_policy", "gn", ".2f"), ("grad_norm_critic", "gn_v", ".2f")):
         if key in m:
             parts.append(f"{label} {number(m[key], spec)}")

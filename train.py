@@ -387,8 +387,7 @@ class Trainer:
         cfg, m = self.cfg, self.models
         save_checkpoint(self.out, self.rank, self.world, m.scorer, m.critic_scorer, self.optimizers,
                         self.lora(), cfg.fsdp, {"step": next_step, "kl_ctl": self.kl_ctl.state_dict()},
-                        self.tokenizer,
-                        {"temperature": cfg.temperature, "top_p": 1.0})
+                        self.tokenizer, {"temperature": cfg.temperature, "top_p": 1.0})
 
     def check_references(self):
         """Tasks whose reference solution does not compile or fails its own tests teach the warm start the
