@@ -561,7 +561,7 @@ def rest_em_loss(logprobs: Tensor, weights: Tensor, n_kept: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# minibatches and guards
+# minibatches
 
 
 def minibatches(n: int, minibatch_size: int, micro_batch_size: int, epochs: int,
@@ -580,8 +580,3 @@ def minibatches(n: int, minibatch_size: int, micro_batch_size: int, epochs: int,
         for start in range(0, n, minibatch_size):
             minibatch = order[start:start + minibatch_size]
             yield list(minibatch.split(micro_batch_size))
-
-
-def is_finite(x: Tensor) -> bool:
-    """True if every element of x is finite (train.py skips the update otherwise)."""
-    return bool(torch.isfinite(x).all())
