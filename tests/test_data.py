@@ -156,6 +156,8 @@ GOOD = {"task_id": "t1", "prompt": "p", "entry_point": "f",
     ({"private_tests": [{"kind": "assert", "code": "  "}]}, "field 'code' is empty"),
     ({"private_tests": ["assert f(1) == 2"]}, "field 'private_tests'[0]: a Test must be a JSON object"),
     ({"tags": [1]}, "field 'tags' must be a list of strings"),
+    ({"tags": "slow_fast"}, "field 'tags' must be a list of strings"),   # not split into letters
+    ({"reference_solution": 3}, "field 'reference_solution' must be str or NoneType, got int"),
     ({"private_tests": [{"kind": "call", "call": "f(1", "expected": "2"}]},
      "field 'private_tests'[0]: Test(kind='call'): field 'call' is not valid Python (its line 1: '('"),
     ({"public_tests": [{"kind": "assert", "code": "x = 1\nassert f(x) =="}]},
