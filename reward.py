@@ -17,7 +17,7 @@ from data import Task, Test
 if TYPE_CHECKING:   # sandbox imports data.Test; reward needs its types for annotations only
     from sandbox import RunResult, SandboxPool
 
-# RLEF (Gehring et al. 2024, section 2.2): +1 when the final code passes every private test, -1 otherwise,
+# RLEF (Gehring et al. 2024): +1 when the final code passes every private test, -1 otherwise,
 # and -0.2 for a turn whose response holds no code. The same reward's KL penalty is ppo.py's.
 CORRECT, INCORRECT, INVALID = 1.0, -1.0, -0.2
 
@@ -139,11 +139,6 @@ class TimeReward:
         self.pool, self.repeats, self.clip, self.floor_s = pool, repeats, clip, floor_s
         self.ref_tries = ref_tries
         self.last_outcome = ""
-
-    @classmethod
-    def from_config(cls, pool: SandboxPool, cfg: RewardConfig) -> TimeReward:
-        """The time reward a RewardConfig trains with (its constants are the defaults above)."""
-        return cls(pool)
 
     def __call__(self, task: Task, program: str) -> float:
         if has_assert_tests(task):

@@ -1,4 +1,4 @@
-"""Multi-turn episodes with execution feedback, as in RLEF (Gehring et al. 2024, section 2).
+"""Multi-turn episodes with execution feedback, as in RLEF (Gehring et al. 2024).
 
 One episode of a task:
     user: problem statement

@@ -251,7 +251,7 @@ class Trainer:
                                     gen_batch_size=cfg.gen_batch_size, instruction=cfg.instruction,
                                     max_episode_tokens=self.models.policy.config.max_position_embeddings)
         self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
-        self.eval_timer = TimeReward.from_config(self.pool, reward_cfg)  # times programs for the fast share
+        self.eval_timer = TimeReward(self.pool)  # times programs for the fast share
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> tuple[dict | None, dict]:
