@@ -95,14 +95,15 @@ def main(argv=None):
     cfg = train.parse_config(["--seed", str(args.seed)])
     tokenizer = train.load_tokenizer(cfg)
     with SandboxPool(2, Limits(timeout_s=2.0)) as pool:
-        examples = sft.warm_start_examples(tokenizer, train.load_tasks(cfg)[0], pool=pool,
-                                           **train.tiny_demonstrations(cfg))
-    batch_size = args.batch or cfg.tiny_warmstart_batch
+        examples = sft.warm_start_examples(tokenizer, train.load_tasks(cfg)[0], cfg.instruction, pool=pool,
+                                           repairs=sft.TINY["repairs"], bug_rate=sft.TINY["bug_rate"],
+                                           seed=cfg.seed)
+    batch_size = args.batch or sft.TINY["batch"]
     kinds = batches_of_each_kind(examples, tokenizer.eot_id, args.batches, batch_size, args.seed)
     share = {"repair": sum(is_repair(ex, tokenizer.eot_id) for ex in examples) / len(examples)}
     share["one-turn"] = 1 - share["repair"]
     torch.manual_seed(0)
-    model = Transformer(train.tiny_model_config(cfg, tokenizer))
+    model = Transformer(sft.tiny_model_config(tokenizer))
     ways = {"padded": lambda b: padded_backward(model, b, tokenizer.pad_id)}
     for micro in args.micro:
         ways[f"by length, micro {micro}"] = lambda b, m=micro: sft.backward_by_length(model, b, tokenizer.pad_id, m)

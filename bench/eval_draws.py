@@ -19,8 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 import train  # noqa: E402
-from evaluate import summarize  # noqa: E402
+from evaluate import summarize, task_results  # noqa: E402
+from rollout import model_sampler  # noqa: E402
 
 KEYS = ("pass@1", "1@3", "turn1_pass")
 
@@ -41,7 +44,12 @@ def main(argv=None):
     rows = []
     try:
         for draw in (int(d) for d in args.draws.split(",")):
-            records, _ = trainer.held_out_results(trainer.eval_sampler(draw))
+            # Trainer.evaluate's sampler and held-out results, with the generator seeded with the draw
+            generator = torch.Generator(trainer.device).manual_seed(draw)
+            sampler = model_sampler(trainer.models.policy, trainer.tokenizer, cfg.max_new_tokens,
+                                    cfg.eval_temperature, 1.0, generator)
+            records, _ = task_results(trainer.worker, sampler, trainer.eval_tasks, cfg.eval_samples,
+                                      cfg.max_turns, cfg.eval_episodes)
             metrics = summarize(records, (1,))
             rows.append({k: metrics[k] for k in KEYS})
             print(json.dumps({"draw": draw, **{k: round(v, 4) for k, v in rows[-1].items()}}), flush=True)

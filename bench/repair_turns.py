@@ -53,12 +53,12 @@ def got_feedback(episode) -> bool:
 
 def fresh_sample_baseline(singles, repaired, tries: int = 2) -> float:
     """The share of the `repaired` episodes that `tries` independent single-turn samples would solve: for a task
-    whose `singles` pass with rate p, 1 - (1 - p)^tries, averaged over the episodes."""
+    whose `singles` pass with rate p, 1 - (1 - p)^tries, averaged over the episodes (nan for none)."""
     outcomes: dict[str, list[bool]] = collections.defaultdict(list)
     for ep in singles:
         outcomes[ep.task.task_id].append(ep.passed)
     rates = [sum(outcomes[ep.task.task_id]) / len(outcomes[ep.task.task_id]) for ep in repaired]
-    return sum(1 - (1 - p) ** tries for p in rates) / len(rates)
+    return sum(1 - (1 - p) ** tries for p in rates) / len(rates) if rates else float("nan")
 
 
 def after_another_task(tokenizer, task, other, instruction: str) -> list[int]:
