@@ -336,7 +336,7 @@ def publish_checkpoint(model, path: Path, log=print, tokenizer=None) -> None:
 
 
 # The tiny preset's warm start: a 4-layer model of hidden size 128 trained on every training task's reference,
-# with each classic bug in 30% of the places it fits, plus 128 repair demonstrations (docs/experiments.md).
+# with each classic bug in 30% of the places it fits, plus 128 repair demonstrations.
 TINY = dict(layers=4, hidden=128, lr=3e-3, batch=32, repairs=128, bug_rate=0.3)
 
 

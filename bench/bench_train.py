@@ -30,7 +30,7 @@ def parse_args(argv=None):
 
 
 def split_iteration(metrics: dict, seconds: dict) -> dict:
-    """The four phases of issue 5 (plus the remainder) from one train_step's metrics and the rollout worker's
+    """The four phases of an iteration (plus the remainder) from one train_step's metrics and the rollout worker's
     counters for the same step. time_score is the logprob/KL recomputation (old, reference, values, advantages)."""
     generation = seconds["generate"]
     sandbox = seconds["sandbox_wait"]

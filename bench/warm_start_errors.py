@@ -9,7 +9,7 @@ them on the private tests in the sandbox, and sorts each failing answer by its t
   from the prompt);
 - "syntax error", "no code block", and "other" (a wrong composition, or anything else).
 Without --checkpoint it uses the preset's warm start for --seed, trained first when it is not cached.
-docs/experiments.md ("What the warm start gets wrong") quotes its output for the 600- and 1200-step warm starts.
+docs/experiments.md ("The warm start, and what it gets wrong") quotes its output for the 600- and 1200-step warm starts.
 """
 import argparse
 import collections

@@ -469,7 +469,7 @@ def test_humaneval_canonical_solutions(pool):
     assert not any(r.passed for r in exits)
 
 
-# ---- issue 32: attacks that need two programs, two workers, a new pool or a timing (tests/hostile/round2.py)
+# ---- round 2: attacks that need two programs, two workers, a new pool or a timing (tests/hostile/round2.py)
 
 def test_nothing_a_program_stores_reaches_the_next(pool):
     """Class 2: files in /tmp, /var/tmp, /dev/shm and the home, System V memory and queues, POSIX queues and
@@ -582,7 +582,7 @@ def test_fallback_still_holds_its_guarantees(monkeypatch):
             check_case(case, r, leftover_processes(worker_uids(fallback)), leftover_files(fallback), before)
 
 
-# ---- round 3 (a security review after issue 32): tests/hostile/round3.py
+# ---- round 3 (a security review of round 2's fixes): tests/hostile/round3.py
 
 def _depth(v) -> int:
     return 1 + max(map(_depth, v.values() if isinstance(v, dict) else v), default=0) \

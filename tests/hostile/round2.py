@@ -1,4 +1,4 @@
-"""Hostile programs for issue 32's attack classes (1-11) and its "what held" list, written for this repository
+"""Hostile programs for the sandbox's attack classes 1-11 (docs/sandbox.md) and its "what held" list, written for this repository
 (the issue's own attack programs were kept out of it, so these close classes, not particular programs).
 
 `cases(ctx)` gives single-program cases for the battery in tests/test_sandbox.py (same Case type as

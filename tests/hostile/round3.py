@@ -1,4 +1,4 @@
-"""Hostile programs for the third round of attacks on the sandbox (a security review after issue 32), written
+"""Hostile programs for the third round of attacks on the sandbox (a security review of round 2's fixes), written
 for this repository: the reviewer's own reproducers were kept out of it, so these close classes, not programs.
 Each is driven by its own test in tests/test_sandbox.py.
 """
