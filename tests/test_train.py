@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from actor_critic import build_models
 from checkpoint import prepare_out_dir
+from conftest import FULL
 from data import Task, Test
 from model import ModelConfig, Transformer
 from rollout import task_message
@@ -199,7 +200,10 @@ def test_tiny_warm_start_trains_with_the_flags_given(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "expert_iteration"])
+# The suite's 15-minute budget keeps the demo's algorithm here; PPO and GRPO run with NANORLEF_FULL=1 (each
+# algorithm also trains a real bf16 checkpoint in tests/test_real_checkpoints.py).
+@pytest.mark.parametrize("algo", [pytest.param("ppo", marks=FULL), pytest.param("grpo", marks=FULL),
+                                  "expert_iteration"])
 def test_reward_rises_on_print_seven(setup, tmp_path, algo):
     per_algo = ["--kl_placement", "loss"] if algo == "grpo" else ["--critic", "probe"]  # the tiny preset's critic
     # GRPO's advantages are not re-whitened over the batch: its steps are smaller here, and 12 were not always enough
@@ -236,6 +240,7 @@ def test_torchrun_two_ranks_keep_identical_weights(setup, tmp_path):
 
 
 @pytest.mark.slow
+@FULL  # 35 s, beyond the suite's budget; torchrun with two DDP ranks runs by default
 def test_torchrun_fsdp2_trains_saves_and_resumes(setup, tmp_path):
     """FSDP2 on two CPU ranks (gloo): train, gather the shards into an HF checkpoint, resume one more step."""
     proc = torchrun(setup, tmp_path, "--fsdp", "--critic", "separate")
