@@ -155,7 +155,9 @@ class Supervisor:
         self.plan, self.private_root = mount_plan(SYSTEM_DIRS, hide), False   # private_root: see supervise
         self.bwrap = self._bwrap_argv() if self.cgroups and not forced else None
         why = ("no writable cgroups" if not self.cgroups else "NANORLEF_SANDBOX_FALLBACK=1" if forced else
-               "no bwrap on PATH" if not self.bwrap else self._probe())
+               "no bwrap on PATH" if not self.bwrap else self._probe("bubblewrap"))
+        if why:   # say, user namespaces are off: the worker falls back
+            self.bwrap = None
         self.isolation = (f"bubblewrap, {cg_text}" if self.bwrap else f"fallback ({why}): uid, rlimits" + (
             f", {cg_text}" if self.cgroups else "")) + (", seccomp" if self.seccomp else "")
         self.box = self.home = self.tree = None
@@ -189,9 +191,8 @@ class Supervisor:
         size = str(lim["disk_mb"] << 20)
         return [a for d in SCRATCH_DIRS for a in ("--size", size, "--tmpfs", d)]
 
-    def _probe(self, what: str = "bubblewrap", program: str = "pass\n") -> str:
-        """Run `program` through the whole path once: '' if it works, else why not. A failing bubblewrap
-        (say, user namespaces are off) makes the worker fall back."""
+    def _probe(self, what: str, program: str = "pass\n") -> str:
+        """Run `program` through the whole path once: '' if it works, else why `what` failed."""
         lim = {"memory_mb": 256, "max_processes": 8, "disk_mb": 1, "timeout_s": 10, "stack_mb": 8,
                "max_open_files": 64, "max_file_mb": 1, "max_output_bytes": 1024, "wall_factor": 1}
         job = {"program": program, "setup": "", "tests": [["assert", "pass", ""]], "limits": lim}
@@ -200,8 +201,6 @@ class Supervisor:
             why = "" if test["status"] == "ok" else f"{what} failed: {test['detail'][:200]}"
         except Exception as e:   # noqa: BLE001 - any failure means: not usable here
             why = f"{what} failed: {type(e).__name__}: {e}"
-        if why and what == "bubblewrap":
-            self.bwrap = None
         return why
 
     def use_private_tree(self, libraries: list[str]) -> None:
