@@ -78,9 +78,8 @@ def expert_iteration_update(models: Models, optimizers: list, b, generator, worl
 
 
 class Scorer(nn.Module):
-    """The training forward in one module (so DDP/FSDP see a single forward): per-token logprobs of `targets`
-    at the sampling temperature, their entropy, and values from the value head when the model has one.
-    The fused lm_head kernel means the (tokens, vocab) logits never exist in full."""
+    """The training forward as one module, for DDP/FSDP: logprobs of `targets` at the sampling temperature
+    (the (tokens, vocab) logits never exist in full), their entropy, and the value head's values."""
 
     def __init__(self, model: Transformer, temperature: float, chunk: int, probe: bool = False):
         super().__init__()
@@ -112,9 +111,8 @@ class Models:
 def build_models(model_dir: Path, device, dtype: torch.dtype, *, critic: str | None, lora: tuple | None,
                  reference: bool, temperature: float, chunk: int) -> Models:
     """Policy (+ LoRA adapters: lora = (rank, alpha, targets)), frozen reference, critic ("separate", "head",
-    "probe", or None for no critic). What is trained (the policy or its LoRA adapters, value heads, the
-    critic) is held in fp32 master weights; what is frozen (the reference, a LoRA base) stays in `dtype`,
-    which is also the dtype of the activations."""
+    "probe", or None). What is trained keeps fp32 master weights; what is frozen (the reference, a LoRA base)
+    stays in `dtype`, the activations' dtype."""
     policy = Transformer.from_pretrained(model_dir, dtype=dtype, device=device,
                                          value_head=critic in ("head", "probe"))
     if lora:
@@ -149,12 +147,9 @@ def build_optimizers(m: Models, lr: float, critic_lr: float) -> list:
 
 @torch.no_grad()
 def forward_in_chunks(scorer: nn.Module, b, micro: int, want_logprobs=True):
-    """Old logprobs and values with the training forward, not the sampler's numbers.
-
-    Rows go through shortest first, each chunk cut to its own longest row: multi-turn episodes differ in
-    length up to 3x, and padding every chunk to the batch's longest episode would spend most of the time on
-    padding. The padding columns of the result hold arbitrary numbers, as in any padded forward: every use
-    masks them."""
+    """Old logprobs and values with the training forward, not the sampler's numbers. Rows go shortest first,
+    each chunk cut to its longest row: episodes differ in length up to 3x. Padding columns hold arbitrary
+    numbers, as in any padded forward: every use masks them."""
     B, T = b.inputs.shape
     logps = values = None
     for rows in row_lengths(b.mask).argsort().split(micro):
@@ -176,28 +171,22 @@ def used_length(mask: torch.Tensor) -> int:
 
 
 def row_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) action mask -> (B,) columns each row needs: up to its last action token (episodes end on
-    one)."""
+    """(B, T) action mask -> (B,) columns each row needs: up to its last action token."""
     return mask.shape[1] - mask.flip(1).int().argmax(1)
 
 
-def regroup_by_length(micro_batches: list[torch.Tensor], lengths: torch.Tensor,
-                      micro: int) -> list[torch.Tensor]:
-    """The same rows (one minibatch) in micro-batches of similar length, shortest first: the minibatch's
-    gradient is the sum over its rows either way, and one-turn episodes apart from three-turn ones (3x longer)
-    save most of the padding."""
+def regroup_by_length(micro_batches: list[torch.Tensor], lengths: torch.Tensor, micro: int) -> list:
+    """One minibatch's rows in micro-batches of similar length, shortest first: the gradient is the same sum,
+    with far less padding."""
     rows = torch.cat(micro_batches)
     return list(rows[lengths[rows].argsort()].split(micro))
 
 
 def clip_and_step(optimizers: list, max_norm: float, stats: dict | None = None,
                   loss_finite: bool = True) -> bool:
-    """Clip each optimizer's gradient on its own, then step only if every gradient is finite.
-
-    The policy's and the critic's gradients are clipped apart (optimizers[0] is the policy's, [1] the
-    critic's): a fresh value head's gradient is far larger than the policy's, and one joint clip would shrink
-    the policy's step by the critic's norm. A norm is NaN/inf when any of its gradients is, and under FSDP it
-    is reduced across ranks, so every rank takes the same decision. Gradients are cleared either way."""
+    """Clip the policy's (optimizers[0]) and the critic's gradients apart, as a fresh value head's gradient
+    would shrink the policy's step in one joint clip; step only if every norm is finite (under FSDP a norm is
+    reduced across ranks, so all ranks agree). Gradients are cleared either way."""
     norms = [torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
              for opt in optimizers]
     ok = loss_finite and all(bool(torch.isfinite(norm)) for norm in norms)

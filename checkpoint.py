@@ -85,8 +85,7 @@ class MetricsLog:
 
 
 def write_samples(path: Path, episodes: list, tokenizer) -> None:
-    """A few evaluation episodes as text, those with the most turns first: they show the sandbox's
-    feedback."""
+    """A few evaluation episodes as text, those with the most turns (the sandbox's feedback) first."""
     with open(path, "w") as f:
         for ep in sorted(episodes, key=lambda e: -len(e.turns))[:4]:
             f.write(f"=== task {ep.task.task_id}  reward {ep.reward:+.2f}  passed {ep.passed}\n")
@@ -96,11 +95,9 @@ def write_samples(path: Path, episodes: list, tokenizer) -> None:
 def save_checkpoint(out: Path, rank: int, world: int, scorer: nn.Module, critic_scorer: nn.Module | None,
                     optimizers: list, lora: tuple | None, fsdp: bool, trainer_state: dict, tokenizer,
                     sampling: dict) -> None:
-    """checkpoint/policy (a complete HF folder: weights, config, tokenizer, generation_config),
-    checkpoint/critic
-    and checkpoint/trainer.pt (trainer_state, the optimizers, the trained LoRA and head weights, RNG), written
-    into checkpoint.tmp, then renamed. Every rank calls it: under FSDP the models are gathered from the
-    shards, and each rank saves the optimizer state of its own shards."""
+    """checkpoint/policy (a complete HF folder), checkpoint/critic and checkpoint/trainer.pt (trainer_state,
+    optimizers, LoRA and head weights, RNG), written into checkpoint.tmp, then renamed. Every rank calls it:
+    under FSDP the models are gathered from the shards, and each rank saves its shards' optimizer state."""
     policy = whole_model(scorer, rank, fsdp, lora)  # collectives under FSDP
     critic = whole_model(critic_scorer, rank, fsdp, lora)
     final, tmp = out / "checkpoint", out / "checkpoint.tmp"
@@ -153,14 +150,11 @@ def load_weights(path: Path, steps: int, policy: Transformer, critic: Transforme
                           f"({path / 'trainer.pt'}); --steps may only go up")
     if lora:
         policy.load_state_dict(state["lora_and_head"], strict=False)
-    else:
-        saved = Transformer.from_pretrained(path / "policy", dtype=policy.embed_tokens.weight.dtype,
-                                            device=device, value_head=policy.value_head is not None)
-        policy.load_state_dict(saved.state_dict())
-    if critic is not None:
-        saved = Transformer.from_pretrained(path / "critic", dtype=critic.embed_tokens.weight.dtype,
-                                            device=device, value_head=True)
-        critic.load_state_dict(saved.state_dict())
+    for model, folder in ((None if lora else policy, "policy"), (critic, "critic")):
+        if model is not None:
+            saved = Transformer.from_pretrained(path / folder, dtype=model.embed_tokens.weight.dtype,
+                                                device=device, value_head=model.value_head is not None)
+            model.load_state_dict(saved.state_dict())
     return state
 
 
@@ -176,12 +170,11 @@ def load_trainer_state(path: Path, state: dict, optimizers: list, kl_ctl, rank: 
 
 
 def load_optimizer_states(optimizers: list, saved: list | None, file: Path) -> None:
-    """Load each saved optimizer state into its optimizer, after checking that they match: the same number of
-    optimizers (the policy's, then the critic's when the run has one) and of parameters in each group. torch's
-    own load_state_dict checks only the group sizes, with a message that names neither the file nor the
-    cause."""
+    """Load each saved optimizer state into its optimizer, after checking that their numbers of parameters
+    match: torch's own check names neither the file nor the cause."""
     def layout(states):
         return [[len(group["params"]) for group in s["param_groups"]] for s in states]
+
     if saved is None:  # an --fsdp run keeps each rank's optimizer state in optimizer-rank{r}.pt instead
         raise ValueError(f"--resume: {file} holds no optimizer state: the checkpoint was written by an "
                          "--fsdp run; resume with --fsdp")
@@ -195,9 +188,7 @@ def load_optimizer_states(optimizers: list, saved: list | None, file: Path) -> N
         opt.load_state_dict(opt_state)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the console
-
+# -- the console ------------------------------------------------------------------------------------------
 
 def format_step(m: dict, steps: int) -> str:
     parts = [f"step {m['step'] + 1:4d}/{steps}", f"reward {m['reward']:+.3f}", f"pass {m['pass_rate']:.2f}",

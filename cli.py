@@ -71,11 +71,10 @@ def in_range(x: float, rule: str) -> bool:
 
 
 def strict_bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true | false | 1 | 0 | yes | no, got {text!r}")
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true | false | 1 | 0 | yes | no, got {text!r}")
+    return value
 
 
 def flag_help(f: dataclasses.Field, preset: dict, preset_name: str) -> str:

@@ -1,9 +1,7 @@
 """torchrun plumbing for train.py: process group, DDP or FSDP2 wrapping, and the collectives the loop needs.
 
-One process (python train.py) needs none of it: every helper is the identity when world == 1. Under torchrun,
-DDP keeps a replica of the model per rank and all-reduces gradients in backward; FSDP2 (`fully_shard`) shards
-each block's parameters across ranks and gathers them just in time, for models that do not fit on one GPU.
-gloo on CPU lets the tests run two ranks.
+Every helper is the identity when world == 1. DDP keeps a replica of the model per rank; FSDP2 (`fully_shard`)
+shards each block's parameters across ranks, for models that do not fit on one GPU. gloo runs on CPU.
 """
 from __future__ import annotations
 
@@ -17,15 +15,14 @@ from torch import nn
 
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). torchrun sets RANK and WORLD_SIZE; nccl on GPU, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return rank, world, torch.device("cuda", torch.cuda.current_device())
-    return rank, world, torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def wrap(module: nn.Module, world: int, fsdp: bool, dtype: torch.dtype) -> nn.Module:
@@ -54,9 +51,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 @contextmanager
 def full_params(module: nn.Module, fsdp: bool):
-    """Generation calls the model step by step, and ranks stop at different steps. Under FSDP2 every forward
-    would all-gather (a collective that all ranks must join), so gather every shard once, generate locally,
-    then free the gathered copies. DDP and a single process hold full weights already."""
+    """Under FSDP2 every forward all-gathers, a collective that all ranks must join, but ranks stop generating
+    at different steps: so gather every shard once, generate locally, then free the gathered copies."""
     if not fsdp:
         yield
         return
@@ -74,16 +70,14 @@ def full_params(module: nn.Module, fsdp: bool):
 
 
 def full_state_dict(module: nn.Module, rank: int) -> dict | None:
-    """The whole model's state gathered from the FSDP2 shards onto rank 0's CPU (None on the other ranks). A
-    collective: every rank calls it."""
+    """The whole model's state gathered from the FSDP2 shards onto rank 0's CPU (None on the other ranks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return state if rank == 0 else None
 
 
 def no_sync_unless(module: nn.Module | None, sync: bool):
-    """DDP's no_sync for every micro-batch but a minibatch's last: one gradient all-reduce per optimizer
-    step."""
+    """DDP's no_sync but on a minibatch's last micro-batch: one gradient all-reduce per optimizer step."""
     if module is None or sync or not isinstance(module, nn.parallel.DistributedDataParallel):
         return nullcontext()
     return module.no_sync()
@@ -112,8 +106,7 @@ def kept_rows(keep: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def check_replicas_in_sync(model: nn.Module, world: int) -> list[float]:
-    """DDP keeps one replica per rank: after training they must hold the same weights. A cheap checksum per
-    rank, compared on all ranks; a mismatch is a bug worth stopping for. Returns the checksums."""
+    """The checksums of the DDP replicas, which must hold the same weights: a mismatch is a bug."""
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
     sums = gather_objects([checksum], world)
     if len(set(sums)) != 1:

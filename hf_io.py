@@ -1,6 +1,6 @@
-"""Hugging Face's checkpoint format, for model.py: config.json to and from ModelConfig's fields, and
-safetensors weights (one file, or shards and their index) read with every name and shape checked first.
-Errors name the file and the key at fault.
+"""Hugging Face's checkpoint format, for model.py: config.json to and from ModelConfig's fields, and safetensors
+weights (one file, or shards and their index) with every name and shape checked first. Errors name the file
+and the key at fault.
 """
 import json
 from contextlib import contextmanager
@@ -89,8 +89,6 @@ def config_json(fields: dict) -> dict:
 
 
 def read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: not found")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:

@@ -1,9 +1,7 @@
-"""The Llama architecture (Llama 3.x, Qwen2, Qwen3) in plain PyTorch, and sampling from it.
+"""The Llama architecture (Llama 3.x, Qwen2, Qwen3) in plain PyTorch, LoRA, a value head, and sampling.
 
-Weight names mirror Hugging Face's (minus the "model." prefix), so loading a checkpoint is a loop with shape
-checks (the file format is in hf_io.py), and RoPE follows HF's rotate_half layout, so HF's q/k weights load
-without permutation. Also here: LoRA adapters, an optional value head for the critic, and batched KV-cache
-generation for RL rollouts.
+Weight names mirror Hugging Face's (minus "model."), so loading is a loop with shape checks (hf_io.py), and
+RoPE follows HF's rotate_half layout, so HF's q/k weights load without permutation.
 """
 from __future__ import annotations
 
@@ -58,12 +56,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> ModelConfig:
-        """Parses HF's config.json (hf_io.config_fields); what this model would compute differently is
-        refused, naming `source` and the key."""
+        """HF's config.json; what this model would compute differently is refused, naming source and key."""
         return cls(**config_fields(d, source))
 
     def to_hf(self) -> dict:
-        """config.json, as transformers 4.x and 5.x load it."""
         return config_json(asdict(self))
 
 
@@ -147,7 +143,7 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
 
     def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Writes k, v (B, KV, T, hd) at slots start.. and returns the filled prefix (B, KV, start+T, hd)."""
+        """Writes k, v (B, KV, T, hd) at slots start.. -> the filled prefix (B, KV, start+T, hd)."""
         end = start + k.shape[2]
         self.k[:, :, start:end], self.v[:, :, start:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -301,11 +297,9 @@ class Transformer(nn.Module):
             a.kv_cache = batch and KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, w.device)
 
     def mixed_precision_(self, compute_dtype: torch.dtype) -> Transformer:
-        """Mixed-precision training (Micikevicius et al. 2018): trained parameters (requires_grad) become fp32
-        master weights, so their gradients and Adam's state are fp32 too, while frozen ones keep their dtype;
-        the forward computes in compute_dtype, each weight rounded to it where used, as the model in that
-        dtype does. Why: an update of 1e-6 is far below half a bf16 spacing of a typical weight (2^-9
-        relative), so bf16 weights round it away where fp32 ones add it up."""
+        """Mixed precision (Micikevicius et al. 2018): trained parameters become fp32 master weights (and so
+        their gradients and Adam's state), frozen ones keep their dtype, the forward computes in
+        compute_dtype. Why: bf16 weights round an update of 1e-6 away (half a spacing is 2^-9 relative)."""
         for p in self.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -313,8 +307,7 @@ class Transformer(nn.Module):
         return self
 
     def add_lora(self, rank: int, alpha: float, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")):
-        """LoRA adapters on the named projections of every layer; every base weight is frozen (a value head
-        stays trainable: it is new)."""
+        """LoRA adapters on the named projections of every layer; the base is frozen, a value head is not."""
         if rank < 1 or not target_modules or not set(target_modules) <= set(LORA_TARGETS):
             raise ValueError(f"LoRA: need rank >= 1 (got {rank}) and target_modules from {LORA_TARGETS} "
                              f"(got {target_modules})")
@@ -339,10 +332,8 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, value_head: bool = False) -> Transformer:
-        """Loads a HF checkpoint folder (model.safetensors, or shards and their index) in `dtype` (a torch
-        dtype or its name; None: the config's dtype, else fp32). The value head comes from
-        value_head.safetensors, or starts at zero where the folder has none: RLEF's critic starts from the
-        policy."""
+        """A HF checkpoint folder in `dtype` (a torch dtype or its name; None: the config's, else fp32). The
+        value head comes from value_head.safetensors, or starts at 0: RLEF's critic starts from the policy."""
         path = Path(path)
         config = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
         with torch.device("meta"):  # no random init of weights about to be overwritten
@@ -361,10 +352,9 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, tokenizer=None, sampling: dict | None = None):
-        """Writes model.safetensors (LoRA merged) and a config.json that transformers loads; a value head goes
-        to value_head.safetensors. With a tokenizer (tokenizer.Tokenizer) the folder is complete for
-        AutoTokenizer too: its files, and a generation_config.json that stops on every end-of-turn id and
-        samples as `sampling` (e.g. temperature, top_p) says."""
+        """model.safetensors (LoRA merged), config.json and value_head.safetensors. With a tokenizer the
+        folder is complete for AutoTokenizer too, with a generation_config.json that stops on every
+        end-of-turn id and samples as `sampling` (temperature, top_p) says."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_safetensors(self.merged_state_dict(), path / "model.safetensors")
@@ -410,10 +400,17 @@ class Generation:
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_p: float = 1.0, stop_ids=(), pad_id: int = 0, generator: torch.Generator | None = None):
-    """Batched sampling with a static KV cache -> Generation. Prompts are left-padded, so every row writes the
-    same cache slot at each step; positions count real tokens only. A row that samples a stop id leaves the
-    batch, cache rows included, so finished rows cost nothing."""
-    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    """Batched sampling with a static KV cache. Prompts are left-padded, so every row writes the same cache
+    slot at each step; positions count real tokens only. A row that samples a stop id leaves the batch, cache
+    rows included, so finished rows cost nothing."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
+                         f"{max_new_tokens}, {temperature}, {top_p}")
+    bad = [t for p in prompts for t in p if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise ValueError(f"generate: prompt token ids out of range [0, {model.config.vocab_size}): {bad[:5]}")
     device = model.embed_tokens.weight.device
     B, N = len(prompts), max_new_tokens
     prompt, prompt_mask = left_pad(prompts, 0, device)  # the pad value is masked out; 0 is always a valid id
@@ -447,9 +444,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator=None) -> tuple[Tensor, Tensor]:
-    """logits (B, V) -> tokens (B,) and their fp32 logprobs under log_softmax(logits / T), T = 1 when greedy
-    (temperature 0). Top-p (nucleus sampling, Holtzman et al. 2020) only restricts which tokens can be drawn:
-    the logprob is under the whole tempered distribution, which is what PPO recomputes."""
+    """logits (B, V) -> tokens (B,) and their fp32 logprobs under log_softmax(logits / T) (T = 1 if greedy).
+    Top-p (Holtzman et al. 2020) only restricts which tokens can be drawn: the logprob is under the whole
+    tempered distribution, which is what PPO recomputes."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -474,13 +471,3 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Ten
     key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=device)
     return tokens, key_mask
 
-
-def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate: need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
-                         f"{max_new_tokens}, {temperature}, {top_p}")
-    bad = [t for p in prompts for t in p if not 0 <= t < model.config.vocab_size]
-    if bad:
-        raise ValueError(f"generate: prompt token ids out of range [0, {model.config.vocab_size}): {bad[:5]}")

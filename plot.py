@@ -1,10 +1,7 @@
-"""A PNG of a run: training reward, pass rate and KL to the reference per step, with the evaluations.
+"""A PNG of a run's metrics.jsonl: training reward, pass rate and KL to the reference per step, with the
+evaluations. matplotlib is optional: without it `write_plot` says so and returns None.
 
     python plot.py out/metrics.jsonl out/plot.png
-
-matplotlib is optional (the run itself never needs it): without it `write_plot` prints why and returns None.
-Reads the metrics JSONL that train.py writes: {"kind": "train", "step", "reward", "pass_rate", "kl_ref"?} per
-iteration and {"kind": "eval", "step", "pass@1", "1@3"?} per evaluation.
 """
 from __future__ import annotations
 
@@ -17,19 +14,17 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) in file order. A line that is not JSON names the file and line."""
     train, evals = [], []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
         try:
-            record = json.loads(line)
+            record = json.loads(line) if line.strip() else {}
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {number}: not JSON ({e.msg})") from None
         {"train": train, "eval": evals}.get(record.get("kind"), []).append(record)
     return train, evals
 
 
-def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of `key`, skipping records without it or with null (NaN written as null)."""
-    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+def series(records: list[dict], key: str, shift: int = 0) -> tuple[list[int], list[float]]:
+    """(steps + shift, values) of `key`, skipping records without it or with null (NaN written as null)."""
+    points = [(r["step"] + shift, r[key]) for r in records if r.get(key) is not None]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -47,26 +42,20 @@ def write_plot(metrics_jsonl: str | Path, png: str | Path) -> Path | None:
     if not train:
         print(f"plot: no training steps in {metrics_jsonl}, skipping {png}", flush=True)
         return None
-    # train records carry the step index (0-based) of the iteration; an eval at step s ran after s iterations
+    # a train record's step is its iteration's 0-based index; an eval at step s ran after s iterations
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    steps, reward = series(train, "reward")
-    axes[0].plot([s + 1 for s in steps], reward, marker=".", color="tab:blue")
-    axes[0].set_title("episode reward (train)")
-    steps, passed = series(train, "pass_rate")
-    axes[1].plot([s + 1 for s in steps], passed, marker=".", color="tab:blue", label="train episodes")
+    axes[0].plot(*series(train, "reward", 1), marker=".", color="tab:blue")
+    axes[1].plot(*series(train, "pass_rate", 1), marker=".", color="tab:blue", label="train episodes")
     for key, color in (("pass@1", "tab:green"), ("1@3", "tab:orange")):
-        e_steps, values = series(evals, key)
-        if e_steps:
-            axes[1].plot(e_steps, values, marker="o", color=color, label=f"held-out {key}")
+        steps, values = series(evals, key)
+        if steps:  # a run without 1@3 gets no legend entry for it
+            axes[1].plot(steps, values, marker="o", color=color, label=f"held-out {key}")
     axes[1].set_ylim(0, 1)
-    axes[1].set_title("pass rate")
     axes[1].legend(fontsize=8)
-    steps, kl = series(train, "kl_ref")
-    if steps:
-        axes[2].plot([s + 1 for s in steps], kl, marker=".", color="tab:red")
-    axes[2].set_title("KL to the reference (k1, per token)")
-    for ax in axes:
-        ax.set_xlabel("step")
+    axes[2].plot(*series(train, "kl_ref", 1), marker=".", color="tab:red")
+    titles = ("episode reward (train)", "pass rate", "KL to the reference (k1, per token)")
+    for ax, title in zip(axes, titles):
+        ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from kernels import kl_k1, kl_k3  # noqa: F401  (re-exported: ppo.kl_k1, ppo.kl_k3)
+from kernels import kl_k1, kl_k3
 
 KL_PLACEMENTS = ("reward", "loss")
 TOKEN_FIELDS = ("inputs", "targets", "mask", "turn_ids", "old_logprobs", "ref_logprobs", "values",
@@ -98,19 +98,17 @@ class Batch:
         return Batch(**{f.name: cut(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# masked statistics
+# -- masked statistics ------------------------------------------------------------------------------------
 
-
-def _check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> None:
+def _check_mask(mask: Tensor, like: Tensor) -> None:
     if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
     if mask.shape != like.shape:
-        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match {tuple(like.shape)}")
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {tuple(like.shape)}")
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    # torch.where, not x * mask: a NaN/inf at a padding position must not leak into the sum (0 * inf = nan).
+    # torch.where, not x * mask: a NaN/inf at a padding position must not leak into the sum (0 * inf = nan)
     _check_mask(mask, x)
     masked = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     return masked.sum() if dim is None else masked.sum(dim)
@@ -129,16 +127,13 @@ def masked_var(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """Advantage whitening over the mask only: (x - mean) / std, statistics from masked entries. Zero
-    outside."""
+    """(x - mean) / std with the statistics of the masked entries; zero outside the mask."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    return torch.where(mask, whitened, torch.zeros_like(whitened))
+    return torch.where(mask, (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
 def token_mean(x: Tensor, mask: Tensor, normalizer: float | Tensor | None = None) -> Tensor:
-    """Sum of a per-token (B, T) loss over the mask / normalizer (default: this batch's masked token
-    count)."""
+    """Sum of a (B, T) loss over the mask / normalizer (default: the mask's token count)."""
     return masked_sum(x, mask) / (mask.sum().clamp(min=1) if normalizer is None else normalizer)
 
 
@@ -152,26 +147,18 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     return (1.0 - masked_var(returns - values, mask) / var_returns).item()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# KL estimators and controllers (Schulman 2020, "Approximating KL Divergence")
-# k1 = log p - log q and the clamped k3 live in kernels/ (one definition); ppo.kl_k1 / ppo.kl_k3 re-export
-# them.
+# -- KL (k1 and k3 are in kernels/) and its coefficient -------------------------------------------------
 
-
-def kl_stats(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
-    """The k1 KL to the reference per sampled token (kl_ref) and summed over each episode (kl_episode), both
-    averaged over the batch. The adaptive controller steers kl_episode."""
+def kl_stats(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> dict:
+    """k1 to the reference per sampled token (kl_ref) and summed per episode (kl_episode, which the adaptive
+    controller steers), averaged over the batch."""
     kl = kl_k1(logprobs, ref_logprobs)
     return {"kl_ref": float(masked_mean(kl, mask)), "kl_episode": float(masked_sum(kl, mask, dim=1).mean())}
 
 
 def per_turn_mean(x: Tensor, turn_ids: Tensor, num_turns: int) -> Tensor:
     """(B, T) per-token values -> (B, K) mean over the tokens of each turn (0 for turns without tokens).
-
-    With x = kl_k1(logprobs, ref_logprobs) this is RLEF's per-turn KL: the mean log ratio of the turn, i.e.
-    the log of the geometric mean of the per-token ratios, independent of the response length. """
-    if turn_ids.shape != x.shape:
-        raise ValueError(f"turn_ids shape {tuple(turn_ids.shape)} does not match {tuple(x.shape)}")
+    Of k1, this is RLEF's per-turn KL: the log of the geometric mean of the turn's token ratios."""
     if turn_ids.numel() and turn_ids.max().item() >= num_turns:
         raise ValueError(f"turn_ids holds turn {turn_ids.max().item()} but num_turns is {num_turns}")
     is_action = turn_ids >= 0
@@ -183,13 +170,11 @@ def per_turn_mean(x: Tensor, turn_ids: Tensor, num_turns: int) -> Tensor:
 
 
 def split_kl_coef(placement: str, kl_coef: float) -> tuple[float, float]:
-    """Return (coefficient in the reward, coefficient in the loss). The KL term goes in exactly one place:
-    "reward" (k1 subtracted from the reward, PPO-RLHF) or "loss" (k3 added to the loss, GRPO); never both."""
+    """(coefficient in the reward, coefficient in the loss): the KL goes in exactly one place, "reward" (k1
+    subtracted from the reward, PPO-RLHF) or "loss" (k3 added to the loss, GRPO)."""
     if placement not in KL_PLACEMENTS:
         raise ValueError(f"kl_placement must be one of {KL_PLACEMENTS}, got {placement!r}")
-    reward_coef, loss_coef = (kl_coef, 0.0) if placement == "reward" else (0.0, kl_coef)
-    assert reward_coef == 0.0 or loss_coef == 0.0, "KL penalty in both the reward and the loss"
-    return reward_coef, loss_coef
+    return (kl_coef, 0.0) if placement == "reward" else (0.0, kl_coef)
 
 
 class FixedKLController:
@@ -202,52 +187,29 @@ class FixedKLController:
         pass
 
     def state_dict(self) -> dict:
-        return {"value": self.value}
+        return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
+        vars(self).update(state)
 
 
-class AdaptiveKLController:
+class AdaptiveKLController(FixedKLController):
     """Ziegler et al. 2019, section 2.2: steer the observed KL towards a target.
-
-    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
-    KL is per sequence: the k1 estimate summed over an episode's sampled tokens, averaged over episodes, as in
-    Ziegler et al. and TRL (whose default target is 6 nats). n_steps is the number of episodes seen since the
-    last update.
-    """
+        e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
+    KL is per sequence (k1 summed over an episode's sampled tokens, averaged over episodes), as in Ziegler et
+    al. and TRL (whose default target is 6 nats); n_steps is the episodes seen since the last update."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         if target <= 0 or horizon <= 0:
-            raise ValueError(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target}, "
-                             f"{horizon}")
+            raise ValueError(f"AdaptiveKLController: need target, horizon > 0, got {target}, {horizon}")
         self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
 
-    def state_dict(self) -> dict:
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.value, self.target = float(state["value"]), float(state["target"])
-        self.horizon = int(state["horizon"])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# rewards
-
-
-def apply_truncation_penalty(scores: Tensor, truncated: Tensor, penalty: float) -> Tensor:
-    """Subtract a fixed penalty from episodes that hit the length limit without an end token.
-
-    scores (B,) or (B, K); truncated: bool of the same shape (per episode, or per turn)."""
-    if truncated.dtype != torch.bool or truncated.shape != scores.shape:
-        raise ValueError(f"truncated must be a bool tensor shaped like scores {tuple(scores.shape)}, "
-                         f"got {truncated.dtype} {tuple(truncated.shape)}")
-    return scores - penalty * truncated.to(scores.dtype)
-
+# -- rewards ----------------------------------------------------------------------------------------------
 
 def last_true_index(mask: Tensor) -> Tensor:
     """(B, L) bool -> (B,) long: position of the last True of each row. Every row must have one."""
@@ -260,15 +222,9 @@ def last_true_index(mask: Tensor) -> Tensor:
 
 def token_level_rewards(scores: Tensor, action_mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0,
                         turn_ids: Tensor | None = None, turn_rewards: Tensor | None = None) -> Tensor:
-    """(B, T) per-token rewards for token-level GAE (Ziegler et al. 2019; InstructGPT):
-
-    r_t = -kl_coef * kl_t on every action token, plus scores[b] on the episode's last action token, plus
-    turn_rewards[b, k] on the last action token of turn k (needs turn_ids). Zero outside the action mask.
-    kl: (B, T) per-token k1 = logprobs - ref_logprobs.
-    """
-    if action_mask.dtype != torch.bool or action_mask.dim() != 2:
-        raise ValueError(f"action_mask must be a (B, T) bool tensor, got {action_mask.dtype} "
-                         f"{tuple(action_mask.shape)}")
+    """(B, T) per-token rewards for token-level GAE (Ziegler et al. 2019; InstructGPT): r_t = -kl_coef * kl_t
+    (kl: per-token k1) on every action token, plus scores[b] on the episode's last action token, plus
+    turn_rewards[b, k] on the last action token of turn k (needs turn_ids). Zero outside the action mask."""
     B, T = action_mask.shape
     if scores.shape != (B,):
         raise ValueError(f"scores must have shape ({B},), got {tuple(scores.shape)}")
@@ -277,25 +233,11 @@ def token_level_rewards(scores: Tensor, action_mask: Tensor, kl: Tensor | None =
         rewards -= kl_coef * torch.where(action_mask, kl.float(), 0.0)
     rows = torch.arange(B, device=action_mask.device)
     rewards[rows, last_true_index(action_mask)] += scores.float()
-    if turn_rewards is not None:
-        if turn_ids is None:
-            raise ValueError("turn_rewards needs turn_ids to find each turn's last action token")
-        K = turn_rewards.shape[1]
-        for k in range(K):  # K is small (a few turns): a loop reads better than a scatter
-            in_turn = turn_ids == k
-            has_turn = in_turn.any(-1)
-            if has_turn.any():
-                last = torch.where(in_turn, torch.arange(T, device=in_turn.device), -1).max(-1).values
-                rewards[rows[has_turn], last[has_turn]] += turn_rewards[has_turn, k].float()
+    for k in range(0 if turn_rewards is None else turn_rewards.shape[1]):  # a few turns: a loop reads best
+        in_turn = turn_ids == k
+        has = in_turn.any(-1)
+        rewards[rows[has], last_true_index(in_turn[has])] += turn_rewards[has, k].float()
     return rewards
-
-
-def _check_turn_mask(turn_mask: Tensor) -> None:
-    if turn_mask.dtype != torch.bool or turn_mask.dim() != 2:
-        raise ValueError(f"turn_mask must be a (B, K) bool tensor, got {turn_mask.dtype} "
-                         f"{tuple(turn_mask.shape)}")
-    if bool((turn_mask[:, 1:] & ~turn_mask[:, :-1]).any()):
-        raise ValueError("turn_mask must be a prefix per row: turn k exists only if turn k-1 exists")
 
 
 def turn_level_rewards(scores: Tensor, turn_mask: Tensor, turn_kl: Tensor | None = None, kl_coef: float = 0.0,
@@ -303,7 +245,8 @@ def turn_level_rewards(scores: Tensor, turn_mask: Tensor, turn_kl: Tensor | None
     """(B, K) per-turn rewards for RLEF's turn-level GAE: the episode score on the last existing turn,
     minus kl_coef * turn_kl (per_turn_mean of k1) on every turn, plus optional turn_rewards. Zero on
     missing turns."""
-    _check_turn_mask(turn_mask)
+    if bool((turn_mask[:, 1:] & ~turn_mask[:, :-1]).any()):
+        raise ValueError("turn_mask must be a prefix per row: turn k exists only if turn k-1 exists")
     B, K = turn_mask.shape
     if scores.shape != (B,):
         raise ValueError(f"scores must have shape ({B},), got {tuple(scores.shape)}")
@@ -316,20 +259,14 @@ def turn_level_rewards(scores: Tensor, turn_mask: Tensor, turn_kl: Tensor | None
     return torch.where(turn_mask, rewards, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# advantages
-
+# -- advantages -------------------------------------------------------------------------------------------
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16) over the masked steps of each row.
-
-    rewards, values: (B, L); mask (B, L) bool marks the steps (action tokens, or turns). Unmasked positions
-    are skipped, not treated as steps: the recursion runs over the sequence of masked steps, so in a
-    multi-turn episode the first action token after the feedback bootstraps the last action token before it.
-    The step after the last masked one is terminal (value 0).
+    """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16) over the masked steps of each row:
       delta_t = r_t + gamma * V_next - V_t;  A_t = delta_t + gamma * lam * A_next;  return_t = A_t + V_t
-    Returns (advantages, returns), both (B, L) float32 and zero outside the mask. Values are detached.
-    """
+    rewards, values, mask (B, L); the steps are action tokens, or turns. Unmasked positions are skipped, so
+    the first action token after feedback bootstraps the last one before it; after the last step V = 0.
+    Returns (advantages, returns), (B, L) float32, zero outside the mask. Values are detached."""
     _check_mask(mask, rewards)
     if values.shape != rewards.shape:
         raise ValueError(f"values shape {tuple(values.shape)} does not match rewards {tuple(rewards.shape)}")
@@ -347,16 +284,11 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         advantages[:, t] = torch.where(m, adv, 0.0)
         next_value = torch.where(m, values[:, t], next_value)  # unmasked steps carry the bootstrap through
         next_adv = torch.where(m, adv, next_adv)
-    returns = torch.where(mask, advantages + values, 0.0)
-    return advantages, returns
+    return advantages, torch.where(mask, advantages + values, 0.0)
 
 
 def gather_turn_values(values: Tensor, turn_value_index: Tensor, turn_mask: Tensor) -> Tensor:
     """(B, T) critic outputs -> (B, K) turn values read at the last prompt token of each turn (RLEF)."""
-    _check_turn_mask(turn_mask)
-    if turn_value_index.shape != turn_mask.shape:
-        raise ValueError(f"turn_value_index shape {tuple(turn_value_index.shape)} does not match turn_mask "
-                         f"{tuple(turn_mask.shape)}")
     bad = turn_mask & ((turn_value_index < 0) | (turn_value_index >= values.shape[1]))
     if bool(bad.any()):
         raise ValueError(f"turn_value_index out of range [0, {values.shape[1]}) on existing turns")
@@ -367,8 +299,7 @@ def gather_turn_values(values: Tensor, turn_value_index: Tensor, turn_mask: Tens
 def turn_to_tokens(x: Tensor, turn_ids: Tensor) -> Tensor:
     """(B, K) per-turn values -> (B, T): each action token gets its turn's value, non-actions get 0."""
     if turn_ids.numel() and turn_ids.max().item() >= x.shape[1]:
-        raise ValueError(f"turn_ids holds turn {turn_ids.max().item()} but only {x.shape[1]} turns were "
-                         "given")
+        raise ValueError(f"turn_ids holds turn {turn_ids.max().item()}, but there are {x.shape[1]} turns")
     picked = x.gather(1, turn_ids.clamp(min=0))
     return torch.where(turn_ids >= 0, picked, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -376,26 +307,17 @@ def turn_to_tokens(x: Tensor, turn_ids: Tensor) -> Tensor:
 def turn_level_advantages(turn_rewards: Tensor, turn_values: Tensor, turn_mask: Tensor, turn_ids: Tensor,
                           gamma: float, lam: float) -> tuple[Tensor, Tensor, Tensor]:
     """RLEF: GAE over turns (a turn is one action), then every token of a turn shares the turn's advantage.
-
-    turn_rewards, turn_values, turn_mask: (B, K); turn_ids: (B, T).
-    Returns (token_advantages (B, T), turn_advantages (B, K), turn_returns (B, K)); the turn returns are the
-    targets of the turn-level value loss.
-    """
-    _check_turn_mask(turn_mask)
+    turn_*: (B, K), turn_ids (B, T) -> (token advantages (B, T), turn advantages, turn returns (B, K): the
+    turn-level value loss's targets)."""
     turn_adv, turn_ret = gae(turn_rewards, turn_values, turn_mask, gamma, lam)
     return turn_to_tokens(turn_adv, turn_ids), turn_adv, turn_ret
 
 
 def grpo_advantages(scores: Tensor, group_ids: Tensor, scale_by_std: bool = True,
                     eps: float = 1e-6) -> Tensor:
-    """GRPO outcome advantages (Shao et al. 2024, section 4.1.2): (r - mean_group) / (std_group + eps).
-
-    scores (B,); group_ids (B,) long: episodes with the same id are the n samples of one task (any order).
-    std is the unbiased sample std, as torch.std (TRL, verl); a group whose scores are all equal (or a group
-    of one) has advantage exactly 0.
-    scale_by_std=False gives Dr. GRPO (Liu et al. 2025): r - mean_group only.
-    Broadcast to tokens with `scores_to_tokens(adv, action_mask)`.
-    """
+    """GRPO outcome advantages (Shao et al. 2024, section 4.1.2): (r - mean_group) / (std_group + eps), std
+    unbiased as torch.std (TRL, verl); scale_by_std=False is Dr. GRPO (Liu et al. 2025): r - mean_group.
+    scores (B,); group_ids (B,) long: the samples of one task share an id (any order)."""
     if scores.dim() != 1 or group_ids.shape != scores.shape:
         raise ValueError(f"scores and group_ids must both be (B,), got {tuple(scores.shape)}, "
                          f"{tuple(group_ids.shape)}")
@@ -415,11 +337,6 @@ def grpo_advantages(scores: Tensor, group_ids: Tensor, scale_by_std: bool = True
     return torch.where((group_max == group_min)[group], 0.0, advantages)
 
 
-def scores_to_tokens(x: Tensor, action_mask: Tensor) -> Tensor:
-    """(B,) per-episode values -> (B, T) on action tokens, 0 elsewhere."""
-    return torch.where(action_mask, x[:, None].float(), 0.0)
-
-
 def advantages(b: Batch, algo: str, advantage: str, kl_placement: str, kl_coef: float, gamma: float,
                lam: float, truncation_penalty: float) -> tuple[Tensor, Tensor | None, Tensor | None,
                                                                Tensor | None]:
@@ -433,10 +350,10 @@ def advantages(b: Batch, algo: str, advantage: str, kl_placement: str, kl_coef: 
     mask = b.mask
     reward_kl, _ = split_kl_coef(kl_placement, kl_coef)
     kl = kl_k1(b.old_logprobs, b.ref_logprobs) if b.ref_logprobs is not None else None
-    penalty = apply_truncation_penalty(torch.zeros_like(b.rewards), b.truncated, truncation_penalty)
+    penalty = -truncation_penalty * b.truncated.float()  # (B,) on episodes that hit the length limit
     if algo in ("grpo", "dr_grpo"):
         scores = grpo_advantages(b.rewards + penalty, b.groups, scale_by_std=algo == "grpo")
-        return scores_to_tokens(scores, mask), None, None, None
+        return torch.where(mask, scores[:, None], 0.0), None, None, None
     if advantage == "turn":
         turn_kl = per_turn_mean(kl, b.turn_ids, b.turn_mask.shape[1]) if kl is not None else None
         r = turn_level_rewards(penalty, b.turn_mask, turn_kl, reward_kl, b.turn_rewards)
@@ -448,21 +365,15 @@ def advantages(b: Batch, algo: str, advantage: str, kl_placement: str, kl_coef: 
     return masked_whiten(adv, mask), returns, mask, b.values
 
 
-# ----------------------------------------------------------------------------------------------------------
-# losses
-
+# -- losses -----------------------------------------------------------------------------------------------
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                 clip_eps: float = 0.2, normalizer: float | Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
-
     ratio = exp(logp - old_logp);  loss_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))
-    Returns (loss, clipfrac, approx_kl); the last two are detached statistics over the mask:
-    clipfrac = fraction of tokens where the clipped term is the active one,
-    approx_kl = mean((ratio - 1) - log ratio), the k3 estimate of KL(old || new) (CleanRL).
-    """
-    _check_mask(mask, logprobs)
+    Returns (loss, clipfrac, approx_kl), detached statistics: the fraction of tokens where the clipped term
+    is the active one, and mean((ratio - 1) - log ratio), the k3 estimate of KL(old || new) (CleanRL)."""
     # where before exp: garbage at padding must neither overflow nor send NaN gradients through exp.
     log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), 0.0)
     ratio = torch.exp(log_ratio)
@@ -479,13 +390,9 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
                clip_range: float | None = 0.2, normalizer: float | Tensor | None = None
                ) -> tuple[Tensor, Tensor]:
-    """Clipped value loss (OpenAI baselines' PPO2, CleanRL):
-    0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
-
-    Works on tokens (mask = action_mask) or turns (mask = turn_mask). clip_range=None disables clipping.
-    Returns (loss, clipfrac): clipfrac = fraction where the clipped error is the larger one (detached).
-    """
-    _check_mask(mask, values)
+    """Clipped value loss (OpenAI baselines' PPO2, CleanRL), over tokens or turns; clip_range None: no clip.
+    0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)
+    Returns (loss, clipfrac): the fraction where the clipped error is the larger one (detached)."""
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     values = torch.where(mask, values, zero)  # padding garbage must not reach the squares or their gradients
     old_values = torch.where(mask, old_values.detach(), zero)
@@ -503,45 +410,34 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
             normalizer: float | Tensor | None = None) -> Tensor:
-    """KL-in-the-loss (GRPO, Shao et al. 2024 eq. 4): the k3 estimate of KL(pi || pi_ref) over action
-    tokens."""
-    _check_mask(mask, logprobs)
+    """KL in the loss (GRPO, Shao et al. 2024 eq. 4): k3 of KL(pi || pi_ref) over the action tokens."""
     # mask the inputs, not only the output: exp() of garbage at padding would send NaN gradients back.
     logp = torch.where(mask, logprobs, 0.0)
     logq = torch.where(mask, ref_logprobs.detach(), 0.0)
     return token_mean(kl_k3(logp, logq), mask, normalizer)
 
 
-def total_loss(pg_loss: Tensor, vf_loss: Tensor | None = None, kl: Tensor | None = None, *,
-               vf_coef: float = 0.5, kl_coef: float = 0.0) -> Tensor:
-    """PPO eq. 9 without the entropy bonus, plus GRPO's KL term (eq. 3): pg + vf_coef * vf + kl_coef * kl."""
-    loss = pg_loss
-    if vf_loss is not None:
-        loss = loss + vf_coef * vf_loss
-    if kl is not None and kl_coef != 0.0:
-        loss = loss + kl_coef * kl
-    return loss
-
-
 def ppo_loss(b: Batch, logprobs: Tensor, entropy: Tensor, values: Tensor | None, *, clip_eps: float,
              value_clip: float, vf_coef: float, loss_kl: float, n_tokens: int, n_value_steps: int
              ) -> tuple[Tensor, dict]:
-    """One micro-batch's share of the minibatch loss (PPO eq. 9): the clipped policy loss, the clipped value
-    loss when the batch has value targets, and GRPO's k3 KL when the KL is in the loss. `b` is the micro-batch
-    (Batch.select); logprobs, entropy and values are the model's new outputs on it; the sums are divided by
-    the minibatch's action tokens (n_tokens) and value steps (turns or tokens), so that the micro-batches'
-    gradients add up to the minibatch mean's. Returns (loss, statistics)."""
+    """One micro-batch's share of the minibatch loss, PPO eq. 9 without the entropy bonus: the clipped policy
+    loss, + vf_coef * the clipped value loss when the batch has value targets, + loss_kl * GRPO's k3 KL
+    (eq. 3) when the KL is in the loss. `b` is the micro-batch (Batch.select), logprobs, entropy and values
+    the model's new outputs on it. The sums are divided by the minibatch's action tokens (n_tokens) and value
+    steps (turns or tokens): the micro-batches' gradients add up to the minibatch mean's."""
     pg, clipfrac, approx_kl = policy_loss(logprobs, b.old_logprobs, b.advantages, b.mask, clip_eps, n_tokens)
-    kl = kl_loss(logprobs, b.ref_logprobs, b.mask, n_tokens) if loss_kl else None
     stats = {"pg_loss": pg.item(), "clipfrac": clipfrac.item(), "approx_kl": approx_kl.item(),
              "entropy": masked_mean(entropy.detach(), b.mask).item()}
-    vf = None
+    loss = pg
     if b.returns is not None:
         new = gather_turn_values(values, b.turn_value_index, b.turn_mask) if b.turn_level else values
         vf, _ = value_loss(new, b.old_values, b.returns, b.value_mask, value_clip or None,
                            max(n_value_steps, 1))
+        loss = loss + vf_coef * vf
         stats["vf_loss"] = vf.item()
-    return total_loss(pg, vf, kl, vf_coef=vf_coef, kl_coef=loss_kl), stats
+    if loss_kl:
+        loss = loss + loss_kl * kl_loss(logprobs, b.ref_logprobs, b.mask, n_tokens)
+    return loss, stats
 
 
 def rest_em_weights(b: Batch) -> Tensor:
@@ -560,18 +456,13 @@ def rest_em_loss(logprobs: Tensor, weights: Tensor, n_kept: int) -> Tensor:
     return -(logprobs * weights).sum() / n_kept
 
 
-# ----------------------------------------------------------------------------------------------------------
-# minibatches
-
+# -- minibatches ------------------------------------------------------------------------------------------
 
 def minibatches(n: int, minibatch_size: int, micro_batch_size: int, epochs: int,
                 generator: torch.Generator | None = None) -> Iterator[list[Tensor]]:
-    """Several epochs of shuffled minibatches over n episodes (PPO's optimisation phase).
-
-    Yields, per optimizer step, the list of micro-batch index tensors (long) whose gradients are accumulated.
-    Each epoch is a fresh permutation from `generator` (deterministic given its seed); the last minibatch of
-    an epoch and the last micro-batch of a minibatch may be smaller, so no episode is dropped.
-    """
+    """`epochs` shuffled passes over n episodes (PPO's optimisation phase): yields, per optimizer step, the
+    micro-batches' index tensors whose gradients accumulate. The last minibatch of an epoch and the last
+    micro-batch of a minibatch may be smaller: no episode is dropped."""
     if n <= 0 or minibatch_size <= 0 or micro_batch_size <= 0 or epochs <= 0:
         raise ValueError(f"minibatches needs positive n, minibatch_size, micro_batch_size, epochs; got "
                          f"{n}, {minibatch_size}, {micro_batch_size}, {epochs}")

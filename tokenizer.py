@@ -46,12 +46,9 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """A tiktoken encoding, the special ids and the chat format of its model family.
-
-    chat_format: "llama3" (<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>), "chatml"
-    (<|im_start|>role\\ncontent<|im_end|>\\n, Qwen and SmolLM2).
-    bos_id is None for families that use no BOS token (Qwen).
-    """
+    """A tiktoken encoding, the special ids and the chat format of its model family: "llama3"
+    (<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>) or "chatml" (<|im_start|>role\\ncontent
+    <|im_end|>\\n, Qwen and SmolLM2). bos_id is None for families with no BOS token (Qwen)."""
 
     def __init__(self, name: str, pattern: str, ranks: dict[bytes, int], special_tokens: dict[str, int], *,
                  chat_format: str, bos: str | None, eos: str, eot: str, pad: str,
@@ -88,16 +85,13 @@ class Tokenizer:
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "Tokenizer":
-        """A Hugging Face byte-level BPE `tokenizer.json`; see the conversion's comment below. Every added
-        token becomes a special, so encode() never makes one from text; the post_processor is ignored.
-        Chat format: Llama 3's where its header and eot specials exist, else ChatML where <|im_start|> and
-        <|im_end|> do; a file with neither is refused."""
+        """A Hugging Face byte-level BPE `tokenizer.json` (the conversion's comment is below). Every added
+        token becomes a special, so encode() never makes one from text; the post_processor is ignored."""
         return tokenizer_from_json(cls, Path(path))
 
     def save_pretrained(self, path) -> None:
-        """Writes tokenizer.json and tokenizer_config.json (with the chat template), which HF's AutoTokenizer
-        loads and which encode as this tokenizer does: a tokenizer.json is copied, ranks are converted as
-        transformers' TikTokenConverter does (see hf_tokenizer_json)."""
+        """tokenizer.json (copied, or converted from the ranks: hf_tokenizer_json) and tokenizer_config.json
+        with the chat template: AutoTokenizer loads them and encodes as this tokenizer does."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         out = path / "tokenizer.json"
@@ -141,9 +135,8 @@ class Tokenizer:
         return [self.special_tokens["<|im_start|>"]] + self.encode(role + "\n")
 
     def encode_message(self, role: str, content: str) -> list[int]:
-        """One whole turn: header + content + end of turn. llama3 strips the content, as Meta's ChatFormat and
-        the HF template do; chatml encodes "role\\ncontent" as one string, as the HF template renders it (so a
-        leading newline of the content tokenizes alike)."""
+        """Header + content + end of turn. llama3 strips the content, as Meta's ChatFormat and the HF template
+        do; chatml encodes "role\\ncontent" as one string, as the HF template renders it."""
         if self.chat_format == "chatml":
             start = [self.special_tokens["<|im_start|>"]]
             return start + self.encode(f"{role}\n{content}") + self.encode_message_end()
@@ -155,13 +148,11 @@ class Tokenizer:
         return [self.eot_id] + (self.encode("\n") if self.chat_format == "chatml" else [])
 
     def close_turn(self, response: list[int], stopped: bool) -> tuple[list[int], list[int]]:
-        """(actions, context): a sampled assistant response as the template writes its message.
-
-        The template writes the content, then encode_message_end(). A response that stopped ends in one of
-        stop_ids: the model's decision to stop, kept as an action but written as eot_id, the one way the
-        template ends a message (a Llama 3 turn may stop on <|eom_id|> or <|end_of_text|>, a ChatML one on
-        <|endoftext|>). The rest of the closing is context: ChatML's newline, or all of it after a response
-        that the length limit cut off (the model never chose to stop there)."""
+        """(actions, context): a sampled assistant response as the template writes its message. A response
+        that stopped ends in one of stop_ids: the model's decision, kept as an action but written as eot_id,
+        the one way the template ends a message (Llama 3 may also stop on <|eom_id|> or <|end_of_text|>). The
+        rest of encode_message_end() is context: ChatML's newline, or all of it after a response the length
+        limit cut off (the model never chose to stop there)."""
         end = self.encode_message_end()
         if not stopped:
             return list(response), end
@@ -182,8 +173,7 @@ class Tokenizer:
     @functools.cached_property
     def hf_tokenizer_json(self) -> str:
         """These ranks as a tokenizer.json, as transformers' TikTokenConverter writes one: every split of a
-        token into two tokens is a merge, ordered by the token's rank, and ignore_merges makes a whole-piece
-        lookup win as in tiktoken, so the tokenizers library merges as tiktoken does (see the conversion
+        token into two tokens is a merge, ordered by the token's rank, with ignore_merges (see the conversion
         comment). Cached: it takes seconds for Llama 3, and every checkpoint writes it."""
         to_text = bytes_to_unicode()
         text = lambda b: "".join(to_text[x] for x in b)  # noqa: E731
@@ -196,10 +186,8 @@ class Tokenizer:
         post = None if bos is None else {  # BOS before the text, as Meta's Llama 3 tokenizer.json does
             "type": "TemplateProcessing", "single": single, "pair": pair,
             "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}}}
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                      "use_regex": False}
-        split = {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated",
-                 "invert": False}
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+        split = {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False}
         return json.dumps({
             "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
             "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,

@@ -3,11 +3,9 @@ sampled KL estimators k1 and k3.
 
 Two implementations of the same two primitives (logprobs_forward, logprobs_backward) behind one interface:
   backend="auto"   -> Triton for CUDA tensors, the chunked PyTorch path otherwise
-  backend="triton" -> kernels/triton_kernels.py (CPU tensors only under TRITON_INTERPRET=1, set before triton
-                      is imported); triton is imported only when this backend is used
+  backend="triton" -> kernels/triton_kernels.py (on CPU tensors only under TRITON_INTERPRET=1)
   backend="torch"  -> kernels/torch_ref.py
-Logits are bf16/fp16/fp32 (fp64 for gradcheck), targets int64; outputs are fp32 (fp64 for fp64 logits),
-accumulated in fp32 whatever the input dtype.
+Outputs are fp32 (fp64 for fp64 logits, for gradcheck), accumulated in fp32 whatever the input dtype.
 """
 import os
 
@@ -21,10 +19,8 @@ __all__ = ["token_logprobs", "fused_linear_logprobs", "kl_k1", "kl_k3"]
 
 def token_logprobs(logits, targets, temperature=1.0, *, with_entropy=False, backend="auto"):
     """log_softmax(logits / T)[targets] -> (...) fp32; with_entropy also returns H(softmax(logits / T)).
-
-    logits (..., V), targets (...). Differentiable w.r.t. logits: backward recomputes the softmax from the
-    saved log-sum-exp, so no (N, V) fp32 tensor is kept between forward and backward. Logits whose rows are
-    not contiguous (logits[:, :-1]) are copied once."""
+    logits (..., V), targets (...). Backward recomputes the softmax from the saved log-sum-exp: no (N, V) fp32
+    tensor is kept between forward and backward."""
     check_float("logits", logits)
     batch_shape = logits.shape[:-1]
     check_targets(targets, batch_shape, logits.shape[-1], logits.device)
@@ -32,18 +28,13 @@ def token_logprobs(logits, targets, temperature=1.0, *, with_entropy=False, back
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     out = TokenLogprobs.apply(rows, targets.reshape(-1).contiguous(), check_temperature(temperature),
                               bool(with_entropy), pick_backend(backend, logits))
-    if with_entropy:
-        return out[0].view(batch_shape), out[1].view(batch_shape)
-    return out.view(batch_shape)
+    return shaped(out, batch_shape)
 
 
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, with_entropy=False, chunk_size=1024,
                           backend="auto"):
-    """token_logprobs(hidden @ weight.T, targets, T) without ever making the (N, V) logits.
-
-    hidden (..., D), weight (V, D) (the lm_head), targets (...). The logits are made chunk_size tokens at a
-    time, in forward and again in backward (kernels/fused_linear.py); differentiable w.r.t. hidden and weight.
-    """
+    """token_logprobs(hidden @ weight.T, targets, T) without ever making the (N, V) logits: they are made
+    chunk_size tokens at a time, in forward and again in backward. hidden (..., D), weight (V, D)."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -62,9 +53,7 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, with_entr
     out = FusedLinearLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight,
                                     targets.reshape(-1).contiguous(), check_temperature(temperature),
                                     bool(with_entropy), chunk_size, pick_backend(backend, hidden), precompute)
-    if with_entropy:
-        return out[0].view(batch_shape), out[1].view(batch_shape)
-    return out.view(batch_shape)
+    return shaped(out, batch_shape)
 
 
 def kl_k1(logp, logq):
@@ -104,6 +93,11 @@ class TokenLogprobs(torch.autograd.Function):
 
 
 # -- checks and dispatch ----------------------------------------------------------------------------------
+
+def shaped(out, batch_shape):
+    """(N,) results, or (logprobs, entropy), viewed as batch_shape."""
+    return tuple(x.view(batch_shape) for x in out) if isinstance(out, tuple) else out.view(batch_shape)
+
 
 def check_float(name: str, x: torch.Tensor):
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):

@@ -16,25 +16,17 @@ backward runs inside an autocast region too.
 import torch
 
 
-def no_autocast(tensor: torch.Tensor):
-    return torch.autocast(tensor.device.type, enabled=False)
+def no_autocast(fn):
+    def wrapper(ctx, *args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(ctx, *args)
+    return wrapper
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
+    @no_autocast
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size, backend, precompute):
-        with no_autocast(hidden):
-            return FusedLinearLogprobs._forward(ctx, hidden, weight, targets, temperature, with_entropy,
-                                                chunk_size, backend, precompute)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logprobs, grad_entropy=None):
-        with no_autocast(grad_logprobs):
-            return FusedLinearLogprobs._backward(ctx, grad_logprobs, grad_entropy)
-
-    @staticmethod
-    def _forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size, backend, precompute):
         # hidden (N, D), weight (V, D), targets (N,) long
         n = hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -61,7 +53,9 @@ class FusedLinearLogprobs(torch.autograd.Function):
         return (logprobs, entropy) if with_entropy else logprobs
 
     @staticmethod
-    def _backward(ctx, grad_logprobs, grad_entropy):
+    @torch.autograd.function.once_differentiable
+    @no_autocast
+    def backward(ctx, grad_logprobs, grad_entropy=None):
         hidden, weight, targets, lse, entropy, basis = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if basis is not None and not need_weight:

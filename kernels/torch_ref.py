@@ -12,19 +12,10 @@ import torch
 CHUNK_ELEMENTS = 1 << 22  # fp32 elements in one (rows, V) working block: 16 MB, about 32 rows at V = 128256
 
 
-def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _row_chunks(n_rows: int, vocab: int):
     step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n_rows, step):
         yield start, min(start + step, n_rows)
-
-
-def _scaled(rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(R, V) logits -> fresh (R, V) fp32 tensor z = logits / T (never aliases the input)."""
-    return rows.to(_acc_dtype(rows)) / temperature
 
 
 def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
@@ -36,25 +27,20 @@ def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
     return (m + lse_shifted).squeeze(-1)
 
 
-def _entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
-    """H = -sum p log p over the last dim; p = 0 terms (logp = -inf) contribute 0, not nan."""
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, 0.0).sum(-1)
-
-
 def logprobs_forward(logits, targets, temperature: float, with_entropy: bool):
     """logits (N, V), targets (N,) long -> logprobs (N,), entropy (N,) or None, lse (N,) of logits / T."""
     n, vocab = logits.shape
-    acc = _acc_dtype(logits)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logprobs = torch.empty(n, dtype=acc, device=logits.device)
     lse = torch.empty(n, dtype=acc, device=logits.device)
     entropy = torch.empty(n, dtype=acc, device=logits.device) if with_entropy else None
     for s, e in _row_chunks(n, vocab):
-        logp = _scaled(logits[s:e], temperature)                  # (R, V) z = logits / T
+        logp = logits[s:e].to(acc) / temperature                  # (R, V) z = logits / T, a fresh tensor
         lse[s:e] = _log_softmax_(logp)                             # now log p
         logprobs[s:e] = logp.gather(1, targets[s:e, None]).squeeze(1)
-        if with_entropy:
-            entropy[s:e] = _entropy_from_logp(logp)
+        if with_entropy:  # H = -sum p log p, where p = 0 (log p = -inf) adds 0, not nan
+            p = logp.exp()
+            entropy[s:e] = -torch.where(p > 0, p * logp, 0.0).sum(-1)
     return logprobs, entropy, lse
 
 
@@ -70,7 +56,7 @@ def logprobs_backward(logits, targets, temperature, lse, entropy, grad_logprobs,
     n, vocab = logits.shape
     out = torch.empty_like(logits) if out is None else out
     for s, e in _row_chunks(n, vocab):
-        logp = _scaled(logits[s:e], temperature).sub_(lse[s:e, None])   # (R, V) log p
+        logp = (logits[s:e].to(lse.dtype) / temperature).sub_(lse[s:e, None])   # (R, V) log p
         p = logp.exp()
         g = grad_logprobs[s:e, None].to(p.dtype)
         t = targets[s:e, None]

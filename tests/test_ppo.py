@@ -260,9 +260,17 @@ def test_grpo_advantages_hand_computed():
     # independent reference: torch.std on the group
     g0 = scores[groups == 0]
     close(adv[groups == 0], (g0 - g0.mean()) / g0.std())
-    mask = torch.tensor([[T_, T_, F_]] * 8)
-    tok = ppo.scores_to_tokens(adv, mask)
-    close(tok[5], [1.2247449, 1.2247449, 0.0])
+
+
+def test_grpo_advantages_of_a_batch_with_the_truncation_penalty_on_its_action_tokens():
+    b = two_turn_batch(torch.Generator().manual_seed(0))
+    b.rewards, b.groups = torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    b.truncated = torch.tensor([F_, F_, T_, F_])
+    adv, returns, _, _ = ppo.advantages(b, "grpo", "turn", "loss", 0.0, 1.0, 1.0, truncation_penalty=0.5)
+    # group 0: 1, -1 -> mean 0, std sqrt(2): +-0.7071068; group 1: 1 - 0.5, 1 -> mean 0.75, std 0.3535534
+    a = torch.tensor([0.7071068, -0.7071068, -0.7071068, 0.7071068])
+    close(adv, torch.where(b.mask, a[:, None], 0.0), atol=1e-5)
+    assert returns is None
 
 
 # ------------------------------------------------------------------------------------- statistics
@@ -309,11 +317,6 @@ def test_explained_variance():
     assert ppo.explained_variance(values, returns, mask) == pytest.approx(0.85, abs=1e-6)
     assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert math.isnan(ppo.explained_variance(values, torch.ones(5), mask))
-
-
-def test_total_loss_combination():
-    out = ppo.total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0), vf_coef=0.5, kl_coef=0.1)
-    close(out, 1.0 + 0.5 * 2.0 + 0.1 * 4.0)  # 2.4
 
 
 def two_turn_batch(g: torch.Generator) -> ppo.Batch:
@@ -375,7 +378,7 @@ def test_padding_and_feedback_tokens_get_exactly_zero_gradient():
     pg, _, _ = ppo.policy_loss(logprobs, old, adv, mask)
     old_values = torch.where(mask, values.detach() + 0.01, 0.0)
     vf, _ = ppo.value_loss(values, old_values, returns, mask)
-    loss = ppo.total_loss(pg, vf, ppo.kl_loss(logprobs, ref, mask), vf_coef=0.5, kl_coef=0.1)
+    loss = pg + 0.5 * vf + 0.1 * ppo.kl_loss(logprobs, ref, mask)
     assert torch.isfinite(loss) and torch.isfinite(ppo.masked_mean(entropy, mask))
     loss.backward()
     for leaf in (logprobs, values):
@@ -385,14 +388,8 @@ def test_padding_and_feedback_tokens_get_exactly_zero_gradient():
 
 # ------------------------------------------------------------------------------------------- rewards
 
-def test_truncation_penalty_and_token_level_rewards():
-    scores = torch.tensor([1.0, -1.0, 0.5])
-    truncated = torch.tensor([F_, T_, T_])
-    scores = ppo.apply_truncation_penalty(scores, truncated, penalty=0.5)
-    close(scores, [1.0, -1.5, 0.0])  # penalty subtracted only where the length limit was hit
-    with pytest.raises(ValueError, match="truncated"):
-        ppo.apply_truncation_penalty(scores, torch.tensor([1, 0, 0]), 0.5)
-
+def test_token_level_rewards():
+    scores = torch.tensor([1.0, -1.5, 0.0])
     # [prompt, a, a, feedback, a, pad]
     mask = torch.tensor([[F_, T_, T_, F_, T_, F_]] * 3)
     kl = torch.tensor([[GARBAGE, 0.1, -0.2, GARBAGE, 0.3, GARBAGE]] * 3)
