@@ -6,6 +6,7 @@ gradient accumulation, DDP's gradient sync once per optimizer step, and clipping
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,7 @@ def ppo_update(models: Models, optimizers: list, b, generator, world: int = 1, *
     """PPO's optimisation phase: `epochs` passes of shuffled minibatches over the batch (a ppo.Batch with its
     advantages), micro-batches accumulating gradients of ppo.ppo_loss; a NaN/inf loss or gradient skips the
     optimizer step (the weights are untouched)."""
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "grad_norm_policy",
-                             "grad_norm_critic")}
+    stats = defaultdict(list)
     skipped, lengths = 0, row_lengths(b.mask)
     for micro_batches in ppo.minibatches(len(b.mask), minibatch_size, micro_batch_size, epochs, generator):
         micro_batches = regroup_by_length(micro_batches, lengths, micro_batch_size)

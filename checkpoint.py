@@ -39,13 +39,12 @@ def prepare_out_dir(out: Path, config: dict, resume: bool, overwrite: bool, resu
             if name not in resumable and name in saved and saved[name] != value:
                 raise ConfigError(f"--resume: --{name} {value!r} differs from the run's {saved[name]!r} "
                                   f"({saved_file}); only --steps may change")
-    elif any(path for pattern in RUN_OUTPUTS for path in out.glob(pattern)):
+    elif earlier := [path for pattern in RUN_OUTPUTS for path in out.glob(pattern)]:
         if not overwrite:
             raise ConfigError(f"--out_dir {out} holds an earlier run: pass --overwrite to replace it, "
                               "--resume to continue it, or another --out_dir")
-        for pattern in RUN_OUTPUTS:
-            for path in out.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2) + "\n")

@@ -1,6 +1,6 @@
-"""Hugging Face's checkpoint format, for model.py: config.json to and from ModelConfig's fields, and safetensors
-weights (one file, or shards and their index) with every name and shape checked first. Errors name the file
-and the key at fault.
+"""Hugging Face's checkpoint format, for model.py: config.json to and from ModelConfig's fields, and
+safetensors weights (one file, or shards and their index) with every name and shape checked first. Errors
+name the file and the key at fault.
 """
 import json
 from contextlib import contextmanager

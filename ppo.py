@@ -38,7 +38,6 @@ References.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -321,20 +320,14 @@ def grpo_advantages(scores: Tensor, group_ids: Tensor, scale_by_std: bool = True
     if scores.dim() != 1 or group_ids.shape != scores.shape:
         raise ValueError(f"scores and group_ids must both be (B,), got {tuple(scores.shape)}, "
                          f"{tuple(group_ids.shape)}")
-    scores = scores.float()
-    _, group = torch.unique(group_ids, return_inverse=True)  # dense 0..G-1 ids
-    G = int(group.max().item()) + 1
-    zeros = torch.zeros(G, dtype=torch.float32, device=scores.device)
-    count = zeros.scatter_add(0, group, torch.ones_like(scores))
-    mean = zeros.scatter_add(0, group, scores) / count
-    sq_dev = zeros.scatter_add(0, group, (scores - mean[group]) ** 2)
-    std = torch.sqrt(sq_dev / (count - 1).clamp(min=1))
-    centred = scores - mean[group]
-    advantages = centred / (std[group] + eps) if scale_by_std else centred
-    # a group whose samples all scored the same carries no signal: exactly 0 (no rounding noise / eps, no NaN)
-    group_max = torch.full((G,), -math.inf, device=scores.device).scatter_reduce(0, group, scores, "amax")
-    group_min = torch.full((G,), math.inf, device=scores.device).scatter_reduce(0, group, scores, "amin")
-    return torch.where((group_max == group_min)[group], 0.0, advantages)
+    advantages = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
+    for g in group_ids.unique():  # a few groups (tasks): a loop reads better than scatters
+        members = group_ids == g
+        r = scores[members].float()
+        if (r != r[0]).any():  # equal scores (or one sample) carry no signal: exactly 0, not noise / eps
+            centred = r - r.mean()
+            advantages[members] = centred / (r.std() + eps) if scale_by_std else centred
+    return advantages
 
 
 def advantages(b: Batch, algo: str, advantage: str, kl_placement: str, kl_coef: float, gamma: float,

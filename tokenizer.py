@@ -186,8 +186,8 @@ class Tokenizer:
         post = None if bos is None else {  # BOS before the text, as Meta's Llama 3 tokenizer.json does
             "type": "TemplateProcessing", "single": single, "pair": pair,
             "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}}}
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-        split = {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False}
+        byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=False)
+        split = dict(type="Split", pattern={"Regex": LLAMA3_PATTERN}, behavior="Isolated", invert=False)
         return json.dumps({
             "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
             "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,

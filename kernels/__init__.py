@@ -36,7 +36,6 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, with_entr
     """token_logprobs(hidden @ weight.T, targets, T) without ever making the (N, V) logits: they are made
     chunk_size tokens at a time, in forward and again in backward. hidden (..., D), weight (V, D)."""
     check_float("hidden", hidden)
-    check_float("weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"kernels: weight must be (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
@@ -47,12 +46,9 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, with_entr
         raise ValueError(f"kernels: chunk_size must be a positive int, got {chunk_size!r}")
     batch_shape = hidden.shape[:-1]
     check_targets(targets, batch_shape, weight.shape[0], hidden.device)
-    # A frozen lm_head (LoRA) and no entropy: d lp / d hidden is made in forward; backward is one multiply.
-    precompute = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-                  and not with_entropy)
     out = FusedLinearLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight,
                                     targets.reshape(-1).contiguous(), check_temperature(temperature),
-                                    bool(with_entropy), chunk_size, pick_backend(backend, hidden), precompute)
+                                    bool(with_entropy), chunk_size, pick_backend(backend, hidden))
     return shaped(out, batch_shape)
 
 

@@ -1,11 +1,9 @@
 """Chunked pure-PyTorch path: the same two primitives as triton_kernels.py, for CPU (and any device).
 
-Each primitive walks the rows in chunks so that at most one fp32 (rows_per_chunk, V) block, plus a few
-temporaries of that size, exist at a time: 16 MB each at any V. Backward recomputes the softmax of
-each chunk from the saved log-sum-exp instead of keeping the (N, V) probabilities from forward.
-
-All inputs are 2-D row-major (N, V) with rows contiguous; kernels/__init__.py validates and reshapes.
-Accumulation is in fp32 (fp64 when the logits are fp64, so gradcheck can run).
+Each primitive walks the rows in chunks, so that one fp32 (rows, V) block of 16 MB and a few temporaries of
+its size exist at a time. Backward recomputes each chunk's softmax from the saved log-sum-exp. Inputs are 2-D
+(N, V) with contiguous rows (kernels/__init__.py validates and reshapes); accumulation is in fp32 (fp64 for
+fp64 logits, so gradcheck can run).
 """
 import torch
 

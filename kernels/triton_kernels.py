@@ -4,9 +4,7 @@ Forward kernels run one program per row and stream the vocabulary in BLOCK_V blo
 (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"), so a row is read once and nothing of
 size V is written. Backward kernels are fully parallel over (rows x vocabulary blocks) and rebuild p from the
 log-sum-exp saved by forward. Row offsets are int64 (row * stride overflows int32 past 16k rows at V = 128k).
-
-On the CPU these run under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported);
-kernels/__init__.py imports this module only when the Triton backend is chosen.
+On the CPU these run under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported).
 """
 import torch
 import triton

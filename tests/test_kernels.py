@@ -260,8 +260,8 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_linear_frozen_weight_precomputed_grad(backend):
-    # Frozen weight + no entropy takes the forward-precomputed d lp / d hidden path (no backward recompute).
+def test_fused_linear_frozen_weight_grad(backend):
+    # A frozen weight (LoRA's lm_head) with no entropy term: only grad_hidden is made.
     g = torch.Generator().manual_seed(6)
     hidden = torch.randn(13, 8, generator=g, requires_grad=True)
     weight = torch.randn(500, 8, generator=g)
