@@ -434,17 +434,10 @@ def bpe_below_rank(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list
     """tiktoken's BPE on `token` with the ranks below max_rank: merge the lowest-ranked adjacent pair (the
     leftmost on ties) until none is left."""
     parts = [token[i:i + 1] for i in range(len(token))]
-
-    def pair_rank(i):
-        return min(ranks.get(parts[i] + parts[i + 1], max_rank), max_rank)
-
-    pair_ranks = [pair_rank(i) for i in range(len(parts) - 1)]  # only the pairs beside a merge change
-    while pair_ranks and min(pair_ranks) < max_rank:
+    while len(parts) > 1:
+        pair_ranks = [ranks.get(left + right, max_rank) for left, right in zip(parts, parts[1:])]
+        if min(pair_ranks) >= max_rank:
+            break
         i = pair_ranks.index(min(pair_ranks))
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        del pair_ranks[i]
-        if i < len(pair_ranks):
-            pair_ranks[i] = pair_rank(i)
-        if i > 0:
-            pair_ranks[i - 1] = pair_rank(i - 1)
     return parts
