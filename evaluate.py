@@ -3,7 +3,8 @@
 - pass@k: n single-turn samples per task, the unbiased estimator of Chen et al. 2021 (Codex paper, eq. 1).
 - 1@3: RLEF's metric (Gehring et al. 2024): one episode of up to 3 turns with public-test feedback; it counts
   as solved when its final code passes the private tests. Averaged over `episodes` episodes per task.
-- turn-1 vs last-turn pass rate inside those episodes: how much the feedback turns add.
+- turn-1 vs last-turn pass rate inside those episodes: how much the feedback turns add; the repair rate is
+  the share of the episodes failing turn 1 that a later turn solves.
 - fast share: on tasks with a slow and a fast solution, the share of passing programs that are fast (what the
   time reward acts on).
 
@@ -66,6 +67,7 @@ def task_results(worker: RolloutWorker, sampler: Sampler, tasks: list[Task], sam
                         "c": sum(e.passed for e in single[t * samples:(t + 1) * samples]),
                         "episodes": episodes, "final_c": sum(multi[i].passed for i in mine),
                         "turn1_c": sum(turn1_passed(i) for i in mine),
+                        "repaired_c": sum(multi[i].passed and not turn1_passed(i) for i in mine),
                         "turns": sum(len(multi[i].turns) for i in mine), "max_turns": max_turns})
     return records, multi
 
@@ -121,6 +123,8 @@ def summarize(records: list[dict], ks: tuple[int, ...] = (1,)) -> dict:
     one_at = sum(r["final_c"] for r in records) / episodes
     out["1@3" if turns == 3 else f"1@{turns}"] = one_at  # RLEF's 1@3: one submission after up to 3 turns
     out["turn1_pass"] = sum(r["turn1_c"] for r in records) / episodes
+    failed_turn1 = episodes - sum(r["turn1_c"] for r in records)   # the share of these a later turn solved:
+    out["repair_rate"] = sum(r["repaired_c"] for r in records) / failed_turn1 if failed_turn1 else math.nan
     out["mean_turns"] = sum(r["turns"] for r in records) / episodes
     out["tasks"] = len(records)
     return out
@@ -185,7 +189,9 @@ def build_parser() -> Parser:
     sampling.add_argument("--gen_batch_size", type=int, default=32, help="episodes per generate() call")
     sampling.add_argument("--instruction", default=None, help="appended to every task's prompt ('' for the "
                           "tiny preset's checkpoints); default: rollout.INSTRUCTION, as train.py's")
-    sampling.add_argument("--seed", type=int, default=0, help="seeds the sampling (and the synthetic tasks)")
+    sampling.add_argument("--feedback", default="execution", choices=("execution", "uninformative"),
+                          help="uninformative: every failed turn gets one fixed message (RLEF's ablation)")
+    sampling.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     sandbox = ap.add_argument_group("sandbox")
     sandbox.add_argument("--workers", type=int, default=0, help="sandbox processes (0 = one per core)")
     sandbox.add_argument("--timeout", type=float, default=5.0, help="CPU seconds per test")
@@ -253,7 +259,7 @@ def benchmark_tasks(args) -> list[Task]:
     elif args.dataset == "stdio":
         tasks = data.load_stdio_jsonl(args.data_path)
     else:
-        tasks = data.synthetic_tasks("test", args.seed)
+        tasks = data.synthetic_tasks("test")   # the draw train.py evaluates on
     return tasks[:args.limit] if args.limit else tasks
 
 
@@ -297,7 +303,8 @@ def evaluate_policy(args, tasks: list[Task], model, tokenizer, log=print) -> lis
     rollout_cfg = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                 gen_batch_size=args.gen_batch_size,
                                 instruction=INSTRUCTION if args.instruction is None else args.instruction,
-                                max_episode_tokens=model.config.max_position_embeddings)
+                                max_episode_tokens=model.config.max_position_embeddings,
+                                feedback=args.feedback)
     with SandboxPool(args.workers or None, Limits(timeout_s=args.timeout)) as pool, torch.inference_mode():
         worker = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig())  # no time reward: no timing
         return task_results(worker, sampler, tasks, args.samples, args.max_turns, args.episodes,
@@ -315,7 +322,8 @@ def table(metrics: dict, args) -> str:
     rows = [(k, metrics[k], f"{args.samples} single-turn samples per task") for k in metrics
             if k.startswith("pass@")]
     rows += [("turn 1", metrics["turn1_pass"], f"first turn of {args.episodes} episodes per task"),
-             (final, metrics[final], f"final turn of the same episodes (up to {args.max_turns} turns)")]
+             (final, metrics[final], f"final turn of the same episodes (up to {args.max_turns} turns)"),
+             ("repairs", metrics["repair_rate"], "share of the episodes failing turn 1 that a later turn solved")]
     head = f"{args.dataset}: {metrics['tasks']} tasks, temperature {args.temperature}, " \
            f"{metrics['mean_turns']:.2f} turns per episode on average"
     return "\n".join([head] + [f"  {name:>8}  {value:6.3f}  {what}" for name, value, what in rows])

@@ -65,6 +65,8 @@ def extract_code(text: str) -> str | None:
 # ---- Feedback for the next turn, in RLEF's form
 
 NO_CODE_FEEDBACK = "Your answer contained no ```python code block. Give it another try."
+# RLEF's ablation (Gehring et al. 2024): the same turns, with feedback that says nothing about the run
+UNINFORMATIVE_FEEDBACK = "Your code failed a test. Give it another try."
 _STATUS_TEXT = {"timeout": "Execution took too long.", "out_of_memory": "Out of memory.",
                 "output_limit": "The program printed too much output."}
 

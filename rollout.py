@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from data import Task
-from reward import (INVALID, NO_CODE_FEEDBACK, RewardConfig, TimeReward, extract_code, feedback_text,
+from reward import (INVALID, NO_CODE_FEEDBACK, UNINFORMATIVE_FEEDBACK, RewardConfig, TimeReward, extract_code, feedback_text,
                     final_reward)
 from sandbox import RunResult, SandboxPool
 
@@ -57,6 +57,7 @@ class RolloutConfig:
     max_episode_tokens: int = 2048  # prompt, responses and feedback; an episode never exceeds it
     gen_batch_size: int = 16       # episodes per generate() call (micro-batch)
     instruction: str = INSTRUCTION  # appended to every task's prompt (the tiny byte-level demo: a short one)
+    feedback: str = "execution"     # "uninformative": reward.UNINFORMATIVE_FEEDBACK after every failed turn
 
 
 @dataclass
@@ -169,8 +170,8 @@ class RolloutWorker:
         public_passed = turn.code is not None and (turn.public is None or turn.public.passed)
         message = []
         if not (public_passed or last_turn):
-            feedback = NO_CODE_FEEDBACK if turn.code is None else feedback_text(turn.public,
-                                                                               ep.task.public_tests)
+            feedback = UNINFORMATIVE_FEEDBACK if self.cfg.feedback == "uninformative" else \
+                NO_CODE_FEEDBACK if turn.code is None else feedback_text(turn.public, ep.task.public_tests)
             message = tok.encode_message("user", feedback) + tok.encode_header("assistant")
         if not message or not self._room_for_turn(len(ep.tokens) + len(message)):
             ep.done = True

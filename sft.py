@@ -20,7 +20,10 @@ The warm start's demonstrations (`warm_start_examples`):
   choice to act on (RL then shifts the mix; without the time reward nothing favours either);
 - repair demonstrations, the multi-turn format of RLEF: a wrong first answer (the reference with one classic
   bug, or another task's reference), the real sandbox feedback on the public tests, then the right answer.
-  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program.
+  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program;
+- a tests-say task with a reference (synthetic.py) appears only as a repair: a first answer that returns 0 for
+  no numbers, the feedback that shows the value expected, then the reference. A one-turn demonstration would
+  teach guessing the value.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -75,16 +79,6 @@ def next_turn(tokenizer, tokens: list[int], mask: list[bool], user_message: str,
     return with_answer(tokenizer, tokens + context, mask + [False] * len(context), code)
 
 
-def chat_demonstration(tokenizer, exchanges: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
-    """(tokens, loss_mask) of one chat of several tasks, each (user message, code) answered in turn; every
-    answer
-    is trained. Its first exchange is exactly `demonstration`."""
-    tokens, mask = demonstration(tokenizer, *exchanges[0])
-    for user_message, code in exchanges[1:]:
-        tokens, mask = next_turn(tokenizer, tokens, mask, user_message, code)
-    return tokens, mask
-
-
 def repair_demonstration(tokenizer, user_message: str, wrong_code: str, feedback: str,
                          code: str) -> tuple[list[int], list[bool]]:
     """(tokens, loss_mask) of a two-turn episode laid out exactly as rollout.py builds it: task, wrong answer,
@@ -128,25 +122,32 @@ def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: b
     rng = random.Random(seed)
     examples = []
     for t in tasks:
-        if t.reference_solution:
+        if t.reference_solution and "tests_say" not in t.tags:
             code = corpus_copy(t.reference_solution, bug_rate, rng)
             examples.append(demonstration(tokenizer, task_message(t, instruction), code))
         if slow_solutions and t.slow_solution:
             examples.append(demonstration(tokenizer, task_message(t, instruction), t.slow_solution))
-    if repairs:
+    if repairs:   # `repairs` classic repairs, and one per tests-say task with a reference
+        pairs = repair_pairs([t for t in tasks if "tests_say" not in t.tags], repairs, seed) + \
+            tests_say_pairs(tasks)
         if pool is None:
-            raise ValueError("warm_start_examples: repairs > 0 needs a sandbox pool to produce the feedback")
-        for t, wrong, feedback in repairs_with_feedback(tasks, repairs, seed, pool):
+            raise ValueError("warm_start_examples: repair demonstrations need a sandbox pool for the feedback")
+        for t, wrong, feedback in with_feedback(pairs, pool):
             examples.append(repair_demonstration(tokenizer, task_message(t, instruction), wrong, feedback,
                                                  t.reference_solution))
     return examples
 
 
-def repairs_with_feedback(tasks, count: int, seed: int, pool) -> list[tuple[object, str, str]]:
+def tests_say_pairs(tasks) -> list[tuple[object, str]]:
+    """(task, first answer) for each tests-say task with a reference: the reference returning 0 for no
+    numbers, as the other tasks' prompts ask."""
+    return [(t, re.sub(r"default=\d+\)", "default=0)", t.reference_solution)) for t in tasks
+            if "tests_say" in t.tags and t.reference_solution]
+
+
+def with_feedback(pairs, pool) -> list[tuple[object, str, str]]:
     """(task, wrong program, the sandbox's feedback on its public tests) of the warm start's repair
-    demonstrations: `repair_pairs`, less those whose wrong program passes the public tests (no feedback to
-    learn from)."""
-    pairs = repair_pairs(tasks, count, seed)
+    demonstrations, less those whose wrong program passes the public tests (no feedback to learn from)."""
     results = pool.map([(wrong, t.public_tests, t.setup_code) for t, wrong in pairs])
     return [(t, wrong, feedback_text(result, t.public_tests))
             for (t, wrong), result in zip(pairs, results) if not result.passed]
@@ -275,12 +276,13 @@ def save_atomically(state: dict, path: Path) -> None:
 
 def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, batch_size: int, lr: float,
                seed: int, instruction: str, log=print, slow_solutions: bool = True, repairs: int = 0,
-               bug_rate: float = 0.0) -> Path:
+               bug_rate: float = 0.0, shipped: Path | None = None) -> Path:
     """Train a fresh model on demonstrations (`warm_start_examples`) and save it as an HF checkpoint.
 
     Cached: the folder name holds a hash of everything that determines the weights (model config, optimiser
     settings, the tasks, the instruction, the demonstration mix), so a second run with the same settings loads
-    the checkpoint without training, or running the sandbox for the repair feedback, again.
+    the checkpoint without training, or running the sandbox for the repair feedback, again. A folder of that
+    name in `shipped` (the repository's own, made by `python sft.py`) counts as cached.
     """
     from model import Transformer
     from sandbox import Limits, SandboxPool
@@ -292,7 +294,11 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
                 "instruction": instruction, "slow": slow_solutions, "repairs": repairs, "bug_rate": bug_rate,
                 "tasks": tasks_hash, "copies": 1}  # a removed option's value: cached entries stay valid
     key = json.dumps(settings, sort_keys=True)
-    path = Path(out_dir) / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    name = f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if shipped is not None and (shipped / name / "config.json").exists():
+        log(f"warm start: the repository's {shipped / name}")
+        return shipped / name
+    path = Path(out_dir) / name
     if (path / "config.json").exists():
         log(f"warm start: cached checkpoint {path}")
         return path
@@ -336,8 +342,10 @@ def publish_checkpoint(model, path: Path, log=print, tokenizer=None) -> None:
 
 
 # The tiny preset's warm start: a 4-layer model of hidden size 128 trained on every training task's reference,
-# with each classic bug in 30% of the places it fits, plus 128 repair demonstrations.
-TINY = dict(layers=4, hidden=128, lr=3e-3, batch=32, repairs=128, bug_rate=0.3)
+# with each classic bug in 30% of the places it fits, plus 128 repair demonstrations. One warm start serves
+# every run seed (its own seed is fixed), so the repository ships it: `python sft.py` trains it into SHIPPED.
+TINY = dict(layers=4, hidden=128, lr=3e-3, batch=32, repairs=128, bug_rate=0.3, steps=1200, seed=0)
+SHIPPED = Path(__file__).resolve().parent / "weights"
 
 
 def tiny_model_config(tokenizer) -> ModelConfig:
@@ -348,10 +356,27 @@ def tiny_model_config(tokenizer) -> ModelConfig:
                        eos_token_id=tokenizer.eot_id)
 
 
-def tiny_warm_start(cache_dir: Path, tokenizer, tasks, *, steps: int, seed: int, instruction: str,
-                    log=print) -> Path:
-    """The tiny preset's warm-start checkpoint (`warm_start` with the TINY recipe): trained once, then
-    cached."""
+def tiny_warm_start(cache_dir: Path, tokenizer, tasks, *, steps: int, instruction: str, log=print) -> Path:
+    """The tiny preset's warm-start checkpoint (`warm_start` with the TINY recipe): the shipped one when it
+    has the same recipe, else trained once and cached."""
     return warm_start(cache_dir, tokenizer, tasks, tiny_model_config(tokenizer), steps=steps,
-                      batch_size=TINY["batch"], lr=TINY["lr"], seed=seed, instruction=instruction, log=log,
-                      repairs=TINY["repairs"], bug_rate=TINY["bug_rate"])
+                      batch_size=TINY["batch"], lr=TINY["lr"], seed=TINY["seed"], instruction=instruction,
+                      log=log, repairs=TINY["repairs"], bug_rate=TINY["bug_rate"], shipped=SHIPPED)
+
+
+def ship_tiny_warm_start() -> Path:
+    """Train the tiny preset's warm start (the byte-level tokenizer, the synthetic training tasks, no
+    instruction) into SHIPPED, where every `python train.py` finds it. recipe.json beside it says what made
+    it: CPU kernels sum floats in their own order, so only the same torch and kernels retrain it bit for bit."""
+    from synthetic import synthetic_tasks
+    from tokenizer import Tokenizer
+    path = tiny_warm_start(SHIPPED, Tokenizer.byte_level(), synthetic_tasks("train"), steps=TINY["steps"],
+                           instruction="")
+    recipe = {"command": "python sft.py", "recipe": TINY, "torch": torch.__version__,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    (path / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    print(f"shipped: {ship_tiny_warm_start()}")

@@ -28,7 +28,7 @@ from data import Task, Test
 from reward import NO_CODE_FEEDBACK, RewardConfig, feedback_text
 from rollout import RolloutConfig, RolloutWorker, task_message
 from sandbox import SandboxPool
-from sft import chat_demonstration, demonstration, format_answer, repair_demonstration
+from sft import demonstration, format_answer, repair_demonstration
 from tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIALS, Tokenizer
 
 # Meta-Llama-3-8B-Instruct's chat_template, verbatim. (3.1/3.2 add a system header with tool and date lines
@@ -194,11 +194,6 @@ def demonstration_cases(tok: Tokenizer) -> list[Case]:
         {"role": "user", "content": user}, {"role": "assistant", "content": bad},
         {"role": "user", "content": feedback}, {"role": "assistant", "content": answer}]))
     assert [t for t, m in zip(tokens, mask) if m] == trained  # only the right answer
-    tokens, mask = chat_demonstration(tok, [(user, wrong), ("Now write sub(a, b).", code)])
-    cases.append(Case("demonstration", "chat_demonstration", tokens, [
-        {"role": "user", "content": user}, {"role": "assistant", "content": bad},
-        {"role": "user", "content": "Now write sub(a, b)."}, {"role": "assistant", "content": answer}]))
-    assert [t for t, m in zip(tokens, mask) if m] == tok.encode(bad) + [tok.eot_id] + trained
     return cases
 
 

@@ -15,12 +15,14 @@ import pytest
 import torch
 
 import data
+import sft
+from conftest import FULL
 from model import ModelConfig, Transformer
 from plot import read_metrics, write_plot
 from reward import RewardConfig, feedback_text
 from rollout import RolloutConfig, RolloutWorker, task_message
 from sandbox import SandboxPool
-from sft import (chat_demonstration, format_answer, publish_checkpoint, repair_demonstration, repair_pairs,
+from sft import (format_answer, publish_checkpoint, repair_demonstration, repair_pairs,
                  warm_start, warm_start_examples)
 from tokenizer import Tokenizer
 
@@ -58,41 +60,37 @@ def test_repair_demonstration_matches_the_rollout_layout(pool):
 def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
     tok = Tokenizer.byte_level()
     tasks = data.synthetic_tasks("train", 0)
-    with_refs = [t for t in tasks if t.reference_solution]
+    one_turn = [t for t in tasks if t.reference_solution and "tests_say" not in t.tags]
+    tests_say = [t for t in tasks if t.reference_solution and "tests_say" in t.tags]
     slow = [t for t in tasks if t.slow_solution]
-    assert slow, "the synthetic train split has slow/fast tasks"
+    assert slow and tests_say, "the synthetic train split has slow/fast and tests-say tasks"
     plain = warm_start_examples(tok, tasks, "", slow_solutions=False)
     mixed = warm_start_examples(tok, tasks, "", slow_solutions=True)
-    assert len(plain) == len(with_refs) and len(mixed) == len(with_refs) + len(slow)
+    assert len(plain) == len(one_turn) and len(mixed) == len(one_turn) + len(slow)
     trained = {tok.decode([x for x, m in zip(ids, mask) if m]) for ids, mask in mixed}
     assert all(format_answer(t.slow_solution) + "<|eot_id|>" in trained for t in slow)
 
     repaired = warm_start_examples(tok, tasks, "", slow_solutions=False, repairs=8, pool=pool)[len(plain):]
-    assert 1 <= len(repaired) <= 8
+    assert len(tests_say) + 1 <= len(repaired) <= len(tests_say) + 8
     for ids, mask in repaired:
         text = tok.decode(ids)
         assert "Your code failed the following tests:" in text and ("but got" in text or "Error" in text)
         answer = tok.decode([x for x, m in zip(ids, mask) if m])
         assert text.endswith(answer) and text.count("```python") == 2  # only the second answer is trained
+    # a tests-say task is taught only as a repair: 0 for no numbers, the value the feedback shows, then it
+    for task, (ids, mask) in zip(tests_say, repaired[-len(tests_say):]):
+        empty = task.public_tests[-1].expected
+        answer = tok.decode([x for x, m in zip(ids, mask) if m])
+        assert answer == format_answer(task.reference_solution) + "<|eot_id|>"
+        assert f"Expected output '{empty}' but got '0'" in tok.decode(ids)
+        assert tok.decode(ids).count("default=0)") == 1 and f"default={empty})" in answer
     with pytest.raises(ValueError, match="sandbox pool"):
         warm_start_examples(tok, tasks, "", repairs=4)
 
 
-def test_chat_demonstration_is_the_chat_template_of_two_tasks_with_both_answers_trained():
-    tok = Tokenizer.byte_level()
-    first, second = data.synthetic_tasks("train", 0)[:2]
-    a, b = format_answer(first.reference_solution), format_answer(second.reference_solution)
-    tokens, mask = chat_demonstration(tok, [(first.prompt, first.reference_solution),
-                                            (second.prompt, second.reference_solution)])
-    prompt = tok.encode_dialog_prompt([{"role": "user", "content": first.prompt},
-                                       {"role": "assistant", "content": a},
-                                       {"role": "user", "content": second.prompt}])
-    assert tokens == prompt + tok.encode(b) + [tok.eot_id]
-    assert tok.decode([t for t, m in zip(tokens, mask) if m]) == f"{a}<|eot_id|>{b}<|eot_id|>"
-
-
 def test_repair_pairs_without_a_classic_bug_use_another_task_of_the_same_signature():
-    tasks = [t for t in data.synthetic_tasks("train", 0) if not data.bug_sites(t.reference_solution)]
+    tasks = [t for t in data.synthetic_tasks("train", 0)
+             if "tests_say" not in t.tags and not data.bug_sites(t.reference_solution)]
     pairs = repair_pairs(tasks, 40, seed=1)
     assert len(pairs) >= 20
     for task, wrong in pairs:
@@ -118,6 +116,59 @@ def test_warm_start_is_cached(tmp_path):
     assert other != first
     # the name these settings have had since the cache began: removing an option must not retrain old caches
     assert first.name == "warmstart-90fee3456467"
+
+
+def test_the_repository_ships_the_default_runs_warm_start(tmp_path, monkeypatch):
+    """`python train.py` finds its warm start in sft.SHIPPED without training. The folder's name is the hash of
+    the recipe (model config, optimiser settings, tasks, demonstration mix), so a change to any of them fails
+    here until `python sft.py` ships the new one."""
+    import train
+
+    def stale(*args, **kwargs):
+        raise AssertionError("the shipped warm start is not the recipe's: run `python sft.py`")
+    monkeypatch.setattr(sft, "train_sft", stale)
+    monkeypatch.setattr(sft, "warm_start_examples", lambda *args, **kwargs: [])   # no sandbox work to fail
+    cfg = train.parse_config(["--cache_dir", str(tmp_path)])
+    tokenizer = train.load_tokenizer(cfg)
+    path = train.tiny_warm_start(cfg, tokenizer, train.load_tasks(cfg)[0])
+    assert path.parent == sft.SHIPPED and not any(tmp_path.iterdir())
+    recipe = json.loads((path / "recipe.json").read_text())
+    assert recipe["recipe"] == sft.TINY and recipe["command"] == "python sft.py"
+    model = Transformer.from_pretrained(path)
+    assert model.config == sft.tiny_model_config(tokenizer)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000   # about 3 MB in float32
+
+
+@pytest.mark.slow
+@FULL   # 12 to 25 minutes on 2 cores: opt-in (NANORLEF_FULL=1)
+def test_the_warm_start_recipe_reproduces_the_shipped_one(tmp_path, pool):
+    """Retrained by its recipe, the warm start is the shipped one bit for bit under the torch version and CPU
+    kernels that made it (recipe.json); under others, its held-out pass@1 is within 10 points of the shipped
+    one's (16 samples per task, one sampler seed for both)."""
+    import train
+    cfg = train.parse_config(["--cache_dir", str(tmp_path)])
+    tokenizer, (tasks, held_out) = train.load_tokenizer(cfg), train.load_tasks(cfg)
+    shipped = train.tiny_warm_start(cfg, tokenizer, tasks)
+    retrained = sft.warm_start(tmp_path, tokenizer, tasks, sft.tiny_model_config(tokenizer), steps=sft.TINY["steps"],
+                               batch_size=sft.TINY["batch"], lr=sft.TINY["lr"], seed=sft.TINY["seed"],
+                               instruction="", repairs=sft.TINY["repairs"], bug_rate=sft.TINY["bug_rate"])
+    assert retrained.name == shipped.name and retrained.parent == tmp_path
+    a, b = Transformer.from_pretrained(shipped), Transformer.from_pretrained(retrained)
+    recipe = json.loads((shipped / "recipe.json").read_text())
+    if (recipe["torch"], recipe["cpu_capability"]) == (torch.__version__, torch.backends.cpu.get_cpu_capability()):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+        return
+    from evaluate import summarize, task_results
+    from rollout import model_sampler
+    worker = RolloutWorker(tokenizer, pool, RolloutConfig(max_new_tokens=112, instruction="", gen_batch_size=64),
+                           RewardConfig())
+    rates = []
+    for model in (a, b):
+        sampler = model_sampler(model, tokenizer, 112, 1.0, 1.0, torch.Generator().manual_seed(12345))
+        records, _ = task_results(worker, sampler, held_out, samples=16, max_turns=1)
+        rates.append(summarize(records)["pass@1"])
+    assert abs(rates[0] - rates[1]) <= 0.10, rates
 
 
 def test_two_runs_saving_one_warm_start_both_use_a_whole_checkpoint(tmp_path):

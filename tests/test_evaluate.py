@@ -153,6 +153,9 @@ def test_task_results_and_summarize_count_scripted_verdicts(tok, pool):
     assert "pass@5" not in m                                       # k above the samples per task: no estimate
     assert m["1@3"] == pytest.approx(10 / 14)
     assert m["turn1_pass"] == pytest.approx(6 / 14)
+    # repairs by hand: a's and d's second episodes, both of b's; f's turn 1 already passed the private tests
+    assert [r["repaired_c"] for r in records] == [1, 2, 0, 1, 0, 0, 0]
+    assert m["repair_rate"] == pytest.approx(4 / (14 - 6))
     assert m["mean_turns"] == pytest.approx(28 / 14)
     assert m["tasks"] == 7
     # records from several ranks merge by concatenation: the same metrics whatever the split

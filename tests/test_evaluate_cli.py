@@ -143,11 +143,11 @@ def test_evaluates_a_checkpoint_with_its_own_tokenizer(llama3_model, tmp_path):
     # a random model writes no code block: every episode goes to its third turn, nothing passes
     counts = [(r["n"], r["c"], r["episodes"], r["final_c"], r["turns"]) for r in out["per_task"]]
     assert counts == [(2, 0, 2, 0, 6)] * 2
-    assert out["metrics"] == {"pass@1": 0.0, "pass@2": 0.0, "1@3": 0.0, "turn1_pass": 0.0, "mean_turns": 3.0,
-                              "tasks": 2}
+    assert out["metrics"] == {"pass@1": 0.0, "pass@2": 0.0, "1@3": 0.0, "turn1_pass": 0.0, "repair_rate": 0.0,
+                              "mean_turns": 3.0, "tasks": 2}
     table = result.stdout.splitlines()
     assert table[0] == "humaneval: 2 tasks, temperature 1.0, 3.00 turns per episode on average"
-    assert [line.split()[0] for line in table[1:5]] == ["pass@1", "pass@2", "turn", "1@3"]
+    assert [line.split()[0] for line in table[1:6]] == ["pass@1", "pass@2", "turn", "1@3", "repairs"]
     assert table[-1] == f"result: {out['args']['out']}"
 
 

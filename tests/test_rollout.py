@@ -2,7 +2,7 @@
 import pytest
 
 from data import Task, Test
-from reward import RewardConfig, feedback_text
+from reward import UNINFORMATIVE_FEEDBACK, RewardConfig, feedback_text
 from rollout import INSTRUCTION, NO_CODE_FEEDBACK, RolloutConfig, RolloutWorker, collate, task_message
 from sandbox import SandboxPool
 from tokenizer import Tokenizer
@@ -75,6 +75,21 @@ def test_three_turn_episode_exact_tokens_masks_feedback_rewards(pool):
     assert [turn_ids[i] for i in range(len(mask)) if mask[i]] == [0] * len(r1) + [1] * len(r2) + [2] * len(r3)
     assert all(t == -1 for t, m in zip(turn_ids, mask) if not m)
     assert batch["turn_rewards"][0].tolist() == pytest.approx([0.0, -0.2, 1.0])
+
+
+def test_uninformative_feedback_replaces_every_feedback_message_and_nothing_else(pool):
+    """RLEF's ablation: the same three turns, each failed turn followed by one fixed message, whatever failed
+    (a wrong answer or no code); the verdicts and rewards are those of the informative run."""
+    tok = Tokenizer.byte_level()
+    cfg = RolloutConfig(max_turns=3, max_new_tokens=64, feedback="uninformative")
+    sampler, _ = scripted(tok, [WRONG, NO_CODE, RIGHT])
+    [ep] = RolloutWorker(tok, pool, cfg, RewardConfig()).run(sampler, [TASK])
+    fixed = tok.encode_message("user", UNINFORMATIVE_FEEDBACK) + tok.encode_header("assistant")
+    prompt = tok.encode_dialog_prompt([{"role": "user", "content": task_message(TASK)}])
+    answers = [tok.encode(text) + [tok.eot_id] for text in (WRONG, NO_CODE, RIGHT)]
+    assert ep.tokens == prompt + answers[0] + fixed + answers[1] + fixed + answers[2]
+    assert [t.reward for t in ep.turns] == [0.0, pytest.approx(-0.2), 1.0] and ep.private.passed
+    assert "Expected output" not in tok.decode(ep.tokens) and "add(1, 2)" not in tok.decode(ep.tokens)
 
 
 def test_episode_ends_when_public_tests_pass_and_private_tests_decide(pool):
