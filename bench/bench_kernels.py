@@ -1,6 +1,6 @@
-"""Selected-token logprobs + backward at Llama 3 scale: naive PyTorch vs chunked vs fused-linear.
+"""Selected-token logprobs + backward at Llama 3 scale: naive PyTorch vs the fused lm_head path.
 
-    python bench/bench_kernels.py            # CPU part (fp32, ~5 min on 2 cores, ~10 GB RAM), then GPU if CUDA
+    python bench/bench_kernels.py            # CPU part (fp32, ~12 min on 2 cores, ~10 GB RAM), then GPU
     python bench/bench_kernels.py --quick    # smaller shapes, to check the script itself
 
 CPU: each case runs in a fresh subprocess so its peak RSS (getrusage ru_maxrss, the kernel's high-water mark)
@@ -11,9 +11,11 @@ grad_weight (V, D) (1.05 GB at this shape), which no method can avoid, so the ta
 gradients cost, which is what the kernels are about. Cases: weight trained (full fine-tune) and weight
 frozen (LoRA: lm_head is frozen, only grad_hidden is needed).
 
-GPU: triton.testing.do_bench in bf16 on (N, V) logits, as a fraction of the bandwidth floor: bytes that must
-move (logits read in forward, read again in backward, gradient written) / time, against a measured
-device-to-device copy bandwidth; and the naive torch path for comparison.
+GPU: the two primitives the fused path calls on each chunk of logits (forward, then the gradient written
+over the logits, as fused_linear.py does), timed with triton.testing.do_bench in bf16 on (N, V) logits, as a
+fraction of the bandwidth floor: bytes that must move (logits read in forward, read again in backward,
+gradient written) / time, against a measured device-to-device copy bandwidth; and the naive torch path for
+comparison.
 """
 import argparse
 import json
@@ -38,10 +40,6 @@ def naive_logprobs(hidden, weight, targets):
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def chunked_logprobs(hidden, weight, targets):
-    return kernels.token_logprobs(hidden @ weight.T, targets, backend="torch")
-
-
 def make_fused(chunk_size):
     def fused_logprobs(hidden, weight, targets):
         return kernels.fused_linear_logprobs(hidden, weight, targets, chunk_size=chunk_size)
@@ -55,7 +53,7 @@ def run_case(method, n, d, vocab, train_weight, chunk_size):
     weight = torch.randn(vocab, d).mul_(d ** -0.5).requires_grad_(train_weight)   # in place: no freed temp
     targets = torch.randint(0, vocab, (n,))
     upstream = torch.randn(n)
-    fn = {"naive": naive_logprobs, "chunked": chunked_logprobs, "fused": make_fused(chunk_size)}[method]
+    fn = {"naive": naive_logprobs, "fused": make_fused(chunk_size)}[method]
     baseline = psutil.Process().memory_info().rss
     start = time.perf_counter()
     lp = fn(hidden, weight, targets)
@@ -76,7 +74,7 @@ def cpu_benchmark(n, d, vocab, chunk_size):
         print(f"\n-- lm_head weight {'trained' if train_weight else 'frozen (LoRA)'}")
         print(header)
         base = None
-        for method in ("naive", "chunked", "fused"):
+        for method in ("naive", "fused"):
             cmd = [sys.executable, __file__, "--child", method, "--shape", str(n), str(d), str(vocab),
                    "--chunk-size", str(chunk_size)] + ([] if train_weight else ["--frozen-weight"])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -111,15 +109,26 @@ def gpu_benchmark(n, vocab):
             (fn() * upstream).sum().backward()
         return run
 
+    def primitives(backend, with_entropy):
+        # The fused path writes the gradient over its chunk of logits; here into a buffer of the same size,
+        # so that the logits stay the same from one repeat to the next.
+        backend, grad = kernels.pick_backend(backend, logits), torch.empty_like(logits)
+
+        @torch.no_grad()
+        def run():
+            lp, entropy, lse = backend.logprobs_forward(logits, targets, 1.0, with_entropy)
+            backend.logprobs_backward(logits, targets, 1.0, lse, entropy, upstream,
+                                      upstream if with_entropy else None, out=grad)
+        return run
+
     cases = {
-        "naive torch": lambda: torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1),
-        "triton": lambda: kernels.token_logprobs(logits, targets, backend="triton"),
-        "triton + entropy": lambda: sum(kernels.token_logprobs(logits, targets, with_entropy=True,
-                                                               backend="triton")),
-        "chunked torch": lambda: kernels.token_logprobs(logits, targets, backend="torch"),
+        "naive torch": step(lambda: torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]),
+        "triton": primitives("triton", False),
+        "triton + entropy": primitives("triton", True),
+        "chunked torch": primitives("torch", False),
     }
-    for name, fn in cases.items():
-        ms = do_bench(step(fn))
+    for name, run in cases.items():
+        ms = do_bench(run)
         print(f"{name:20s} {ms:8.2f} ms   {floor_bytes / (ms * 1e-3) / copy_bw:6.1%} of the bandwidth floor")
 
 
@@ -127,7 +136,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="512 tokens, hidden 256, vocab 32000")
     ap.add_argument("--chunk-size", type=int, default=256, help="tokens per fused chunk")
-    ap.add_argument("--child", choices=["naive", "chunked", "fused"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["naive", "fused"], help=argparse.SUPPRESS)
     ap.add_argument("--shape", nargs=3, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--frozen-weight", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

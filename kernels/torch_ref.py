@@ -1,9 +1,9 @@
 """Chunked pure-PyTorch path: the same two primitives as triton_kernels.py, for CPU (and any device).
 
 Each primitive walks the rows in chunks, so that one fp32 (rows, V) block of 16 MB and a few temporaries of
-its size exist at a time. Backward recomputes each chunk's softmax from the saved log-sum-exp. Inputs are 2-D
-(N, V) with contiguous rows (kernels/__init__.py validates and reshapes); accumulation is in fp32 (fp64 for
-fp64 logits, so gradcheck can run).
+its size exist at a time. Backward recomputes each chunk's softmax from the saved log-sum-exp. The inputs are
+one contiguous (N, V) chunk of logits from fused_linear.py; accumulation is in fp32 (fp64 for fp64 logits, so
+gradcheck can run).
 """
 import torch
 
@@ -42,7 +42,7 @@ def logprobs_forward(logits, targets, temperature: float, with_entropy: bool):
     return logprobs, entropy, lse
 
 
-def logprobs_backward(logits, targets, temperature, lse, entropy, grad_logprobs, grad_entropy, out=None):
+def logprobs_backward(logits, targets, temperature, lse, entropy, grad_logprobs, grad_entropy, out):
     """Gradient w.r.t. the logits, written into `out` (N, V) in the logits dtype (may be `logits` itself).
 
     With z = logits / T, p = softmax(z), lp_t = log p_t and H = -sum p log p:
@@ -52,7 +52,6 @@ def logprobs_backward(logits, targets, temperature, lse, entropy, grad_logprobs,
     keeps its digits when p_t -> 1 (1 - p_t would cancel), and only then rounded to the logits dtype.
     """
     n, vocab = logits.shape
-    out = torch.empty_like(logits) if out is None else out
     for s, e in _row_chunks(n, vocab):
         logp = (logits[s:e].to(lse.dtype) / temperature).sub_(lse[s:e, None])   # (R, V) log p
         p = logp.exp()

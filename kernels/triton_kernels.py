@@ -104,9 +104,8 @@ def logprobs_forward(logits, targets, temperature: float, with_entropy: bool):
     return logprobs, entropy, lse
 
 
-def logprobs_backward(logits, targets, temperature, lse, entropy, grad_logprobs, grad_entropy, out=None):
+def logprobs_backward(logits, targets, temperature, lse, entropy, grad_logprobs, grad_entropy, out):
     n, vocab = logits.shape
-    out = torch.empty_like(logits) if out is None else out
     with_entropy = entropy is not None
     block = _block(vocab)
     if n:

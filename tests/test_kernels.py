@@ -1,5 +1,6 @@
-"""kernels/: both backends against a float64 autograd reference (Triton runs under TRITON_INTERPRET=1, set by
-conftest.py before triton is imported, so shapes for the Triton path stay small)."""
+"""kernels/: the fused lm_head + logprob path, and the two primitives it calls on each chunk of logits in
+both backends, against a float64 autograd reference (Triton runs under TRITON_INTERPRET=1, set by conftest.py
+before triton is imported, so shapes for the Triton path stay small)."""
 import math
 
 import pytest
@@ -24,10 +25,14 @@ def reference(logits, targets, temperature, grad_lp, grad_ent):
 
 
 def run(logits, targets, temperature, grad_lp, grad_ent, backend):
-    x = logits.detach().clone().requires_grad_()
-    lp, ent = kernels.token_logprobs(x, targets, temperature, with_entropy=True, backend=backend)
-    ((lp * grad_lp).sum() + (ent * grad_ent).sum()).backward()
-    return lp, ent, x.grad
+    """The backend's primitives as fused_linear.py calls them on a chunk: logprobs, entropy, then the gradient
+    of sum g_lp lp + g_ent H written over the logits (here a copy)."""
+    primitives = kernels.pick_backend(backend, logits)
+    lp, ent, lse = primitives.logprobs_forward(logits, targets, temperature, True)
+    x = logits.clone()
+    grad = primitives.logprobs_backward(x, targets, temperature, lse, ent, grad_lp, grad_ent, out=x)
+    assert grad.data_ptr() == x.data_ptr()
+    return lp, ent, grad
 
 
 def random_case(n, vocab, dtype, seed, scale=3.0):
@@ -109,42 +114,33 @@ def test_torch_path_really_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_noncontiguous_and_batched_logits(backend):
-    # logits[:, :-1] of a (B, T, V) tensor is the usual PPO slice: not contiguous; handled by one copy.
-    full = torch.randn(2, 5, 40, requires_grad=True)
+def test_noncontiguous_and_batched_hidden(backend):
+    # hidden[:, :-1] of a (B, T, D) tensor is the usual slice before the lm_head: not contiguous.
+    full = torch.randn(2, 5, 6, requires_grad=True)
+    weight = torch.randn(40, 6)
     targets = torch.randint(0, 40, (2, 4))
-    lp = kernels.token_logprobs(full[:, :-1], targets, 0.7, backend=backend)
+    lp = kernels.fused_linear_logprobs(full[:, :-1], weight, targets, 0.7, chunk_size=3, backend=backend)
     assert lp.shape == (2, 4)
     lp.sum().backward()
-    ref = torch.log_softmax(full.detach()[:, :-1].double() / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+    logits = full.detach()[:, :-1].double() @ weight.double().T
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-6)
     assert (full.grad[:, -1] == 0).all() and full.grad[:, :-1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_fp64(backend):
-    # The Triton kernels accumulate in fp64 for fp64 logits (ACC_DTYPE constexpr), so gradcheck runs on both.
-    # Each interpreted Triton launch costs ~10 ms, so its shape is smaller and gradcheck uses random
-    # projections.
-    n, vocab, fast = (3, 37, False) if backend == "torch" else (2, 9, True)
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(n, vocab, dtype=torch.float64, generator=g, requires_grad=True)
+def test_gradcheck_fused_linear_fp64(backend):
+    # The Triton kernels accumulate in fp64 for fp64 inputs (ACC_DTYPE constexpr), so gradcheck runs on both.
+    # Each interpreted Triton launch costs ~10 ms: its shape is smaller.
+    n, d, vocab = (5, 4, 11) if backend == "torch" else (3, 2, 9)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, d, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.randint(0, vocab, (n,), generator=g)
 
-    def lp_and_entropy(x):
-        return kernels.token_logprobs(x, targets, 0.8, with_entropy=True, backend=backend)
-
-    assert torch.autograd.gradcheck(lp_and_entropy, (logits,), fast_mode=fast)
-
-
-def test_gradcheck_fused_linear_fp64():
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    weight = torch.randn(11, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    targets = torch.randint(0, 11, (5,), generator=g)
-
     def fused(h, w):
-        return kernels.fused_linear_logprobs(h, w, targets, 0.9, with_entropy=True, chunk_size=2)
+        return kernels.fused_linear_logprobs(h, w, targets, 0.9, with_entropy=True, chunk_size=2,
+                                             backend=backend)
 
     assert torch.autograd.gradcheck(fused, (hidden, weight))
 
@@ -204,7 +200,7 @@ def test_fused_linear_frozen_weight_and_bf16():
     targets = torch.randint(0, 300, (2, 9), generator=g)
     lp = kernels.fused_linear_logprobs(hidden, weight, targets, chunk_size=5)
     lp.sum().backward()
-    ref = kernels.token_logprobs((hidden.detach() @ weight.T).requires_grad_(), targets)
+    ref = torch.log_softmax((hidden.detach() @ weight.T).float(), -1).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
     h64 = hidden.detach().double().requires_grad_()
     torch.log_softmax(h64 @ weight.double().T, -1).gather(-1, targets[..., None]).sum().backward()
@@ -231,32 +227,34 @@ def test_sampled_kl_estimators():
 
 
 def test_bad_inputs_raise_clear_errors(monkeypatch):
-    logits = torch.randn(4, 10)
+    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
     targets = torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="targets shape"):
-        kernels.token_logprobs(logits, targets[:3])
+        kernels.fused_linear_logprobs(hidden, weight, targets[:3])
     with pytest.raises(IndexError, match=r"\[0, 10\)"):
-        kernels.token_logprobs(logits, torch.tensor([0, 1, 2, 10]))
+        kernels.fused_linear_logprobs(hidden, weight, torch.tensor([0, 1, 2, 10]))
     with pytest.raises(IndexError, match="min -1"):
-        kernels.token_logprobs(logits, torch.tensor([0, -1, 2, 3]))
+        kernels.fused_linear_logprobs(hidden, weight, torch.tensor([0, -1, 2, 3]))
     for bad_t in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature"):
-            kernels.token_logprobs(logits, targets, bad_t)
+            kernels.fused_linear_logprobs(hidden, weight, targets, bad_t)
     with pytest.raises(TypeError, match="int64"):
-        kernels.token_logprobs(logits, targets.int())
+        kernels.fused_linear_logprobs(hidden, weight, targets.int())
     with pytest.raises(TypeError, match="bf16/fp16/fp32"):
-        kernels.token_logprobs(torch.ones(4, 10, dtype=torch.int64), targets)
+        kernels.fused_linear_logprobs(torch.ones(4, 8, dtype=torch.int64), weight.long(), targets)
+    with pytest.raises(TypeError, match="must share dtype"):
+        kernels.fused_linear_logprobs(hidden, weight.double(), targets)
     with pytest.raises(ValueError, match="backend"):
-        kernels.token_logprobs(logits, targets, backend="cuda")
+        kernels.fused_linear_logprobs(hidden, weight, targets, backend="cuda")
     with pytest.raises(ValueError, match="weight must be"):
-        kernels.fused_linear_logprobs(torch.randn(4, 8), torch.randn(10, 7), targets)
+        kernels.fused_linear_logprobs(hidden, torch.randn(10, 7), targets)
     with pytest.raises(ValueError, match="chunk_size"):
-        kernels.fused_linear_logprobs(torch.randn(4, 8), torch.randn(10, 8), targets, chunk_size=0)
+        kernels.fused_linear_logprobs(hidden, weight, targets, chunk_size=0)
     with pytest.raises(ValueError, match="differ in shape"):
         kernels.kl_k3(torch.zeros(3), torch.zeros(4))
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        kernels.token_logprobs(logits, targets, backend="triton")
+        kernels.fused_linear_logprobs(hidden, weight, targets, backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
