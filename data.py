@@ -565,10 +565,3 @@ def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-
-
-def __getattr__(name: str):   # the CPU demo's tasks moved to synthetic.py: for callers not yet updated
-    if name in ("synthetic_tasks", "bug_sites", "with_bugs", "CLASSIC_BUGS"):
-        import synthetic
-        return getattr(synthetic, name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")

@@ -259,7 +259,8 @@ def benchmark_tasks(args) -> list[Task]:
     elif args.dataset == "stdio":
         tasks = data.load_stdio_jsonl(args.data_path)
     else:
-        tasks = data.synthetic_tasks("test")   # the draw train.py evaluates on
+        import synthetic
+        tasks = synthetic.synthetic_tasks("test")   # the draw train.py evaluates on
     return tasks[:args.limit] if args.limit else tasks
 
 
@@ -299,7 +300,7 @@ def evaluate_policy(args, tasks: list[Task], model, tokenizer, log=print) -> lis
     from rollout import INSTRUCTION, RolloutConfig, RolloutWorker, model_sampler
     from sandbox import Limits, SandboxPool
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    sampler = model_sampler(model, tokenizer, args.max_new_tokens, args.temperature, 1.0, generator)
+    sampler = model_sampler(model, tokenizer, args.max_new_tokens, args.temperature, generator)
     rollout_cfg = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                 gen_batch_size=args.gen_batch_size,
                                 instruction=INSTRUCTION if args.instruction is None else args.instruction,

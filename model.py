@@ -354,7 +354,7 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, tokenizer=None, sampling: dict | None = None):
         """model.safetensors (LoRA merged), config.json and value_head.safetensors. With a tokenizer the
         folder is complete for AutoTokenizer too, with a generation_config.json that stops on every
-        end-of-turn id and samples as `sampling` (temperature, top_p) says."""
+        end-of-turn id and samples as `sampling` (its temperature) says."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_safetensors(self.merged_state_dict(), path / "model.safetensors")
@@ -399,15 +399,15 @@ class Generation:
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_p: float = 1.0, stop_ids=(), pad_id: int = 0, generator: torch.Generator | None = None):
+             stop_ids=(), pad_id: int = 0, generator: torch.Generator | None = None):
     """Batched sampling with a static KV cache. Prompts are left-padded, so every row writes the same cache
     slot at each step; positions count real tokens only. A row that samples a stop id leaves the batch, cache
     rows included, so finished rows cost nothing."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate: need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
-                         f"{max_new_tokens}, {temperature}, {top_p}")
+    if max_new_tokens < 1 or temperature < 0:
+        raise ValueError(f"generate: need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, "
+                         f"{temperature}")
     bad = [t for p in prompts for t in p if not 0 <= t < model.config.vocab_size]
     if bad:
         raise ValueError(f"generate: prompt token ids out of range [0, {model.config.vocab_size}): {bad[:5]}")
@@ -426,7 +426,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     try:
         logits = model.decode(prompt, key_mask[:, :P], cache_start=0)  # prefill
         for step in range(N):
-            tok, logp = sample(logits, temperature, top_p, generator)
+            tok, logp = sample(logits, temperature, generator)
             out.tokens[rows, step], out.mask[rows, step], out.logprobs[rows, step] = tok, True, logp
             done = torch.isin(tok, stop)
             out.stopped[rows[done]] = True
@@ -443,25 +443,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     return out
 
 
-def sample(logits: Tensor, temperature: float, top_p: float, generator=None) -> tuple[Tensor, Tensor]:
+def sample(logits: Tensor, temperature: float, generator=None) -> tuple[Tensor, Tensor]:
     """logits (B, V) -> tokens (B,) and their fp32 logprobs under log_softmax(logits / T) (T = 1 if greedy).
-    Top-p (Holtzman et al. 2020) only restricts which tokens can be drawn: the logprob is under the whole
-    tempered distribution, which is what PPO recomputes."""
+    RL samples from the whole tempered distribution (no top-p or top-k): the logprobs PPO recomputes are of
+    that distribution, and a truncated one would make the ratio off-policy."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
     logp = torch.log_softmax(logits / temperature, -1)
-    probs = logp.exp() if top_p == 1.0 else nucleus(logp.exp(), top_p)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def nucleus(probs: Tensor, top_p: float) -> Tensor:
-    """Zeroes every token outside the smallest set whose probability mass reaches top_p. (B, V) -> (B, V)."""
-    sorted_p, order = probs.sort(-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p  # the mass of strictly likelier tokens: 0 for the top one
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(mass_before >= top_p, 0.0))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:

@@ -212,13 +212,13 @@ def response_code(tokenizer, response: list[int], stopped: bool) -> str | None:
     return extract_code(tokenizer.decode(response[:-1] if stopped else response))
 
 
-def model_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+def model_sampler(model, tokenizer, max_new_tokens: int, temperature: float,
                   generator: torch.Generator | None = None) -> Sampler:
     """A Sampler backed by model.generate (KV cache, per-row stop ids)."""
     from model import generate
 
     def sample(prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
-        out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+        out = generate(model, prompts, max_new_tokens, temperature=temperature,
                        stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=generator)
         rows = []
         for tokens, mask, stopped in zip(out.tokens.tolist(), out.mask.tolist(), out.stopped.tolist()):

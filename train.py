@@ -283,7 +283,7 @@ class Trainer:
         tasks, groups = self.step_tasks(step)
         # algorithm: multi-turn episodes with execution feedback, scored on the private tests
         t0 = time.perf_counter()
-        sampler = model_sampler(m.policy, self.tokenizer, cfg.max_new_tokens, cfg.temperature, 1.0,
+        sampler = model_sampler(m.policy, self.tokenizer, cfg.max_new_tokens, cfg.temperature,
                                 self.generator(step, 0))
         with full_params(m.scorer, cfg.fsdp):
             episodes = self.worker.run(sampler, tasks)
@@ -367,7 +367,7 @@ class Trainer:
         cfg, t0 = self.cfg, time.perf_counter()
         generator = torch.Generator(self.device).manual_seed(cfg.seed + 12345)
         sampler = model_sampler(self.models.policy, self.tokenizer, cfg.max_new_tokens, cfg.eval_temperature,
-                                1.0, generator)
+                                generator)
         slow_fast = [t for t in self.train_tasks[self.rank::self.world] if "slow_fast" in t.tags]
         with full_params(self.models.scorer, cfg.fsdp):
             records, episodes = task_results(self.worker, sampler, self.eval_tasks[self.rank::self.world],

@@ -47,7 +47,7 @@ def main(argv=None):
             # Trainer.evaluate's sampler and held-out results, with the generator seeded with the draw
             generator = torch.Generator(trainer.device).manual_seed(draw)
             sampler = model_sampler(trainer.models.policy, trainer.tokenizer, cfg.max_new_tokens,
-                                    cfg.eval_temperature, 1.0, generator)
+                                    cfg.eval_temperature, generator)
             records, _ = task_results(trainer.worker, sampler, trainer.eval_tasks, cfg.eval_samples,
                                       cfg.max_turns, cfg.eval_episodes)
             metrics = summarize(records, (1,))

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import data  # noqa: E402
+import synthetic  # noqa: E402
 from bench.warm_start_errors import preset_policy  # noqa: E402
 from reward import RewardConfig, feedback_text  # noqa: E402
 from rollout import RolloutWorker, response_code, task_message  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv=None):
     args, preset_flags = ap.parse_known_args(argv)
     cfg, tokenizer, checkpoint, _, sampler, rollout_cfg, pool = preset_policy(args.seed, args.checkpoint,
                                                                               preset_flags)
-    tasks = data.synthetic_tasks(args.split, cfg.seed)
+    tasks = synthetic.synthetic_tasks(args.split, cfg.seed)
     try:
         worker = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig())
         with torch.no_grad():

@@ -4,7 +4,7 @@
 
 Samples `--samples` answers per synthetic composition task at temperature 1 (the evaluation's setting), runs
 them on the private tests in the sandbox, and sorts each failing answer by its text against the reference:
-- "classic bugs": the reference with some of data.CLASSIC_BUGS put in (what execution feedback should remove);
+- "classic bugs": the reference with some of synthetic.CLASSIC_BUGS put in (what execution feedback should remove);
 - "wrong constant": one of those with other digits, e.g. `x + 8` for "each plus 7" (the constant not copied
   from the prompt);
 - "syntax error", "no code block", and "other" (a wrong composition, or anything else).
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import data  # noqa: E402
+import synthetic  # noqa: E402
 from model import Transformer  # noqa: E402
 from reward import RewardConfig  # noqa: E402
 from rollout import RolloutConfig, RolloutWorker, model_sampler  # noqa: E402
@@ -32,8 +32,8 @@ from train import load_tasks, load_tokenizer, parse_config, tiny_warm_start  # n
 
 def buggy_variants(reference: str) -> set[str]:
     """The reference with every non-empty subset of its classic bugs put in."""
-    sites = data.bug_sites(reference)
-    return {data.with_bugs(reference, list(chosen)) for r in range(1, len(sites) + 1)
+    sites = synthetic.bug_sites(reference)
+    return {synthetic.with_bugs(reference, list(chosen)) for r in range(1, len(sites) + 1)
             for chosen in itertools.combinations(sites, r)}
 
 
@@ -77,7 +77,7 @@ def main(argv=None):
     args, preset_flags = ap.parse_known_args(argv)
     cfg, tokenizer, checkpoint, model, sampler, rollout_cfg, pool = preset_policy(args.seed, args.checkpoint,
                                                                                   preset_flags)
-    tasks = [t for t in data.synthetic_tasks(args.split, cfg.seed) if "composition" in t.tags]
+    tasks = [t for t in synthetic.synthetic_tasks(args.split, cfg.seed) if "composition" in t.tags]
     try:  # single-turn episodes, scored on the private tests as the evaluation's pass@1 samples are
         with torch.no_grad():
             episodes = RolloutWorker(tokenizer, pool, rollout_cfg, RewardConfig()).run(

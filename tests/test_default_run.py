@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+import synthetic
 import sft
 from conftest import FULL
 from model import ModelConfig, Transformer
@@ -39,7 +39,7 @@ def test_repair_demonstration_matches_the_rollout_layout(pool):
     """A repair demonstration must be token for token the episode rollout.py builds when the policy answers
     wrong and then right; the trained mask is the second answer only."""
     tok = Tokenizer.byte_level()
-    task = data.synthetic_tasks("train", 0)[0]
+    task = synthetic.synthetic_tasks("train", 0)[0]
     wrong = "def f(xs):\n    return 0\n"
     answers = [format_answer(wrong), format_answer(task.reference_solution)]
 
@@ -59,7 +59,7 @@ def test_repair_demonstration_matches_the_rollout_layout(pool):
 
 def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
     tok = Tokenizer.byte_level()
-    tasks = data.synthetic_tasks("train", 0)
+    tasks = synthetic.synthetic_tasks("train", 0)
     one_turn = [t for t in tasks if t.reference_solution and "tests_say" not in t.tags]
     tests_say = [t for t in tasks if t.reference_solution and "tests_say" in t.tags]
     slow = [t for t in tasks if t.slow_solution]
@@ -89,8 +89,8 @@ def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
 
 
 def test_repair_pairs_without_a_classic_bug_use_another_task_of_the_same_signature():
-    tasks = [t for t in data.synthetic_tasks("train", 0)
-             if "tests_say" not in t.tags and not data.bug_sites(t.reference_solution)]
+    tasks = [t for t in synthetic.synthetic_tasks("train", 0)
+             if "tests_say" not in t.tags and not synthetic.bug_sites(t.reference_solution)]
     pairs = repair_pairs(tasks, 40, seed=1)
     assert len(pairs) >= 20
     for task, wrong in pairs:
@@ -101,7 +101,7 @@ def test_repair_pairs_without_a_classic_bug_use_another_task_of_the_same_signatu
 def test_warm_start_is_cached(tmp_path):
     """Same settings: the second call loads the checkpoint without training. Different settings: a new entry."""
     tok = Tokenizer.byte_level()
-    tasks = data.synthetic_tasks("validation", 0)[:6]
+    tasks = synthetic.synthetic_tasks("validation", 0)[:6]
     config = ModelConfig(vocab_size=tok.n_words, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                          tie_word_embeddings=True)
@@ -165,7 +165,7 @@ def test_the_warm_start_recipe_reproduces_the_shipped_one(tmp_path, pool):
                            RewardConfig())
     rates = []
     for model in (a, b):
-        sampler = model_sampler(model, tokenizer, 112, 1.0, 1.0, torch.Generator().manual_seed(12345))
+        sampler = model_sampler(model, tokenizer, 112, 1.0, torch.Generator().manual_seed(12345))
         records, _ = task_results(worker, sampler, held_out, samples=16, max_turns=1)
         rates.append(summarize(records)["pass@1"])
     assert abs(rates[0] - rates[1]) <= 0.10, rates
@@ -218,7 +218,7 @@ def test_sft_batches_never_mix_single_turn_and_repair_demonstrations(pool):
     import random
     from sft import batches_by_turns
     tok = Tokenizer.byte_level()
-    examples = warm_start_examples(tok, data.synthetic_tasks("train", 0), "", repairs=16, pool=pool)
+    examples = warm_start_examples(tok, synthetic.synthetic_tasks("train", 0), "", repairs=16, pool=pool)
     messages = lambda ex: ex[0].count(tok.eot_id)
     assert {messages(ex) for ex in examples} == {2, 4}
     seen = set()
@@ -239,7 +239,7 @@ def test_sft_backward_by_length_is_the_gradient_of_the_padded_batch(micro_batch_
     model = Transformer(ModelConfig(vocab_size=tok.n_words, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     tie_word_embeddings=True)).double()
-    tasks = data.synthetic_tasks("train", 0)[:7]
+    tasks = synthetic.synthetic_tasks("train", 0)[:7]
     batch = [demonstration(tok, task_message(t, ""), t.reference_solution * (1 + i % 3)) for i, t in enumerate(tasks)]
     assert len({len(tokens) for tokens, _ in batch}) > 3   # lengths differ: padding matters
     tokens, mask = pad_batch(batch, tok.pad_id)
@@ -258,7 +258,7 @@ def test_a_killed_warm_start_continues_where_it_stopped(tmp_path, monkeypatch):
     import sft
     tok = Tokenizer.byte_level()
     examples = [sft.demonstration(tok, task_message(t, ""), t.reference_solution)
-                for t in data.synthetic_tasks("train", 0)[:12]]
+                for t in synthetic.synthetic_tasks("train", 0)[:12]]
     config = ModelConfig(vocab_size=tok.n_words, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
 
@@ -307,7 +307,7 @@ def short_run(tmp_path_factory):
     for pass@1 (128 in all; with 8, each sample moved it by 1.6 points). Run once; the tests below read its
     outputs."""
     root = tmp_path_factory.mktemp("short_run")
-    tasks = data.synthetic_tasks("train", 0)
+    tasks = synthetic.synthetic_tasks("train", 0)
     picked = [t for t in tasks if "composition" in t.tags][::24][:7] + [t for t in tasks if t.slow_solution][:1]
     (root / "tasks.jsonl").write_text("".join(json.dumps(t.to_dict()) + "\n" for t in picked))
     warm = ["--dataset", "tasks", "--data_path", str(root / "tasks.jsonl"), "--cache_dir", str(root / "cache"),

@@ -14,6 +14,7 @@ import re
 import pytest
 
 import data
+import synthetic
 from evaluate import (fast_share_records, pass_at_k, pass_at_ks, summarize,
                       summarize_fast_share, task_results)
 from reward import NO_CODE_FEEDBACK, RewardConfig, TimeReward
@@ -108,7 +109,7 @@ def scripted_sampler(tok, script):
 def scripted_case():
     """(tasks, script for scripted_sampler, per task id: c, final_c, turn1_c, turns by hand) for 4 samples and
     2 episodes of up to 3 turns."""
-    comp = [t for t in data.synthetic_tasks("test", 0) if "composition" in t.tags]
+    comp = [t for t in synthetic.synthetic_tasks("test", 0) if "composition" in t.tags]
     a, b, c, d, e, g = comp[:6]
     # public tests not among the private ones: a turn-1 program can fail the public tests yet pass the private
     # ones, which only the extra private-test run of task_results can see
@@ -193,7 +194,7 @@ def test_pass_at_ks_are_one_and_the_powers_of_2_and_10_up_to_the_samples():
 
 
 def test_fast_share_counts_fast_and_slow_passing_programs(tok, pool):
-    slow_fast = [t for t in data.synthetic_tasks("test", 0) if "slow_fast" in t.tags]
+    slow_fast = [t for t in synthetic.synthetic_tasks("test", 0) if "slow_fast" in t.tags]
     tasks = [next(t for t in slow_fast if family in t.task_id) for family in ("multiples", "lookup")]
     per_task = {tasks[0].prompt: ["fast", "slow", "wrong", "fast"], tasks[1].prompt: ["slow", "wrong", "slow", "wrong"]}
     programs = {t.prompt: {"fast": t.reference_solution, "slow": t.slow_solution, "wrong": WRONG} for t in tasks}
@@ -229,7 +230,7 @@ def test_fast_share_counts_fast_and_slow_passing_programs(tok, pool):
 
 
 def composition_tasks():
-    return [t for s in SPLITS for t in data.synthetic_tasks(s, 0) if "composition" in t.tags]
+    return [t for s in SPLITS for t in synthetic.synthetic_tasks(s, 0) if "composition" in t.tags]
 
 
 def brute_force_inputs():
@@ -265,20 +266,20 @@ def passes_in_process(code, tests):
 
 
 def single_bug_programs():
-    return [(task, data.with_bugs(task.reference_solution, [site]))
-            for task in composition_tasks() for site in data.bug_sites(task.reference_solution)]
+    return [(task, synthetic.with_bugs(task.reference_solution, [site]))
+            for task in composition_tasks() for site in synthetic.bug_sites(task.reference_solution)]
 
 
 def test_every_classic_bug_applies_to_a_train_task_and_changes_its_result():
-    train = [t for t in data.synthetic_tasks("train", 0) if "composition" in t.tags]
+    train = [t for t in synthetic.synthetic_tasks("train", 0) if "composition" in t.tags]
     inputs = brute_force_inputs()
-    for name, pattern, repl in data.CLASSIC_BUGS:
+    for name, pattern, repl in synthetic.CLASSIC_BUGS:
         hits = [t for t in train if re.search(pattern, t.reference_solution, flags=re.M)]
         assert hits, f"classic bug {name!r} applies to no train task"
         site = (pattern, repl)
-        assert all(site in data.bug_sites(t.reference_solution) for t in hits)
+        assert all(site in synthetic.bug_sites(t.reference_solution) for t in hits)
         # a bug that never changes a result teaches nothing
-        assert any(not all(same(own_function(data.with_bugs(t.reference_solution, [site])),
+        assert any(not all(same(own_function(synthetic.with_bugs(t.reference_solution, [site])),
                                 own_function(t.reference_solution), xs) for xs in inputs) for t in hits), name
 
 
@@ -311,15 +312,15 @@ HAND = {"def f(xs):\n    return max((x * x for x in xs if x > 3), default=0)\n":
 
 
 def test_corpus_copy_with_rate_zero_and_one():
-    assert {site for code in HAND for site in data.bug_sites(code)} == {(p, r) for _, p, r in data.CLASSIC_BUGS}
+    assert {site for code in HAND for site in synthetic.bug_sites(code)} == {(p, r) for _, p, r in synthetic.CLASSIC_BUGS}
     rng = random.Random(0)
     for code, all_bugs in HAND.items():
         assert corpus_copy(code, 0.0, rng) == code
         assert corpus_copy(code, 1.0, rng) == all_bugs
-    for task in data.synthetic_tasks("train", 0):
-        ref = task.reference_solution
+    for task in synthetic.synthetic_tasks("train", 0):
+        ref = task.reference_solution or ""   # a tests-say task of RL's alone has none
         assert corpus_copy(ref, 0.0, rng) == ref
-        assert corpus_copy(ref, 1.0, rng) == data.with_bugs(ref, data.bug_sites(ref))
+        assert corpus_copy(ref, 1.0, rng) == synthetic.with_bugs(ref, synthetic.bug_sites(ref))
 
 
 def test_corpus_copy_puts_each_bug_in_independently_at_the_rate():
@@ -337,14 +338,14 @@ def test_corpus_copy_puts_each_bug_in_independently_at_the_rate():
 
 def bug_variants(code):
     """Every version of `code` with a subset of its classic bugs in -> that subset's size."""
-    sites = data.bug_sites(code)
-    return {data.with_bugs(code, list(subset)): r for r in range(len(sites) + 1)
+    sites = synthetic.bug_sites(code)
+    return {synthetic.with_bugs(code, list(subset)): r for r in range(len(sites) + 1)
             for subset in itertools.combinations(sites, r)}
 
 
 def test_warm_start_examples_carry_bugs_at_the_rate(tok):
-    tasks = data.synthetic_tasks("train", 0)
-    with_refs = [t for t in tasks if t.reference_solution]
+    tasks = synthetic.synthetic_tasks("train", 0)
+    with_refs = [t for t in tasks if t.reference_solution and "tests_say" not in t.tags]   # one-turn ones
     examples = warm_start_examples(tok, tasks, "", bug_rate=0.3, slow_solutions=False)
     assert len(examples) == len(with_refs)
     bugs_in, sites_total = 0, 0
@@ -356,20 +357,20 @@ def test_warm_start_examples_carry_bugs_at_the_rate(tok):
         variants = {format_answer(code) + "<|eot_id|>": r for code, r in bug_variants(task.reference_solution).items()}
         assert answer in variants, (task.task_id, answer)
         bugs_in += variants[answer]
-        sites_total += len(data.bug_sites(task.reference_solution))
+        sites_total += len(synthetic.bug_sites(task.reference_solution))
     assert sites_total > 500
     assert abs(bugs_in / sites_total - 0.3) < 4.5 * math.sqrt(0.21 / sites_total)
 
 
 def test_repair_pairs_put_exactly_one_classic_bug_in_the_tasks_own_reference():
-    tasks = data.synthetic_tasks("train", 0)
+    tasks = synthetic.synthetic_tasks("train", 0)
     pairs = repair_pairs(tasks, 40, seed=1)
     assert len(pairs) == 40
-    with_sites = [(task, wrong) for task, wrong in pairs if data.bug_sites(task.reference_solution)]
+    with_sites = [(task, wrong) for task, wrong in pairs if synthetic.bug_sites(task.reference_solution)]
     assert len(with_sites) >= 20
     for task, wrong in with_sites:
         ref = task.reference_solution
-        one_bug = {data.with_bugs(ref, [site]) for site in data.bug_sites(ref)}
+        one_bug = {synthetic.with_bugs(ref, [site]) for site in synthetic.bug_sites(ref)}
         assert wrong in one_bug and wrong != ref, (task.task_id, wrong)
 
 
