@@ -135,7 +135,7 @@ def test_the_repository_ships_the_default_runs_warm_start(tmp_path, monkeypatch)
     recipe = json.loads((path / "recipe.json").read_text())
     assert recipe["recipe"] == sft.TINY and recipe["command"] == "python sft.py"
     model = Transformer.from_pretrained(path)
-    assert model.config == sft.tiny_model_config(tokenizer)
+    assert sft.tiny_model_config(tokenizer).to_hf().items() <= model.config.to_hf().items()
     assert sum(p.numel() for p in model.parameters()) < 1_000_000   # about 3 MB in float32
 
 
