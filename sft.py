@@ -20,10 +20,7 @@ The warm start's demonstrations (`warm_start_examples`):
   choice to act on (RL then shifts the mix; without the time reward nothing favours either);
 - repair demonstrations, the multi-turn format of RLEF: a wrong first answer (the reference with one classic
   bug, or another task's reference), the real sandbox feedback on the public tests, then the right answer.
-  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program;
-- a tests-say task with a reference (synthetic.py) appears only as a repair: a first answer that returns 0 for
-  no numbers, the feedback that shows the value expected, then the reference. A one-turn demonstration would
-  teach guessing the value.
+  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program.
 """
 from __future__ import annotations
 
@@ -32,7 +29,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -122,32 +118,25 @@ def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: b
     rng = random.Random(seed)
     examples = []
     for t in tasks:
-        if t.reference_solution and "tests_say" not in t.tags:
+        if t.reference_solution:
             code = corpus_copy(t.reference_solution, bug_rate, rng)
             examples.append(demonstration(tokenizer, task_message(t, instruction), code))
         if slow_solutions and t.slow_solution:
             examples.append(demonstration(tokenizer, task_message(t, instruction), t.slow_solution))
-    if repairs:   # `repairs` classic repairs, and one per tests-say task with a reference
-        pairs = repair_pairs([t for t in tasks if "tests_say" not in t.tags], repairs, seed) + \
-            tests_say_pairs(tasks)
+    if repairs:
         if pool is None:
-            raise ValueError("warm_start_examples: repair demonstrations need a sandbox pool for the feedback")
-        for t, wrong, feedback in with_feedback(pairs, pool):
+            raise ValueError("warm_start_examples: repairs > 0 needs a sandbox pool to produce the feedback")
+        for t, wrong, feedback in repairs_with_feedback(tasks, repairs, seed, pool):
             examples.append(repair_demonstration(tokenizer, task_message(t, instruction), wrong, feedback,
                                                  t.reference_solution))
     return examples
 
 
-def tests_say_pairs(tasks) -> list[tuple[object, str]]:
-    """(task, first answer) for each tests-say task with a reference: the reference returning 0 for no
-    numbers, as the other tasks' prompts ask."""
-    return [(t, re.sub(r"default=\d+\)", "default=0)", t.reference_solution)) for t in tasks
-            if "tests_say" in t.tags and t.reference_solution]
-
-
-def with_feedback(pairs, pool) -> list[tuple[object, str, str]]:
+def repairs_with_feedback(tasks, count: int, seed: int, pool) -> list[tuple[object, str, str]]:
     """(task, wrong program, the sandbox's feedback on its public tests) of the warm start's repair
-    demonstrations, less those whose wrong program passes the public tests (no feedback to learn from)."""
+    demonstrations: `repair_pairs`, less those whose wrong program passes the public tests (no feedback to
+    learn from)."""
+    pairs = repair_pairs(tasks, count, seed)
     results = pool.map([(wrong, t.public_tests, t.setup_code) for t, wrong in pairs])
     return [(t, wrong, feedback_text(result, t.public_tests))
             for (t, wrong), result in zip(pairs, results) if not result.passed]

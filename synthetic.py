@@ -11,13 +11,6 @@ reward to choose between.
 Classic bugs: the near misses a code model learns from a real corpus (an empty max without a default, an off
 by one). The warm start shows them at a set rate (sft.py), so the policy makes them on held-out tasks too and
 execution feedback has something general to repair.
-
-Tests-say tasks: a max/min composition whose value for no numbers the prompt leaves to the tests ("or what
-the tests say if there are none"). Only running the code reveals it: the public test on the empty list fails
-with "Expected output '7'", and a model that reads the feedback copies 7 into its next answer. This is what
-RLEF adds over single-turn RL, in miniature: turn 1 can only guess, turns 2-3 can know. In the training split
-a share of them keeps its reference for the warm start's repair demonstrations; the rest carry tests but no
-reference, for RL alone.
 """
 from __future__ import annotations
 
@@ -48,10 +41,6 @@ REDUCTIONS = {"sum": ("the sum of {M}", "sum({G})"),
               "min": ("the smallest of {M}, or 0 if there are none", "min(({G}), default=0)"),
               "list": ("a list of {M}, in order", "[{G}]"),
               "count": ("how many of {F} there are", "len([x for x in xs if {C}])")}
-TESTS_SAY = {"max": "the largest of {M}, or what the tests say if there are none",
-             "min": "the smallest of {M}, or what the tests say if there are none"}
-EMPTY_VALUES = range(1, 10)   # what a tests-say task returns for no numbers: never the 0 of the others
-TESTS_SAY_WARM_START = 1 / 3  # share of the training split's tests-say tasks that keep their reference
 FILTER_K = {"gt": range(1, 6), "div": range(2, 6)}
 MAP_K = {"plus": range(1, 10), "times": range(2, 10)}
 
@@ -81,7 +70,7 @@ def synthetic_tasks(split: str, seed: int = 0) -> list[Task]:
         for _ in range(INSTANCES[split] if has_k else 1):
             task = composition_task(filt, mapping, reduction, rng, split)
             tasks.setdefault(task.task_id, task)   # the same k drawn twice: one task
-    return list(tasks.values()) + slow_fast_tasks(split) + tests_say_tasks(split, seed)
+    return list(tasks.values()) + slow_fast_tasks(split)
 
 
 def synthetic_compositions() -> dict[str, list[tuple[str, str, str]]]:
@@ -102,16 +91,12 @@ def _split(items: list) -> dict[str, list]:
             "train": items[n_test + n_val:]}
 
 
-def composition_task(filt: str, mapping: str, reduction: str, rng: random.Random, split: str,
-                     empty: int | None = None) -> Task:
-    """One task of a composition; with `empty`, a tests-say task that returns `empty` for no numbers."""
+def composition_task(filt: str, mapping: str, reduction: str, rng: random.Random, split: str) -> Task:
     fk = rng.choice(FILTER_K[filt]) if filt in FILTER_K else None
     mk = rng.choice(MAP_K[mapping]) if mapping in MAP_K else None
     f_text, cond = (s.format(k=fk) if s else s for s in FILTERS[filt])
     m_text, expr = (s.format(F=f_text, k=mk) for s in MAPS[mapping])
     sentence, body = REDUCTIONS[reduction]
-    if empty is not None:
-        sentence, body = TESTS_SAY[reduction], body.replace("default=0", f"default={empty}")
     if reduction == "count":
         body = "len(xs)" if cond is None else body.format(C=cond)
     else:
@@ -129,29 +114,10 @@ def composition_task(filt: str, mapping: str, reduction: str, rng: random.Random
                 inputs.insert(-1, catch)
     tests = [Test(kind="call", call=f"f({xs!r})", expected=repr(f(xs))) for xs in inputs]
     # public: the first input and the empty list, so the feedback can show an empty max/min failing
-    name = f"{reduction}-{mapping}{mk or ''}-{filt}{fk or ''}" + (f"-empty{empty}" if empty else "")
-    return Task(task_id=f"synth/{split}/{name}",   # sum-plus3-gt2, max-id-all-empty7
+    return Task(task_id=f"synth/{split}/{reduction}-{mapping}{mk or ''}-{filt}{fk or ''}",   # sum-plus3-gt2
                 prompt=f"Write f(xs) that returns {sentence.format(M=m_text, F=f_text)}.",
                 public_tests=[tests[0], tests[-1]], private_tests=tests, entry_point="f",
-                reference_solution=reference, tags=("composition",) if empty is None else ("tests_say",))
-
-
-def tests_say_tasks(split: str, seed: int) -> list[Task]:
-    """A tests-say task per max/min composition of the split and instance count, drawn apart from the others
-    (their own random stream: the other tasks stay as they were). In the training split a share
-    TESTS_SAY_WARM_START keeps its reference for the warm start; the others have none and are RL's alone."""
-    rng = random.Random(f"{split}-{seed}-tests-say")
-    tasks = {}
-    for filt, mapping, reduction in synthetic_compositions()[split]:
-        if reduction not in TESTS_SAY:
-            continue
-        has_k = filt in FILTER_K or mapping in MAP_K
-        for _ in range(INSTANCES[split] if has_k else 1):
-            task = composition_task(filt, mapping, reduction, rng, split, empty=rng.choice(EMPTY_VALUES))
-            if split == "train" and rng.random() >= TESTS_SAY_WARM_START:
-                task.reference_solution, task.tags = None, ("tests_say", "rl_only")
-            tasks.setdefault(task.task_id, task)
-    return list(tasks.values())
+                reference_solution=reference, tags=("composition",))
 
 
 def random_list(rng: random.Random) -> list[int]:

@@ -60,10 +60,9 @@ def test_repair_demonstration_matches_the_rollout_layout(pool):
 def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
     tok = Tokenizer.byte_level()
     tasks = synthetic.synthetic_tasks("train", 0)
-    one_turn = [t for t in tasks if t.reference_solution and "tests_say" not in t.tags]
-    tests_say = [t for t in tasks if t.reference_solution and "tests_say" in t.tags]
+    one_turn = [t for t in tasks if t.reference_solution]
     slow = [t for t in tasks if t.slow_solution]
-    assert slow and tests_say, "the synthetic train split has slow/fast and tests-say tasks"
+    assert slow, "the synthetic train split has slow/fast tasks"
     plain = warm_start_examples(tok, tasks, "", slow_solutions=False)
     mixed = warm_start_examples(tok, tasks, "", slow_solutions=True)
     assert len(plain) == len(one_turn) and len(mixed) == len(one_turn) + len(slow)
@@ -71,26 +70,19 @@ def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
     assert all(format_answer(t.slow_solution) + "<|eot_id|>" in trained for t in slow)
 
     repaired = warm_start_examples(tok, tasks, "", slow_solutions=False, repairs=8, pool=pool)[len(plain):]
-    assert len(tests_say) + 1 <= len(repaired) <= len(tests_say) + 8
+    assert 1 <= len(repaired) <= 8
     for ids, mask in repaired:
         text = tok.decode(ids)
         assert "Your code failed the following tests:" in text and ("but got" in text or "Error" in text)
         answer = tok.decode([x for x, m in zip(ids, mask) if m])
         assert text.endswith(answer) and text.count("```python") == 2  # only the second answer is trained
-    # a tests-say task is taught only as a repair: 0 for no numbers, the value the feedback shows, then it
-    for task, (ids, mask) in zip(tests_say, repaired[-len(tests_say):]):
-        empty = task.public_tests[-1].expected
-        answer = tok.decode([x for x, m in zip(ids, mask) if m])
-        assert answer == format_answer(task.reference_solution) + "<|eot_id|>"
-        assert f"Expected output '{empty}' but got '0'" in tok.decode(ids)
-        assert tok.decode(ids).count("default=0)") == 1 and f"default={empty})" in answer
     with pytest.raises(ValueError, match="sandbox pool"):
         warm_start_examples(tok, tasks, "", repairs=4)
 
 
 def test_repair_pairs_without_a_classic_bug_use_another_task_of_the_same_signature():
     tasks = [t for t in synthetic.synthetic_tasks("train", 0)
-             if "tests_say" not in t.tags and not synthetic.bug_sites(t.reference_solution)]
+             if not synthetic.bug_sites(t.reference_solution)]
     pairs = repair_pairs(tasks, 40, seed=1)
     assert len(pairs) >= 20
     for task, wrong in pairs:

@@ -318,7 +318,7 @@ def test_corpus_copy_with_rate_zero_and_one():
         assert corpus_copy(code, 0.0, rng) == code
         assert corpus_copy(code, 1.0, rng) == all_bugs
     for task in synthetic.synthetic_tasks("train", 0):
-        ref = task.reference_solution or ""   # a tests-say task of RL's alone has none
+        ref = task.reference_solution
         assert corpus_copy(ref, 0.0, rng) == ref
         assert corpus_copy(ref, 1.0, rng) == synthetic.with_bugs(ref, synthetic.bug_sites(ref))
 
@@ -345,7 +345,7 @@ def bug_variants(code):
 
 def test_warm_start_examples_carry_bugs_at_the_rate(tok):
     tasks = synthetic.synthetic_tasks("train", 0)
-    with_refs = [t for t in tasks if t.reference_solution and "tests_say" not in t.tags]   # one-turn ones
+    with_refs = [t for t in tasks if t.reference_solution]
     examples = warm_start_examples(tok, tasks, "", bug_rate=0.3, slow_solutions=False)
     assert len(examples) == len(with_refs)
     bugs_in, sites_total = 0, 0
