@@ -254,4 +254,4 @@ def test_episodes_of_arbitrary_sampled_ids_are_the_template_up_to_the_contents_e
 
 @pytest.mark.slow
 def test_demonstrations_are_the_chat_template(family):
-    assert compare(family, ("demonstration",)) == 3
+    assert compare(family, ("demonstration",)) == 2
