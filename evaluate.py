@@ -123,7 +123,7 @@ def summarize(records: list[dict], ks: tuple[int, ...] = (1,)) -> dict:
     one_at = sum(r["final_c"] for r in records) / episodes
     out["1@3" if turns == 3 else f"1@{turns}"] = one_at  # RLEF's 1@3: one submission after up to 3 turns
     out["turn1_pass"] = sum(r["turn1_c"] for r in records) / episodes
-    failed_turn1 = episodes - sum(r["turn1_c"] for r in records)   # the share of these a later turn solved:
+    failed_turn1 = episodes - sum(r["turn1_c"] for r in records)   # the repair rate: the share of these
     out["repair_rate"] = sum(r["repaired_c"] for r in records) / failed_turn1 if failed_turn1 else math.nan
     out["mean_turns"] = sum(r["turns"] for r in records) / episodes
     out["tasks"] = len(records)
@@ -324,7 +324,7 @@ def table(metrics: dict, args) -> str:
             if k.startswith("pass@")]
     rows += [("turn 1", metrics["turn1_pass"], f"first turn of {args.episodes} episodes per task"),
              (final, metrics[final], f"final turn of the same episodes (up to {args.max_turns} turns)"),
-             ("repairs", metrics["repair_rate"], "share of the episodes failing turn 1 that a later turn solved")]
+             ("repairs", metrics["repair_rate"], "share of episodes failing turn 1 solved by a later one")]
     head = f"{args.dataset}: {metrics['tasks']} tasks, temperature {args.temperature}, " \
            f"{metrics['mean_turns']:.2f} turns per episode on average"
     return "\n".join([head] + [f"  {name:>8}  {value:6.3f}  {what}" for name, value, what in rows])

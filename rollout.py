@@ -39,8 +39,8 @@ from typing import Callable
 import torch
 
 from data import Task
-from reward import (INVALID, NO_CODE_FEEDBACK, UNINFORMATIVE_FEEDBACK, RewardConfig, TimeReward, extract_code, feedback_text,
-                    final_reward)
+from reward import (INVALID, NO_CODE_FEEDBACK, UNINFORMATIVE_FEEDBACK, RewardConfig, TimeReward, extract_code,
+                    feedback_text, final_reward)
 from sandbox import RunResult, SandboxPool
 
 # A sampler maps prompts (token id lists) to (response ids, stopped) pairs. `stopped` is False when the

@@ -356,7 +356,8 @@ def tiny_warm_start(cache_dir: Path, tokenizer, tasks, *, steps: int, instructio
 def ship_tiny_warm_start() -> Path:
     """Train the tiny preset's warm start (the byte-level tokenizer, the synthetic training tasks, no
     instruction) into SHIPPED, where every `python train.py` finds it. recipe.json beside it says what made
-    it: CPU kernels sum floats in their own order, so only the same torch and kernels retrain it bit for bit."""
+    it: CPU kernels sum floats in their own order, so only the same torch and kernels retrain it bit for
+    bit."""
     from synthetic import synthetic_tasks
     from tokenizer import Tokenizer
     path = tiny_warm_start(SHIPPED, Tokenizer.byte_level(), synthetic_tasks("train"), steps=TINY["steps"],

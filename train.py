@@ -3,11 +3,12 @@
     python train.py                                     # the CPU demo (the tiny preset)
     torchrun --standalone --nproc_per_node=8 train.py --preset llama-3.1-8b --model_dir /models/Llama-3.1-8B
 
-`python train.py` runs the tiny preset: it warm-starts a 0.8M-parameter Llama on reference solutions (sft.py),
-evaluates it, runs 24 iterations of multi-turn expert iteration (ReST-EM) with execution feedback, evaluates
-again and prints a before/after table. Expert iteration is the demo's algorithm because on the tiny model it
-gained the most held-out pass@1 in every comparison with PPO and GRPO (docs/experiments.md). The presets for
-real checkpoints run RLEF's own algorithm, PPO with a turn-level critic (--algo ppo).
+`python train.py` runs the tiny preset: it loads the repository's warm start (weights/, a 0.8M-parameter
+Llama that sft.py trained on reference solutions), evaluates it, runs 24 iterations of multi-turn expert
+iteration (ReST-EM) with execution feedback, evaluates again and prints a before/after table. Expert iteration
+is the demo's algorithm because on the tiny model it gained the most held-out pass@1 in every comparison with
+PPO and GRPO (docs/experiments.md). The presets for real checkpoints run RLEF's own algorithm, PPO with a
+turn-level critic (--algo ppo).
 
 One iteration (Trainer.train_step): sample tasks -> multi-turn episodes with public-test feedback (rollout.py)
 -> score the final code on the private tests (reward.py) -> recompute old and reference logprobs and values
@@ -123,7 +124,8 @@ PRESETS = {
     # their evidence are in docs/experiments.md: 1200 warm-start steps, expert iteration at lr 1e-4 for 24
     # iterations of 16 tasks x 8 episodes, and the "probe" critic at critic_lr 1e-3 for --algo ppo.
     "tiny": dict(dataset="synthetic", instruction="", warmstart_steps=sft.TINY["steps"],
-                 algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="probe", critic_lr=1e-3, kl_coef=0.05, max_new_tokens=112,
+                 algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="probe", critic_lr=1e-3,
+                 kl_coef=0.05, max_new_tokens=112,
                  tasks_per_step=16, samples_per_task=8, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=24, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
                  eval_episodes=4, test_timeout=2.0, sandbox_workers=2),
@@ -468,7 +470,8 @@ def main(argv=None):
     try:
         before, after = trainer.fit()
         if before is not None:
-            table = [k for k in after if k.startswith(("pass@", "1@", "turn1", "repair")) or k == "fast_share"]
+            table = [k for k in after
+                     if k.startswith(("pass@", "1@", "turn1", "repair")) or k == "fast_share"]
             trainer.log("\n" + "\n".join(f"{k:>12}: {number(before.get(k))} -> {number(after[k])}"
                                          for k in table))
     finally:
