@@ -123,8 +123,10 @@ def summarize(records: list[dict], ks: tuple[int, ...] = (1,)) -> dict:
     one_at = sum(r["final_c"] for r in records) / episodes
     out["1@3" if turns == 3 else f"1@{turns}"] = one_at  # RLEF's 1@3: one submission after up to 3 turns
     out["turn1_pass"] = sum(r["turn1_c"] for r in records) / episodes
-    failed_turn1 = episodes - sum(r["turn1_c"] for r in records)   # the repair rate: the share of these
-    out["repair_rate"] = sum(r["repaired_c"] for r in records) / failed_turn1 if failed_turn1 else math.nan
+    failed_turn1 = episodes - sum(r["turn1_c"] for r in records)
+    if turns > 1:   # the repair rate: the share of the episodes failing turn 1 that a later turn solved
+        repaired = sum(r["repaired_c"] for r in records)
+        out["repair_rate"] = repaired / failed_turn1 if failed_turn1 else math.nan
     out["mean_turns"] = sum(r["turns"] for r in records) / episodes
     out["tasks"] = len(records)
     return out
@@ -323,8 +325,9 @@ def table(metrics: dict, args) -> str:
     rows = [(k, metrics[k], f"{args.samples} single-turn samples per task") for k in metrics
             if k.startswith("pass@")]
     rows += [("turn 1", metrics["turn1_pass"], f"first turn of {args.episodes} episodes per task"),
-             (final, metrics[final], f"final turn of the same episodes (up to {args.max_turns} turns)"),
-             ("repairs", metrics["repair_rate"], "share of episodes failing turn 1 solved by a later one")]
+             (final, metrics[final], f"final turn of the same episodes (up to {args.max_turns} turns)")]
+    if "repair_rate" in metrics:
+        rows.append(("repairs", metrics["repair_rate"], "episodes failing turn 1 that a later turn solved"))
     head = f"{args.dataset}: {metrics['tasks']} tasks, temperature {args.temperature}, " \
            f"{metrics['mean_turns']:.2f} turns per episode on average"
     return "\n".join([head] + [f"  {name:>8}  {value:6.3f}  {what}" for name, value, what in rows])
