@@ -123,8 +123,8 @@ def summarize(records: list[dict], ks: tuple[int, ...] = (1,)) -> dict:
     one_at = sum(r["final_c"] for r in records) / episodes
     out["1@3" if turns == 3 else f"1@{turns}"] = one_at  # RLEF's 1@3: one submission after up to 3 turns
     out["turn1_pass"] = sum(r["turn1_c"] for r in records) / episodes
-    failed_turn1 = episodes - sum(r["turn1_c"] for r in records)
     if turns > 1:   # the repair rate: the share of the episodes failing turn 1 that a later turn solved
+        failed_turn1 = episodes - sum(r["turn1_c"] for r in records)
         repaired = sum(r["repaired_c"] for r in records)
         out["repair_rate"] = repaired / failed_turn1 if failed_turn1 else math.nan
     out["mean_turns"] = sum(r["turns"] for r in records) / episodes

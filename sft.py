@@ -362,9 +362,10 @@ def ship_tiny_warm_start() -> Path:
     from tokenizer import Tokenizer
     path = tiny_warm_start(SHIPPED, Tokenizer.byte_level(), synthetic_tasks("train"), steps=TINY["steps"],
                            instruction="")
-    recipe = {"command": "python sft.py", "recipe": TINY, "torch": torch.__version__,
-              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    (path / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    if not (path / "recipe.json").exists():   # found, not trained here: its record stays as it was
+        recipe = {"command": "python sft.py", "recipe": TINY, "torch": torch.__version__,
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        (path / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     return path
 
 
