@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 from data import Task
 
 if TYPE_CHECKING:  # torch is imported once the flags are checked: a bad flag fails in a fraction of a second
-    from reward import TimeReward
     from rollout import Episode, RolloutWorker, Sampler
 
 
@@ -91,17 +90,20 @@ def run_in_groups(worker: RolloutWorker, sampler: Sampler, tasks: list[Task], re
 
 
 def fast_share_records(worker: RolloutWorker, sampler: Sampler, tasks: list[Task], samples: int,
-                       time_reward: TimeReward, fast_above: float = -0.5) -> list[dict]:
+                       fast_above: float = -0.5) -> list[dict]:
     """Per slow/fast task: how many of `samples` single-turn samples pass, and how many of those are fast.
 
     Fast means a time reward above `fast_above` (at most e^0.5 = 1.6x the reference's CPU time): the slow
-    solutions of the synthetic family are tens of times slower, so they score the clip, -1.
+    solutions of the synthetic family are tens of times slower, so they score the clip, -1. The worker must
+    have a time reward (RewardConfig.time_weight > 0), which sets each passing episode's `speed`.
     """
+    if worker.time_reward is None:
+        raise ValueError("fast_share_records: the worker times no program (RewardConfig.time_weight is 0)")
     episodes = worker.run(sampler, [t for t in tasks for _ in range(samples)], max_turns=1)
     records = []
     for t, task in enumerate(tasks):
         passing = [e for e in episodes[t * samples:(t + 1) * samples] if e.passed]
-        fast = sum(time_reward(task, e.turns[-1].code) > fast_above for e in passing)
+        fast = sum(e.speed > fast_above for e in passing)
         records.append({"task_id": task.task_id, "passing": len(passing), "fast": fast})
     return records
 
@@ -166,8 +168,8 @@ def build_parser() -> Parser:
     model = ap.add_argument_group("model")
     model.add_argument("--model_dir", required=True, help="HF checkpoint folder (config.json, "
                        "*.safetensors): any Llama-layout model, or a run's out_dir/checkpoint/policy")
-    model.add_argument("--tokenizer", default="", help="tokenizer.model or tokenizer.json path, or 'bytes' "
-                       "(the tiny preset's byte-level tokenizer); '' = the one in --model_dir")
+    model.add_argument("--tokenizer", default="", help="tokenizer.model, .json or .tiktoken path, or 'bytes' "
+                       "(byte-level, no merges); '' = the one in --model_dir")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="auto = the checkpoint's own")
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")

@@ -32,7 +32,7 @@ boundaries and the rewards; `collate` pads them into tensors for ppo.py.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,7 +56,7 @@ class RolloutConfig:
     max_new_tokens: int = 256      # per turn
     max_episode_tokens: int = 2048  # prompt, responses and feedback; an episode never exceeds it
     gen_batch_size: int = 16       # episodes per generate() call (micro-batch)
-    instruction: str = INSTRUCTION  # appended to every task's prompt (the tiny byte-level demo: a short one)
+    instruction: str = INSTRUCTION  # appended to every task's prompt (the tiny demo: none)
     feedback: str = "execution"     # "uninformative": reward.UNINFORMATIVE_FEEDBACK after every failed turn
 
 
@@ -77,8 +77,10 @@ class Episode:
     action_mask: list[bool]                 # True where the policy sampled the token
     turns: list[Turn] = field(default_factory=list)
     private: RunResult | None = None        # verdicts of the final code on the private tests
+    speed: float | None = None              # the time reward of the final code, when it passed and was timed
     done: bool = False
     _private_future: Future | None = None
+    _speed_future: Future | None = None     # the time reward, computed in RolloutWorker.timing
 
     @property
     def reward(self) -> float:
@@ -103,6 +105,9 @@ class RolloutWorker:
     def __init__(self, tokenizer, pool: SandboxPool, cfg: RolloutConfig, reward_cfg: RewardConfig):
         self.tokenizer, self.pool, self.cfg, self.reward_cfg = tokenizer, pool, cfg, reward_cfg
         self.time_reward = TimeReward(pool) if reward_cfg.time_weight else None
+        # One timing thread per sandbox worker: TimeReward runs its jobs one after the other, so this keeps
+        # every worker busy.
+        self.timing = ThreadPoolExecutor(pool.workers) if self.time_reward is not None else None
         # where rollout time goes (bench/bench_train.py)
         self.seconds = {"generate": 0.0, "sandbox_wait": 0.0}
 
@@ -127,6 +132,8 @@ class RolloutWorker:
             pending = self._generate_and_submit(sampler, active)
             for ep, future in pending:
                 self._finish_turn(ep, future, last_turn)
+        if self.timing is not None:
+            self._time_final_programs(episodes)
         for ep in episodes:
             self._score(ep)
         return episodes
@@ -187,14 +194,25 @@ class RolloutWorker:
         """The final reward, on the last turn: correctness on the private tests (+ the time reward)."""
         final = ep.turns[-1]
         ep.private, ep._private_future = self._wait(ep._private_future), None   # None: no final code
-        speed = 0.0
-        if self.time_reward is not None and ep.passed:
-            t0 = time.perf_counter()
-            speed = self.time_reward(ep.task, final.code)
-            self.seconds["sandbox_wait"] += time.perf_counter() - t0
-        final.reward += final_reward(ep.private, self.reward_cfg, time=speed)
+        ep.speed, ep._speed_future = self._wait(ep._speed_future), None
+        final.reward += final_reward(ep.private, self.reward_cfg, time=ep.speed or 0.0)
 
-    def _wait(self, future: Future | None) -> RunResult | None:
+    def _time_final_programs(self, episodes: list[Episode]) -> None:
+        """Start the time reward of every final program, after generation (timing beside it slowed generation
+        as much as it saved). The samples of a task often write the same program: it is timed once."""
+        timings: dict[tuple[str, str], Future] = {}
+        for ep in episodes:
+            if ep._private_future is not None:
+                key = (ep.task.task_id, ep.turns[-1].code)
+                if key not in timings:
+                    timings[key] = self.timing.submit(self._speed, ep.task, key[1], ep._private_future)
+                ep._speed_future = timings[key]
+
+    def _speed(self, task: Task, code: str, private: Future) -> float | None:
+        """The time reward of a final program once it has passed its private tests (None if it failed)."""
+        return self.time_reward(task, code) if private.result().passed else None
+
+    def _wait(self, future: Future | None):
         if future is None:
             return None
         t0 = time.perf_counter()

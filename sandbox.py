@@ -483,13 +483,12 @@ class SandboxPool:
                  hide_paths: list[str] | None = None, uids: range | None = None):
         """hide_paths: directories programs must not see (default: default_hidden_paths()). uids: the range
         the workers' uids come from, when the caller reserves one (default: UIDS, unused uids only)."""
-        self.limits = limits
-        n = workers or len(os.sched_getaffinity(0))
+        self.limits, self.workers = limits, workers or len(os.sched_getaffinity(0))  # jobs that run at once
         self._jobs: queue.Queue = queue.Queue()
         self._workers: list[_Worker] = []
         try:
             hide = default_hidden_paths() if hide_paths is None else hide_paths
-            for _ in range(n):
+            for _ in range(self.workers):
                 self._workers.append(_Worker(hide, uids))
         except BaseException:
             self.close()

@@ -21,6 +21,10 @@ The warm start's demonstrations (`warm_start_examples`):
 - repair demonstrations, the multi-turn format of RLEF: a wrong first answer (the reference with one classic
   bug, or another task's reference), the real sandbox feedback on the public tests, then the right answer.
   Only the right answer is trained, so the model learns to read feedback, never to write the wrong program.
+
+The tiny preset's tokenizer is a BPE of TINY["merges"] merges trained on the text of these demonstrations
+(`tiny_bpe_ranks`, shipped as weights/tiny-bpe.tiktoken): held-out task text takes a third of the tokens that
+bytes would, and generation and training cost about in proportion.
 """
 from __future__ import annotations
 
@@ -140,6 +144,25 @@ def repairs_with_feedback(tasks, count: int, seed: int, pool) -> list[tuple[obje
     results = pool.map([(wrong, t.public_tests, t.setup_code) for t, wrong in pairs])
     return [(t, wrong, feedback_text(result, t.public_tests))
             for (t, wrong), result in zip(pairs, results) if not result.passed]
+
+
+def bpe_corpus(tasks, seed: int = 0, pool=None) -> list[str]:
+    """The texts of the tiny warm start's demonstrations (prompts, programs, and with a pool the repairs'
+    feedback), without the chat template's special tokens: what the tiny preset's BPE is trained on."""
+    from tokenizer import Tokenizer
+    tokenizer = Tokenizer.byte_level()
+    examples = warm_start_examples(tokenizer, tasks, "", repairs=TINY["repairs"] if pool else 0,
+                                   bug_rate=TINY["bug_rate"], pool=pool, seed=seed)
+    texts = []
+    for tokens, _ in examples:   # split at the specials (ids 256 and up): each run of bytes is one text
+        run = []
+        for t in tokens + [256]:
+            if t < 256:
+                run.append(t)
+            elif run:
+                texts.append(bytes(run).decode())
+                run = []
+    return texts
 
 
 def pad_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,9 +302,10 @@ def warm_start(out_dir: Path, tokenizer, tasks, model_config, *, steps: int, bat
     if not any(t.reference_solution for t in tasks):
         raise ValueError("warm_start: none of the tasks has a reference_solution to learn from")
     tasks_hash = hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()
+    vocab = sorted(tokenizer.ranks.items(), key=lambda kv: kv[1])
     settings = {"config": model_config.to_hf(), "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
                 "instruction": instruction, "slow": slow_solutions, "repairs": repairs, "bug_rate": bug_rate,
-                "tasks": tasks_hash, "copies": 1}  # a removed option's value: cached entries stay valid
+                "tasks": tasks_hash, "vocab": hashlib.sha256(repr(vocab).encode()).hexdigest()}
     key = json.dumps(settings, sort_keys=True)
     name = f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if shipped is not None and (shipped / name / "config.json").exists():
@@ -333,7 +357,8 @@ def publish_checkpoint(model, path: Path, log=print, tokenizer=None) -> None:
 # The tiny preset's warm start: a 4-layer model of hidden size 128 trained on every training task's reference,
 # with each classic bug in 30% of the places it fits, plus 128 repair demonstrations. One warm start serves
 # every run seed (its own seed is fixed), so the repository ships it: `python sft.py` trains it into SHIPPED.
-TINY = dict(layers=4, hidden=128, lr=3e-3, batch=32, repairs=128, bug_rate=0.3, steps=1200, seed=0)
+TINY = dict(layers=4, hidden=128, lr=3e-3, batch=32, repairs=128, bug_rate=0.3, steps=1200, seed=0,
+            merges=256)
 SHIPPED = Path(__file__).resolve().parent / "weights"
 
 
@@ -353,15 +378,25 @@ def tiny_warm_start(cache_dir: Path, tokenizer, tasks, *, steps: int, instructio
                       log=log, repairs=TINY["repairs"], bug_rate=TINY["bug_rate"], shipped=SHIPPED)
 
 
-def ship_tiny_warm_start() -> Path:
-    """Train the tiny preset's warm start (the byte-level tokenizer, the synthetic training tasks, no
-    instruction) into SHIPPED, where every `python train.py` finds it. recipe.json beside it says what made
-    it: CPU kernels sum floats in their own order, so only the same torch and kernels retrain it bit for
-    bit."""
+def tiny_bpe_ranks(pool) -> dict[bytes, int]:
+    """The tiny preset's BPE (tokenizer.TINY_BPE): TINY["merges"] merges on the warm start's corpus."""
     from synthetic import synthetic_tasks
-    from tokenizer import Tokenizer
-    path = tiny_warm_start(SHIPPED, Tokenizer.byte_level(), synthetic_tasks("train"), steps=TINY["steps"],
-                           instruction="")
+    from tokenizer import train_bpe
+    return train_bpe(bpe_corpus(synthetic_tasks("train"), TINY["seed"], pool), TINY["merges"])
+
+
+def ship_tiny_warm_start() -> Path:
+    """Build the tiny preset's BPE into tokenizer.TINY_BPE, then train its warm start (the synthetic training
+    tasks, no instruction) into SHIPPED, where every `python train.py` finds both. recipe.json beside the
+    warm start says what made it: CPU kernels sum floats in their own order, so only the same torch and
+    kernels retrain it bit for bit. The BPE is plain counting: it is the same everywhere."""
+    from sandbox import Limits, SandboxPool
+    from synthetic import synthetic_tasks
+    from tokenizer import TINY_BPE, Tokenizer, save_tiktoken_ranks
+    with SandboxPool(2, Limits(timeout_s=2.0)) as pool:
+        save_tiktoken_ranks(tiny_bpe_ranks(pool), TINY_BPE)
+    path = tiny_warm_start(SHIPPED, Tokenizer.byte_level(TINY_BPE), synthetic_tasks("train"),
+                           steps=TINY["steps"], instruction="")
     if not (path / "recipe.json").exists():   # found, not trained here: its record stays as it was
         recipe = {"command": "python sft.py", "recipe": TINY, "torch": torch.__version__,
                   "cpu_capability": torch.backends.cpu.get_cpu_capability()}

@@ -1,4 +1,4 @@
-"""Synthetic tasks for the CPU demo: small list functions a tiny byte-level model can learn in minutes.
+"""Synthetic tasks for the CPU demo: small list functions a tiny model can learn in minutes.
 
 Compositions: f(xs) = reduction(map(x) for x in xs if filter(x)), e.g. "the sum of the squares of the even
 numbers in xs". The held-out splits are new compositions of primitives that the training split has seen, so

@@ -4,13 +4,15 @@
                                        Meta's pre-tokenization pattern and 256 special tokens (128000-128255)
   Tokenizer.from_tokenizer_json(path)  a Hugging Face byte-level BPE `tokenizer.json` (GPT-2, SmolLM2, Qwen),
                                        as tiktoken ranks; what cannot be reproduced exactly is refused
-  Tokenizer.byte_level()               ids 0-255 are the bytes, a few specials after them: the CPU demo model
+  Tokenizer.byte_level(ranks_file)     ids 0-255 are the bytes, then the file's merges if any (the CPU demo's
+                                       BPE, TINY_BPE), then a few specials
 
 `encode` never turns text into a special token. Chat prompts are assembled from ids, so a user (or a program's
 output fed back as feedback) who writes "<|eot_id|>" gets ordinary text tokens, never the real one.
 """
 import base64
 import binascii
+import collections
 import functools
 import json
 import shutil
@@ -39,6 +41,8 @@ LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 
 
 # The files a model folder may hold its tokenizer in, in the order tokenizer_for looks for them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+# The tiny demo's BPE: 256 merges trained on its synthetic warm-start corpus (`python sft.py` builds it).
+TINY_BPE = Path(__file__).resolve().parent / "weights" / "tiny-bpe.tiktoken"
 
 
 class TokenizerError(ValueError):
@@ -75,13 +79,16 @@ class Tokenizer:
                    pad="<|finetune_right_pad_id|>", extra_stops=("<|eom_id|>",), file=path)
 
     @classmethod
-    def byte_level(cls) -> "Tokenizer":
-        """ids 0-255 are the bytes themselves (no merges); 8 specials at 256-263, so n_words = 264."""
+    def byte_level(cls, ranks_file: Path | None = None) -> "Tokenizer":
+        """ids 0-255 are the bytes themselves, then the merges of `ranks_file` if given (a tiktoken rank file:
+        the tiny demo's BPE, made by `train_bpe`); 8 specials after them (n_words = 264 without merges)."""
         names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                  "<|eot_id|>", "<|pad|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
-        return cls("byte_level", LLAMA3_PATTERN, {bytes([b]): b for b in range(256)},
-                   {t: 256 + i for i, t in enumerate(names)}, chat_format="llama3", bos="<|begin_of_text|>",
-                   eos="<|end_of_text|>", eot="<|eot_id|>", pad="<|pad|>")
+        ranks = load_tiktoken_ranks(Path(ranks_file)) if ranks_file else {bytes([b]): b for b in range(256)}
+        return cls(Path(ranks_file).stem if ranks_file else "byte_level", LLAMA3_PATTERN, ranks,
+                   {t: len(ranks) + i for i, t in enumerate(names)}, chat_format="llama3",
+                   bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>", pad="<|pad|>",
+                   file=Path(ranks_file) if ranks_file else None)
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "Tokenizer":
@@ -218,11 +225,14 @@ CHAT_TEMPLATES = {
 
 def tokenizer_for(model_dir="", tokenizer: str = "") -> Tokenizer:
     """The one rule for a run's tokenizer (train.py and evaluate.py), first match wins:
-      1. an explicit `tokenizer`: 'bytes' (the tiny byte-level one), or a tokenizer.json / .model path;
+      1. an explicit `tokenizer`: 'bytes' (byte-level, no merges), or a tokenizer.json / .model path, or a
+         .tiktoken rank file (its ranks, then the byte-level tokenizer's specials);
       2. a `model_dir` uses its own, the first of TOKENIZER_FILES it holds (none: an error, pass --tokenizer);
-      3. no model_dir (the tiny demo model, trained from scratch): the byte-level tokenizer."""
-    if tokenizer == "bytes" or not (tokenizer or model_dir):
+      3. no model_dir (the tiny demo model, trained from scratch): the tiny BPE, TINY_BPE."""
+    if tokenizer == "bytes":
         return Tokenizer.byte_level()
+    if not (tokenizer or model_dir) or Path(tokenizer).suffix == ".tiktoken":
+        return Tokenizer.byte_level(Path(tokenizer) if tokenizer else TINY_BPE)
     path = Path(tokenizer) if tokenizer else next(
         (Path(model_dir) / name for name in TOKENIZER_FILES if (Path(model_dir) / name).exists()), None)
     if path is None:
@@ -257,6 +267,40 @@ def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
         raise TokenizerError(f"{path}: not a byte-level BPE rank file: the ranks are not exactly 0..N-1 over "
                              "distinct tokens, with every single byte among them")
     return ranks
+
+
+def train_bpe(texts: list[str], merges: int, pattern: str = LLAMA3_PATTERN) -> dict[bytes, int]:
+    """Byte-level BPE (Sennrich et al. 2016, on bytes as GPT-2): from the 256 bytes, `merges` times, the most
+    frequent adjacent pair within the pre-tokenized pieces becomes a token, ranked in that order (tiktoken's
+    ranks). Ties go to the pair counted first, so the same texts give the same ranks."""
+    import regex  # tiktoken's own dependency, which it uses for the same pattern
+
+    counts = collections.Counter(p.encode() for text in texts for p in regex.findall(pattern, text))
+    pieces = {word: [bytes([b]) for b in word] for word in counts}
+    ranks = {bytes([b]): b for b in range(256)}
+    for _ in range(merges):
+        pairs = collections.Counter()
+        for word, parts in pieces.items():
+            for pair in zip(parts, parts[1:]):
+                pairs[pair] += counts[word]
+        if not pairs:
+            break
+        left, right = max(pairs, key=pairs.__getitem__)
+        ranks[left + right] = len(ranks)
+        for word, parts in pieces.items():
+            i = 0
+            while i < len(parts) - 1:
+                if parts[i] == left and parts[i + 1] == right:
+                    parts[i:i + 2] = [left + right]
+                i += 1
+    return ranks
+
+
+def save_tiktoken_ranks(ranks: dict[bytes, int], path: Path) -> None:
+    """The format load_tiktoken_ranks reads (and Llama 3's tokenizer.model is in)."""
+    lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(),
+                                                                                     key=lambda kv: kv[1]))
+    Path(path).write_text("".join(lines))
 
 
 # -- tokenizer.json -> tiktoken ----------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from distributed import (all_reduce_mean, barrier, broadcast_object, check_repli
 from evaluate import fast_share_records, summarize, summarize_fast_share, task_results
 from model import ModelConfig, read_json
 from plot import write_plot
-from reward import RewardConfig, TimeReward, has_assert_tests
+from reward import RewardConfig, has_assert_tests
 from rollout import INSTRUCTION, RolloutConfig, RolloutWorker, collate, model_sampler
 from sandbox import Limits, SandboxPool
 from synthetic import synthetic_tasks
@@ -58,7 +58,8 @@ class Config:
     preset: str = arg("tiny", "defaults that later flags override", ("tiny", "llama-3.2-1b", "llama-3.1-8b",
                                                                        "qwen3-0.6b"))
     model_dir: str = arg("", "HF checkpoint folder (config.json, *.safetensors, tokenizer); '' = warm start")
-    tokenizer: str = arg("", "tokenizer.model / tokenizer.json path; '' = look in model_dir; 'bytes' = tiny")
+    tokenizer: str = arg("", "tokenizer.model / .json / .tiktoken path; '' = model_dir's (none: the tiny "
+                         "BPE); 'bytes' = byte-level")
     dtype: str = arg("float32", "weights and activations", tuple(DTYPES))
     dataset: str = arg("synthetic", "the tasks (README: datasets)",
                        ("synthetic", "mbpp", "humaneval", "stdio", "tasks"))
@@ -120,12 +121,12 @@ class Config:
 
 
 PRESETS = {
-    # 0.8M parameters, byte-level tokens, synthetic tasks, short prompts (bytes are tokens). The choices and
+    # 0.8M parameters, the tiny BPE (tokenizer.TINY_BPE), synthetic tasks, short prompts. The choices and
     # their evidence are in docs/experiments.md: 1200 warm-start steps, expert iteration at lr 1e-4 for 24
     # iterations of 16 tasks x 8 episodes, and the "probe" critic at critic_lr 1e-3 for --algo ppo.
     "tiny": dict(dataset="synthetic", instruction="", warmstart_steps=sft.TINY["steps"],
                  algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="probe", critic_lr=1e-3,
-                 kl_coef=0.05, max_new_tokens=112,
+                 kl_coef=0.05, max_new_tokens=48,
                  tasks_per_step=16, samples_per_task=8, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=24, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
                  eval_episodes=4, test_timeout=2.0, sandbox_workers=2),
@@ -173,7 +174,7 @@ def validate(cfg: Config) -> None:
     if cfg.model_dir and not (Path(cfg.model_dir) / "config.json").is_file():
         refuse("model_dir", "must be a HF checkpoint folder with a config.json")
     if cfg.tokenizer not in ("", "bytes") and not Path(cfg.tokenizer).is_file():
-        refuse("tokenizer", "must be '', 'bytes' or an existing tokenizer.json / tokenizer.model file")
+        refuse("tokenizer", "must be '', 'bytes' or an existing tokenizer.json / .model / .tiktoken file")
     own = any((Path(cfg.model_dir) / name).is_file() for name in TOKENIZER_FILES)  # tokenizer_for's rule 2
     if cfg.model_dir and not cfg.tokenizer and not own:
         refuse("tokenizer", f"--model_dir {cfg.model_dir} has no tokenizer of its own: pass --tokenizer")
@@ -254,7 +255,8 @@ class Trainer:
                                     gen_batch_size=cfg.gen_batch_size, instruction=cfg.instruction,
                                     max_episode_tokens=self.models.policy.config.max_position_embeddings)
         self.worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, reward_cfg)
-        self.eval_timer = TimeReward(self.pool)  # times programs for the fast share
+        self.eval_worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, RewardConfig())  # no timing
+        self.timed_worker = RolloutWorker(self.tokenizer, self.pool, rollout_cfg, RewardConfig(time_weight=1.0))
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> tuple[dict | None, dict]:
@@ -372,10 +374,10 @@ class Trainer:
                                 generator)
         slow_fast = [t for t in self.train_tasks[self.rank::self.world] if "slow_fast" in t.tags]
         with full_params(self.models.scorer, cfg.fsdp):
-            records, episodes = task_results(self.worker, sampler, self.eval_tasks[self.rank::self.world],
+            records, episodes = task_results(self.eval_worker, sampler, self.eval_tasks[self.rank::self.world],
                                              cfg.eval_samples, cfg.max_turns, cfg.eval_episodes,
                                              lambda line: self.log(f"eval[{label}] {line}"))
-            fast = fast_share_records(self.worker, sampler, slow_fast, cfg.eval_samples, self.eval_timer)
+            fast = fast_share_records(self.timed_worker, sampler, slow_fast, cfg.eval_samples)
         records, fast = gather_objects(records, self.world), gather_objects(fast, self.world)
         metrics = {"kind": "eval", "label": label, "step": step, **summarize(records, (1, cfg.eval_samples)),
                    **(summarize_fast_share(fast) if fast else {}), "time_eval": time.perf_counter() - t0}

@@ -47,7 +47,7 @@ def main(argv=None):
     from train import Trainer, parse_config
 
     # out/ of a real run is left alone; eval is not part of an iteration
-    cfg = parse_config(["--out_dir", str(ROOT / "out" / "bench_train"), *train_argv])
+    cfg = parse_config(["--out_dir", str(ROOT / "out" / "bench_train"), "--overwrite", *train_argv])
     trainer = Trainer(cfg)
     try:
         trainer.train_step(0)  # warm-up

@@ -33,7 +33,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", default="", help="an HF policy folder; '' = the preset's warm start")
     ap.add_argument("--tokenizer", default="", help="with --checkpoint: '' = the checkpoint's own tokenizer, "
-                    "'bytes' = the tiny byte-level one, or a tokenizer.model / tokenizer.json path")
+                    "'bytes' = byte-level, or a tokenizer.model / .json / .tiktoken path")
     ap.add_argument("--draws", default="1,2,3,4,5,6", help="comma-separated generator seeds, one evaluation each")
     ap.add_argument("--out_dir", default="out/eval_draws", help="train.py's out_dir (nothing is trained)")
     args, flags = ap.parse_known_args(argv)

@@ -18,7 +18,7 @@ from rollout import RolloutConfig, RolloutWorker  # noqa: E402
 from sandbox import Limits, SandboxPool  # noqa: E402
 from sft import format_answer  # noqa: E402
 from synthetic import bug_sites, synthetic_tasks, with_bugs  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from tokenizer import TINY_BPE, Tokenizer  # noqa: E402
 
 
 def scripted_sampler(tokenizer, answers: list[str]):
@@ -33,9 +33,9 @@ def scripted_sampler(tokenizer, answers: list[str]):
 def main():
     task = next(t for t in synthetic_tasks("train", seed=0) if "default=0" in t.reference_solution)
     buggy = with_bugs(task.reference_solution, bug_sites(task.reference_solution)[:1])
-    tokenizer = Tokenizer.byte_level()
+    tokenizer = Tokenizer.byte_level(TINY_BPE)
     with SandboxPool(2, Limits(timeout_s=2.0)) as pool:
-        worker = RolloutWorker(tokenizer, pool, RolloutConfig(max_turns=3, max_new_tokens=112, instruction=""),
+        worker = RolloutWorker(tokenizer, pool, RolloutConfig(max_turns=3, max_new_tokens=48, instruction=""),
                                RewardConfig(time_weight=1.0))
         episode = worker.run(scripted_sampler(tokenizer, [buggy, task.reference_solution]), [task])[0]
     print(f"task {task.task_id}: {len(task.public_tests)} public tests, {len(task.private_tests)} private tests\n")

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from model import ModelConfig, Transformer
-from tokenizer import Tokenizer, check_vocab, tokenizer_for
+from tokenizer import TINY_BPE, Tokenizer, check_vocab, tokenizer_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,8 +200,9 @@ def test_check_vocab_names_both_files(shared_data, tmp_path):
 
 def test_tokenizer_rule(shared_data, tmp_path):
     model_path = shared_data / "llama3-tokenizer" / "tokenizer.model"
-    assert tokenizer_for("", "").name == "byte_level"  # no model_dir: the tiny demo
+    assert tokenizer_for("", "").file == TINY_BPE  # no model_dir: the tiny demo's BPE
     assert tokenizer_for(tmp_path, "bytes").name == "byte_level"  # explicit wins
+    assert tokenizer_for(tmp_path, str(TINY_BPE)).ranks == tokenizer_for("", "").ranks  # a .tiktoken file
     with pytest.raises(FileNotFoundError, match=f"no tokenizer.json or tokenizer.model in {tmp_path}"):
         tokenizer_for(tmp_path)  # a model_dir without a tokenizer never falls back to bytes
     shutil.copy(model_path, tmp_path / "tokenizer.model")

@@ -42,6 +42,14 @@ def worker_for(tok, pool):
     return RolloutWorker(tok, pool, RolloutConfig(max_turns=3, max_new_tokens=128, instruction=""), RewardConfig())
 
 
+def timed_worker(tok, pool, repeats=3):
+    """A worker whose time reward sets each passing episode's speed."""
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=1, max_new_tokens=128, instruction=""),
+                           RewardConfig(time_weight=1.0))
+    worker.time_reward = TimeReward(pool, repeats=repeats)
+    return worker
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pass@k
 
@@ -212,17 +220,19 @@ def test_fast_share_counts_fast_and_slow_passing_programs(tok, pool):
 
     # median of 5 timings, not 3: on a clean-clone CI run the median of 3 once put the reference itself past
     # e^0.5 of its own time (the sandbox's two workers share the machine's two cores)
-    records = fast_share_records(worker_for(tok, pool), sampler, tasks, 4, TimeReward(pool, repeats=5))
+    records = fast_share_records(timed_worker(tok, pool, repeats=5), sampler, tasks, 4)
     assert records == [{"task_id": tasks[0].task_id, "passing": 3, "fast": 2},
                        {"task_id": tasks[1].task_id, "passing": 2, "fast": 0}]
     assert summarize_fast_share(records) == {"fast_share": pytest.approx(2 / 5), "fast_share_passing": 5}
 
     def all_wrong(prompts):
         return [(tok.encode(format_answer(WRONG)) + [tok.eot_id], True) for _ in prompts]
-    none = fast_share_records(worker_for(tok, pool), all_wrong, tasks, 2, TimeReward(pool))
+    none = fast_share_records(timed_worker(tok, pool), all_wrong, tasks, 2)
     assert [(r["passing"], r["fast"]) for r in none] == [(0, 0), (0, 0)]
     share = summarize_fast_share(none)
     assert math.isnan(share["fast_share"]) and share["fast_share_passing"] == 0
+    with pytest.raises(ValueError, match="times no program"):
+        fast_share_records(worker_for(tok, pool), all_wrong, tasks, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

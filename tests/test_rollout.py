@@ -1,4 +1,6 @@
 """Multi-turn episodes on a scripted fake policy: exact token masks, feedback text and rewards."""
+import threading
+
 import pytest
 
 from data import Task, Test
@@ -104,6 +106,27 @@ def test_episode_ends_when_public_tests_pass_and_private_tests_decide(pool):
         assert len(ep.turns) == 1 and ep.turns[0].public.passed
         assert not ep.private.passed and ep.reward == -1.0
         assert [r.status for r in ep.private.tests] == ["pass", "wrong_answer"]
+
+
+def test_a_passing_final_program_is_timed_once_in_a_timing_thread_and_earns_the_time_reward(pool):
+    """r = +1 + time_weight * speed on a pass (reward.final_reward); two samples of a task that wrote the same
+    program share one timing; a failing program is never timed."""
+    tok = Tokenizer.byte_level()
+    worker = RolloutWorker(tok, pool, RolloutConfig(max_turns=1), RewardConfig(time_weight=0.5))
+    timed = []
+
+    def time_reward(task, code):
+        timed.append((task.task_id, code, threading.current_thread() is threading.main_thread()))
+        return 0.4
+    worker.time_reward = time_reward
+
+    def right_right_wrong(prompts):
+        return [(tok.encode(answer) + [tok.eot_id], True) for answer in (RIGHT, RIGHT, WRONG)[:len(prompts)]]
+    right, again, wrong = worker.run(right_right_wrong, [TASK, TASK, TASK])
+    for ep in (right, again):
+        assert ep.passed and ep.speed == 0.4 and ep.reward == pytest.approx(1.0 + 0.5 * 0.4)
+    assert not wrong.passed and wrong.speed is None and wrong.reward == -1.0
+    assert timed == [("add", right.turns[0].code, False)]
 
 
 def test_finished_episodes_leave_the_generation_batch(pool):

@@ -10,7 +10,8 @@ from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIALS, Tokenizer, TokenizerError
+from tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIALS, TINY_BPE, Tokenizer, TokenizerError, load_tiktoken_ranks
+from tokenizer import train_bpe as bpe_from_texts
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN_FILES = ["argparse.py", "dataclasses.py", "inspect.py", "textwrap.py", "json/decoder.py"]
@@ -465,3 +466,47 @@ def test_llama3_matches_hf_conversion_of_the_same_file(llama3, llama3_path, tmp_
         f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
     rendered += "<|start_header_id|>assistant<|end_header_id|>\n\n"
     assert llama3.encode_dialog_prompt(messages) == hf.encode(rendered, add_special_tokens=False).ids
+
+
+# ---------------------------------------------------------------------------- the tiny demo's BPE
+
+
+def test_train_bpe_merges_the_most_frequent_pair_first():
+    """By hand: pieces "ab", " ab", " ab", "abc". (a, b) occurs 4 times -> "ab"; then (" ", "ab") twice -> " ab";
+    then ("ab", "c") once -> "abc"; then no pair is left, whatever the merge budget."""
+    ranks = bpe_from_texts(["ab ab ab", "abc"], merges=10)
+    assert {t: r for t, r in ranks.items() if r >= 256} == {b"ab": 256, b" ab": 257, b"abc": 258}
+    tok = Tokenizer("t", LLAMA3_PATTERN, ranks, {"<|eot_id|>": 259}, chat_format="llama3", bos=None,
+                    eos="<|eot_id|>", eot="<|eot_id|>", pad="<|eot_id|>")
+    # " abc": tiktoken merges the lowest rank first: a+b (256), then " "+"ab" (257); " ab"+"c" is no token
+    assert tok.encode("ab abc") == [256, 257, ord("c")]
+
+
+def test_the_shipped_tiny_bpe_is_what_sft_builds_and_takes_under_0_4_tokens_a_byte():
+    import sft
+    import synthetic
+    from sandbox import SandboxPool
+    with SandboxPool(workers=2) as pool:
+        ranks = sft.tiny_bpe_ranks(pool)
+    assert ranks == load_tiktoken_ranks(TINY_BPE) and len(ranks) == 256 + sft.TINY["merges"]
+    tiny = Tokenizer.byte_level(TINY_BPE)
+    assert tiny.n_words == len(ranks) + 8 and tiny.eot_id == len(ranks) + 4
+    held_out = sft.bpe_corpus(synthetic.synthetic_tasks("test"))  # compositions the BPE never saw
+    n_bytes, n_tokens = sum(len(t.encode()) for t in held_out), sum(len(tiny.encode(t)) for t in held_out)
+    assert n_bytes / n_tokens > 2.5
+    assert all(tiny.decode(tiny.encode(t)) == t for t in held_out + UNICODE_SAMPLES)
+
+
+def test_tiny_bpe_saved_with_a_checkpoint_encodes_as_hf_tokenizers(tmp_path):
+    """The warm start's folder holds the tiny BPE as a tokenizer.json: HF `tokenizers` and our loader of that
+    file must give the ids of the rank file."""
+    import sft
+    import synthetic
+    tiny = Tokenizer.byte_level(TINY_BPE)
+    tiny.save_pretrained(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    loaded = Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert loaded.special_tokens == tiny.special_tokens and loaded.pad_id == tiny.pad_id
+    texts = sft.bpe_corpus(synthetic.synthetic_tasks("validation")) + parity_texts()[:100] + UNICODE_SAMPLES
+    for text in texts:
+        assert tiny.encode(text) == hf.encode(text, add_special_tokens=False).ids == loaded.encode(text), text
