@@ -84,11 +84,11 @@ class Tokenizer:
         the tiny demo's BPE, made by `train_bpe`); 8 specials after them (n_words = 264 without merges)."""
         names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                  "<|eot_id|>", "<|pad|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
-        ranks = load_tiktoken_ranks(Path(ranks_file)) if ranks_file else {bytes([b]): b for b in range(256)}
-        return cls(Path(ranks_file).stem if ranks_file else "byte_level", LLAMA3_PATTERN, ranks,
+        path = Path(ranks_file) if ranks_file else None
+        ranks = load_tiktoken_ranks(path) if path else {bytes([b]): b for b in range(256)}
+        return cls(path.stem if path else "byte_level", LLAMA3_PATTERN, ranks,
                    {t: len(ranks) + i for i, t in enumerate(names)}, chat_format="llama3",
-                   bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>", pad="<|pad|>",
-                   file=Path(ranks_file) if ranks_file else None)
+                   bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>", pad="<|pad|>", file=path)
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "Tokenizer":
