@@ -20,7 +20,10 @@ The warm start's demonstrations (`warm_start_examples`):
   choice to act on (RL then shifts the mix; without the time reward nothing favours either);
 - repair demonstrations, the multi-turn format of RLEF: a wrong first answer (the reference with one classic
   bug, or another task's reference), the real sandbox feedback on the public tests, then the right answer.
-  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program.
+  Only the right answer is trained, so the model learns to read feedback, never to write the wrong program;
+- a tests-say task with a reference (synthetic.py) appears only as repairs: a first answer that returns 0 or
+  another wrong digit for no numbers, the feedback that shows the value expected, then the reference. A
+  one-turn demonstration would teach guessing the value.
 
 The tiny preset's tokenizer is a BPE of TINY["merges"] merges trained on the text of these demonstrations
 (`tiny_bpe_ranks`, shipped as weights/tiny-bpe.tiktoken): held-out task text takes a third of the tokens that
@@ -33,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -122,7 +126,7 @@ def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: b
     rng = random.Random(seed)
     examples = []
     for t in tasks:
-        if t.reference_solution:
+        if t.reference_solution and "tests_say" not in t.tags:
             code = corpus_copy(t.reference_solution, bug_rate, rng)
             examples.append(demonstration(tokenizer, task_message(t, instruction), code))
         if slow_solutions and t.slow_solution:
@@ -130,17 +134,33 @@ def warm_start_examples(tokenizer, tasks, instruction: str, *, slow_solutions: b
     if repairs:
         if pool is None:
             raise ValueError("warm_start_examples: repairs > 0 needs a sandbox pool to produce the feedback")
-        for t, wrong, feedback in repairs_with_feedback(tasks, repairs, seed, pool):
+        pairs = repair_pairs([t for t in tasks if "tests_say" not in t.tags], repairs, seed) + \
+            tests_say_pairs(tasks, rng)
+        for t, wrong, feedback in with_feedback(pairs, pool):
             examples.append(repair_demonstration(tokenizer, task_message(t, instruction), wrong, feedback,
                                                  t.reference_solution))
     return examples
 
 
-def repairs_with_feedback(tasks, count: int, seed: int, pool) -> list[tuple[object, str, str]]:
+TESTS_SAY_REPAIRS = 3   # first answers per tests-say task: returning 0 for no numbers, and two wrong digits
+
+
+def tests_say_pairs(tasks, rng: random.Random) -> list[tuple[object, str]]:
+    """(task, wrong first answer) for each tests-say task with a reference: its reference returning 0 for no
+    numbers, as the other tasks' prompts ask, or another wrong digit, so the value must be read from the
+    feedback's expected output rather than guessed from what the first answer got."""
+    pairs = []
+    for t in tasks:
+        if "tests_say" in t.tags and t.reference_solution:
+            right = int(re.search(r"default=(\d+)\)", t.reference_solution).group(1))
+            wrong = [0] + rng.sample([d for d in range(1, 10) if d != right], TESTS_SAY_REPAIRS - 1)
+            pairs += [(t, t.reference_solution.replace(f"default={right})", f"default={w})")) for w in wrong]
+    return pairs
+
+
+def with_feedback(pairs, pool) -> list[tuple[object, str, str]]:
     """(task, wrong program, the sandbox's feedback on its public tests) of the warm start's repair
-    demonstrations: `repair_pairs`, less those whose wrong program passes the public tests (no feedback to
-    learn from)."""
-    pairs = repair_pairs(tasks, count, seed)
+    demonstrations, less those whose wrong program passes the public tests (no feedback to learn from)."""
     results = pool.map([(wrong, t.public_tests, t.setup_code) for t, wrong in pairs])
     return [(t, wrong, feedback_text(result, t.public_tests))
             for (t, wrong), result in zip(pairs, results) if not result.passed]
@@ -355,7 +375,8 @@ def publish_checkpoint(model, path: Path, log=print, tokenizer=None) -> None:
 
 
 # The tiny preset's warm start: a 4-layer model of hidden size 128 trained on every training task's reference,
-# with each classic bug in 30% of the places it fits, plus 128 repair demonstrations. One warm start serves
+# with each classic bug in 30% of the places it fits, plus 128 repair demonstrations and the tests-say tasks'
+# repairs (TESTS_SAY_REPAIRS for each one with a reference). One warm start serves
 # every run seed (its own seed is fixed), so the repository ships it: `python sft.py` trains it into SHIPPED.
 TINY = dict(layers=4, hidden=128, lr=3e-3, batch=32, repairs=128, bug_rate=0.3, steps=1200, seed=0,
             merges=256)

@@ -11,6 +11,12 @@ reward to choose between.
 Classic bugs: the near misses a code model learns from a real corpus (an empty max without a default, an off
 by one). The warm start shows them at a set rate (sft.py), so the policy makes them on held-out tasks too and
 execution feedback has something general to repair.
+
+Tests-say tasks: a max/min composition whose value for no numbers the prompt leaves to the tests ("or what
+the tests say if there are none"). Only running the code reveals it: the public test on the empty list fails
+with "Expected output '7'". Turn 1 can only guess; a later turn can know, if the model reads the feedback.
+This is what RLEF adds over single-turn RL, in miniature. About half of the training split's tests-say tasks
+keep a reference, for the warm start's repair demonstrations; the rest carry tests only, for RL alone.
 """
 from __future__ import annotations
 
@@ -41,6 +47,10 @@ REDUCTIONS = {"sum": ("the sum of {M}", "sum({G})"),
               "min": ("the smallest of {M}, or 0 if there are none", "min(({G}), default=0)"),
               "list": ("a list of {M}, in order", "[{G}]"),
               "count": ("how many of {F} there are", "len([x for x in xs if {C}])")}
+TESTS_SAY = {"max": "the largest of {M}, or what the tests say if there are none",
+             "min": "the smallest of {M}, or what the tests say if there are none"}
+EMPTY_VALUES = range(1, 10)   # what a tests-say task returns for no numbers: never the 0 of the others
+TESTS_SAY_WARM_START = 0.5    # share of the training split's tests-say tasks that keep their reference
 FILTER_K = {"gt": range(1, 6), "div": range(2, 6)}
 MAP_K = {"plus": range(1, 10), "times": range(2, 10)}
 
@@ -70,7 +80,7 @@ def synthetic_tasks(split: str, seed: int = 0) -> list[Task]:
         for _ in range(INSTANCES[split] if has_k else 1):
             task = composition_task(filt, mapping, reduction, rng, split)
             tasks.setdefault(task.task_id, task)   # the same k drawn twice: one task
-    return list(tasks.values()) + slow_fast_tasks(split)
+    return list(tasks.values()) + slow_fast_tasks(split) + tests_say_tasks(split, seed)
 
 
 def synthetic_compositions() -> dict[str, list[tuple[str, str, str]]]:
@@ -91,12 +101,16 @@ def _split(items: list) -> dict[str, list]:
             "train": items[n_test + n_val:]}
 
 
-def composition_task(filt: str, mapping: str, reduction: str, rng: random.Random, split: str) -> Task:
+def composition_task(filt: str, mapping: str, reduction: str, rng: random.Random, split: str,
+                     empty: int | None = None) -> Task:
+    """One task of a composition; with `empty`, a tests-say task that returns `empty` for no numbers."""
     fk = rng.choice(FILTER_K[filt]) if filt in FILTER_K else None
     mk = rng.choice(MAP_K[mapping]) if mapping in MAP_K else None
     f_text, cond = (s.format(k=fk) if s else s for s in FILTERS[filt])
     m_text, expr = (s.format(F=f_text, k=mk) for s in MAPS[mapping])
     sentence, body = REDUCTIONS[reduction]
+    if empty is not None:
+        sentence, body = TESTS_SAY[reduction], body.replace("default=0", f"default={empty}")
     if reduction == "count":
         body = "len(xs)" if cond is None else body.format(C=cond)
     else:
@@ -113,11 +127,28 @@ def composition_task(filt: str, mapping: str, reduction: str, rng: random.Random
             if catch is not None:   # None: a harmless rewrite here (x <= 0 for x < 0 in a sum)
                 inputs.insert(-1, catch)
     tests = [Test(kind="call", call=f"f({xs!r})", expected=repr(f(xs))) for xs in inputs]
+    name = f"{reduction}-{mapping}{mk or ''}-{filt}{fk or ''}"
+    name += f"-empty{empty}" if empty is not None else ""
     # public: the first input and the empty list, so the feedback can show an empty max/min failing
-    return Task(task_id=f"synth/{split}/{reduction}-{mapping}{mk or ''}-{filt}{fk or ''}",   # sum-plus3-gt2
+    return Task(task_id=f"synth/{split}/{name}",   # sum-plus3-gt2, max-id-all-empty7
                 prompt=f"Write f(xs) that returns {sentence.format(M=m_text, F=f_text)}.",
                 public_tests=[tests[0], tests[-1]], private_tests=tests, entry_point="f",
-                reference_solution=reference, tags=("composition",))
+                reference_solution=reference, tags=("composition",) if empty is None else ("tests_say",))
+
+
+def tests_say_tasks(split: str, seed: int) -> list[Task]:
+    """One tests-say task per max/min composition of the split, from a random stream of their own (the other
+    tasks stay as they were). In the training split a share TESTS_SAY_WARM_START keeps its reference for the
+    warm start; the others have none and are RL's alone."""
+    rng = random.Random(f"{split}-{seed}-tests-say")
+    tasks = []
+    for filt, mapping, reduction in synthetic_compositions()[split]:
+        if reduction in TESTS_SAY:
+            task = composition_task(filt, mapping, reduction, rng, split, empty=rng.choice(EMPTY_VALUES))
+            if split == "train" and rng.random() >= TESTS_SAY_WARM_START:
+                task.reference_solution, task.tags = None, ("tests_say", "rl_only")
+            tasks.append(task)
+    return tasks
 
 
 def random_list(rng: random.Random) -> list[int]:

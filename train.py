@@ -123,11 +123,11 @@ class Config:
 PRESETS = {
     # 0.8M parameters, the tiny BPE (tokenizer.TINY_BPE), synthetic tasks, short prompts. The choices and
     # their evidence are in docs/experiments.md: 1200 warm-start steps, expert iteration at lr 1e-4 for 24
-    # iterations of 16 tasks x 8 episodes, and the "probe" critic at critic_lr 1e-3 for --algo ppo.
+    # iterations of 12 tasks x 8 episodes, and the "probe" critic at critic_lr 1e-3 for --algo ppo.
     "tiny": dict(dataset="synthetic", instruction="", warmstart_steps=sft.TINY["steps"],
                  algo="expert_iteration", lr=1e-4, warmup_steps=2, critic="probe", critic_lr=1e-3,
                  kl_coef=0.05, max_new_tokens=48,
-                 tasks_per_step=16, samples_per_task=8, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
+                 tasks_per_step=12, samples_per_task=8, minibatch_size=32, micro_batch_size=16, ppo_epochs=2,
                  steps=24, time_weight=1.0, gen_batch_size=64, eval_samples=4, eval_temperature=1.0,
                  eval_episodes=4, test_timeout=2.0, sandbox_workers=2),
     # Real checkpoints: put the HF folder at --model_dir. bf16 weights; see README for memory notes.

@@ -137,7 +137,8 @@ def main(argv=None):
         with torch.no_grad():
             singles = worker.run(sampler, [t for t in tasks for _ in range(args.samples)], max_turns=1)
             episodes = worker.run(sampler, [t for t in tasks for _ in range(args.episodes)], max_turns=3)
-            later = pass_rate_after_another_task(tokenizer, sampler, pool, tasks, load_tasks(cfg)[0], args.samples, cfg)
+            solved = [t for t in load_tasks(cfg)[0] if t.reference_solution]   # exchanges need a reference
+            later = pass_rate_after_another_task(tokenizer, sampler, pool, tasks, solved, args.samples, cfg)
             fresh_chats = {show_code: fresh_chat_repairs(tokenizer, sampler, pool, episodes, cfg, show_code)
                            for show_code in ((True, False) if args.fresh_chat else ())}
     finally:

@@ -3,9 +3,11 @@
     python bench/sft_baseline.py --data demos|references [--steps 700] [--lr 1e-4] [--seed 0] [--out DIR]
 
 - demos: the warm start's own demonstrations (the references with each classic bug in 30% of the places it
-  fits, the slow solutions, 128 repairs): what RL is compared with. It must gain less.
+  fits, the slow solutions, 128 repairs and the tests-say tasks' repairs): what RL is compared with. It must
+  gain less.
 - references: the clean reference solutions and slow solutions only: the imitation ceiling, which RL without
-  references is measured against.
+  references is measured against. A tests-say task's reference is no one-turn demonstration (its value for no
+  numbers is not in the prompt), so none is here.
 
 Both train on the default run's training tasks with `sft.train_sft` (AdamW, warm-up and cosine decay, batches of
 32). 700 steps take about as long as the default run's 24 iterations on 2 cores; the script prints the time. The

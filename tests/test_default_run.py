@@ -60,7 +60,7 @@ def test_repair_demonstration_matches_the_rollout_layout(pool):
 def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
     tok = Tokenizer.byte_level()
     tasks = synthetic.synthetic_tasks("train", 0)
-    one_turn = [t for t in tasks if t.reference_solution]
+    one_turn = [t for t in tasks if t.reference_solution and "tests_say" not in t.tags]
     slow = [t for t in tasks if t.slow_solution]
     assert slow, "the synthetic train split has slow/fast tasks"
     plain = warm_start_examples(tok, tasks, "", slow_solutions=False)
@@ -70,7 +70,10 @@ def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
     assert all(format_answer(t.slow_solution) + "<|eot_id|>" in trained for t in slow)
 
     repaired = warm_start_examples(tok, tasks, "", slow_solutions=False, repairs=8, pool=pool)[len(plain):]
-    assert 1 <= len(repaired) <= 8
+    say = [t for t in tasks if "tests_say" in t.tags and t.reference_solution]
+    say_repairs = [ex for ex in repaired if "or what the tests say" in tok.decode(ex[0])]
+    assert len(say_repairs) == sft.TESTS_SAY_REPAIRS * len(say)   # every wrong digit fails f([]): all kept
+    assert 1 <= len(repaired) - len(say_repairs) <= 8
     for ids, mask in repaired:
         text = tok.decode(ids)
         assert "Your code failed the following tests:" in text and ("but got" in text or "Error" in text)
@@ -80,9 +83,34 @@ def test_warm_start_examples_mix_slow_solutions_and_real_feedback(pool):
         warm_start_examples(tok, tasks, "", repairs=4)
 
 
+def test_tests_say_repairs_show_the_value_only_in_the_feedback(pool):
+    """A tests-say task is taught only as repairs: three wrong first answers (0 and two other digits), the real
+    feedback showing the expected value, the reference trained as the answer."""
+    import random
+    tok = Tokenizer.byte_level()
+    say = [t for t in synthetic.synthetic_tasks("train", 0) if "tests_say" in t.tags and t.reference_solution]
+    pairs = sft.tests_say_pairs(say, random.Random(0))
+    assert [t for t, _ in pairs] == [t for t in say for _ in range(sft.TESTS_SAY_REPAIRS)]
+    n = sft.TESTS_SAY_REPAIRS
+    for i, task in enumerate(say):
+        right, mine = task.public_tests[-1].expected, pairs[n * i:n * (i + 1)]
+        wrong = [re.search(r"default=(\d)\)", code).group(1) for _, code in mine]
+        assert wrong[0] == "0" and len(set(wrong)) == n and right not in wrong
+        assert {code.replace(f"default={w})", f"default={right})") for w, (_, code) in zip(wrong, mine)} == \
+            {task.reference_solution}
+    for (task, wrong), (ids, mask) in zip(pairs[:6], [sft.repair_demonstration(
+            tok, task_message(t, ""), code, feedback, t.reference_solution)
+            for t, code, feedback in sft.with_feedback(pairs[:6], pool)]):
+        got = re.search(r"default=(\d)\)", wrong).group(1)
+        assert f"- input 'f([])' failed: Expected output '{task.public_tests[-1].expected}' but got '{got}'" \
+            in tok.decode(ids)
+        assert tok.decode([x for x, m in zip(ids, mask) if m]) == format_answer(task.reference_solution) + \
+            "<|eot_id|>"
+
+
 def test_repair_pairs_without_a_classic_bug_use_another_task_of_the_same_signature():
     tasks = [t for t in synthetic.synthetic_tasks("train", 0)
-             if not synthetic.bug_sites(t.reference_solution)]
+             if t.reference_solution and not synthetic.bug_sites(t.reference_solution)]
     pairs = repair_pairs(tasks, 40, seed=1)
     assert len(pairs) >= 20
     for task, wrong in pairs:

@@ -50,8 +50,8 @@ def test_synthetic_held_out_are_new_compositions_of_seen_primitives():
     for split in SPLITS:
         for seed in (0, 1):
             for task in synthetic.synthetic_tasks(split, seed):
-                if "composition" in task.tags:
-                    reduction, mapping, filt = id_composition(task)
+                if "slow_fast" not in task.tags:
+                    reduction, mapping, filt = id_composition(task)[:3]
                     assert (filt, mapping, reduction) in splits[split]
     slow_fast = {s: {t.task_id.split("/")[2] for t in synthetic.synthetic_tasks(s, 0)
                      if "slow_fast" in t.tags}
@@ -64,9 +64,10 @@ def test_synthetic_task_shape():
     assert len({t.task_id for t in tasks}) == len(tasks)
     for task in tasks:
         # public: the first private test, and for compositions also the empty list (the last private test)
-        public = task.private_tests[:1] + (task.private_tests[-1:] if "composition" in task.tags else [])
+        public = task.private_tests[:1] + (task.private_tests[-1:] if "slow_fast" not in task.tags else [])
         assert task.entry_point == "f" and task.public_tests == public
-        assert task.reference_solution.startswith("def f(") and len(task.prompt) < 160
+        assert ("rl_only" in task.tags) == (task.reference_solution is None) and len(task.prompt) < 160
+        assert "rl_only" in task.tags or task.reference_solution.startswith("def f(")
         assert all(t.kind == "call" for t in task.private_tests)
         assert ("slow_fast" in task.tags) == (task.slow_solution is not None)
     example = next(t for t in tasks if t.task_id.endswith("/sum-square-even"))
@@ -75,6 +76,34 @@ def test_synthetic_task_shape():
     # expected values by hand for one test
     xs = ast.literal_eval(example.private_tests[0].call[2:-1])
     assert ast.literal_eval(example.private_tests[0].expected) == sum(x * x for x in xs if x % 2 == 0)
+
+
+def test_tests_say_tasks_leave_the_empty_value_to_the_tests(pool):
+    """A tests-say task's prompt leaves its value for no numbers to the tests; the public test on [] gives it,
+    and the feedback of a first answer that returns 0 shows it (the real sandbox and feedback text)."""
+    from reward import feedback_text
+    compositions = synthetic.synthetic_compositions()
+    say = {s: [t for t in synthetic.synthetic_tasks(s, 0) if "tests_say" in t.tags] for s in SPLITS}
+    for split in SPLITS:   # one per max/min composition of the split
+        assert len(say[split]) == sum(r in ("max", "min") for _, _, r in compositions[split])
+    rl_only = [t for t in say["train"] if "rl_only" in t.tags]
+    assert 0.3 < len(rl_only) / len(say["train"]) < 0.7   # the rest keep a reference for the warm start
+    assert not any("rl_only" in t.tags for s in ("validation", "test") for t in say[s])
+    with_reference = [t for s in SPLITS for t in say[s] if t.reference_solution]
+    for task in [t for s in SPLITS for t in say[s]]:
+        empty = int(task.task_id.rsplit("-empty", 1)[1])
+        assert task.prompt.endswith(", or what the tests say if there are none.")
+        assert task.public_tests[-1].call == "f([])" and task.public_tests[-1].expected == str(empty)
+        assert task.private_tests[-1] == task.public_tests[-1] and 1 <= empty <= 9
+    for task in with_reference:
+        assert task.reference_solution.endswith(f"default={task.task_id.rsplit('-empty', 1)[1]})\n")
+        assert passes_in_process(task.reference_solution, task)
+    zero = [t.reference_solution.rsplit("default=", 1)[0] + "default=0)\n" for t in with_reference[:6]]
+    results = pool.map([(code, t.public_tests, "") for code, t in zip(zero, with_reference)])
+    for task, result in zip(with_reference, results):
+        expected = task.public_tests[-1].expected
+        assert f"- input 'f([])' failed: Expected output '{expected}' but got '0'" in \
+            feedback_text(result, task.public_tests).splitlines()
 
 
 def passes_in_process(program, task) -> bool:
@@ -92,7 +121,7 @@ def test_slow_solutions_agree_with_the_expected_values():
 @pytest.mark.slow
 @FULL  # every reference of the data set in the sandbox: opt-in (NANORLEF_FULL=1)
 def test_synthetic_references_and_slow_solutions_pass_in_sandbox(pool):
-    tasks = [t for s in SPLITS for t in synthetic.synthetic_tasks(s, 0)]
+    tasks = [t for s in SPLITS for t in synthetic.synthetic_tasks(s, 0) if t.reference_solution]
     assert not failures(pool, tasks, [t.reference_solution for t in tasks])
     slow_fast = [t for t in tasks if "slow_fast" in t.tags]
     assert not failures(pool, slow_fast, [t.slow_solution for t in slow_fast])
