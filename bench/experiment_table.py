@@ -28,6 +28,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from evaluate import summarize  # noqa: E402  (the project's modules, from ROOT)
+from synthetic import synthetic_tasks  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -125,9 +128,6 @@ def ablation_records(folder: Path, log: Path) -> dict:
 def signature(records: dict) -> dict:
     """RLEF's signature from ablation_records: per model, what the later turns add with each feedback, the
     repair rate, and 1@3 on the tests-say tasks with each feedback."""
-    sys.path.insert(0, str(ROOT))
-    from evaluate import summarize
-    from synthetic import synthetic_tasks
     tests_say = {t.task_id for t in synthetic_tasks("test") if "tests_say" in t.tags}
     out = {}
     for (model, feedback), recs in records.items():
